@@ -1,0 +1,163 @@
+"""`grad`, `grad_and_value` and `vjp` for rules, plus the saved-tensor memory probe.
+
+Rules differentiate with these instead of calling `torch.func` directly. Normally they are exactly
+`torch.func.grad` / `grad_and_value` / `vjp`. `torch.func` refuses to run under
+`torch.autograd.graph.saved_tensors_hooks`, so while a `SavedTensorsProbe` is active the same
+functions are evaluated with plain `torch.autograd` (same graph, same saved tensors, same values),
+which lets the engine measure how many bytes a rule keeps saved for backward at once.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import weakref
+from typing import Any, Callable
+
+import torch
+import torch.func
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+_probing = contextvars.ContextVar("fa_rules_probing", default=False)
+_depth = contextvars.ContextVar("fa_rules_autograd_depth", default=0)
+
+
+def _as_input(t: torch.Tensor) -> torch.Tensor:
+    # a tensor already on an outer graph stays attached (nested differentiation); others become leaves
+    return t if t.requires_grad else t.detach().requires_grad_(True)
+
+
+def _autograd_grad_and_value(f, argnums, has_aux) -> Callable:
+    nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+
+    def wrapper(*args, **kwargs):
+        args = list(args)
+        flats, specs = {}, {}
+        for n in nums:
+            leaves, spec = tree_flatten(args[n])
+            leaves = [_as_input(t) for t in leaves]
+            flats[n], specs[n] = leaves, spec
+            args[n] = tree_unflatten(leaves, spec)
+        token = _depth.set(_depth.get() + 1)
+        try:
+            with torch.enable_grad():
+                result = f(*args, **kwargs)
+        finally:
+            _depth.reset(token)
+        value, aux = result if has_aux else (result, None)
+        inputs = [t for n in nums for t in flats[n]]
+        nested = _depth.get() > 0  # an enclosing grad differentiates through this one
+        grads = torch.autograd.grad(value, inputs, create_graph=nested, allow_unused=True)
+        grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, inputs)]
+        out, start = [], 0
+        for n in nums:
+            k = len(flats[n])
+            out.append(tree_unflatten(grads[start : start + k], specs[n]))
+            start += k
+        g = out[0] if isinstance(argnums, int) else tuple(out)
+        if not nested:
+            value = value.detach()
+        return (g, (value, aux)) if has_aux else (g, value)
+
+    return wrapper
+
+
+def grad_and_value(f: Callable, argnums=0, has_aux: bool = False) -> Callable:
+    """Like `torch.func.grad_and_value`."""
+    if _probing.get():
+        return _autograd_grad_and_value(f, argnums, has_aux)
+    return torch.func.grad_and_value(f, argnums=argnums, has_aux=has_aux)
+
+
+def grad(f: Callable, argnums=0, has_aux: bool = False) -> Callable:
+    """Like `torch.func.grad`."""
+    if _probing.get():
+        gv = _autograd_grad_and_value(f, argnums, has_aux)
+
+        def only_grad(*args, **kwargs):
+            g, v = gv(*args, **kwargs)
+            return (g, v[1]) if has_aux else g
+
+        return only_grad
+    return torch.func.grad(f, argnums=argnums, has_aux=has_aux)
+
+
+def vjp(f: Callable, *primals, has_aux: bool = False):
+    """Like `torch.func.vjp`: returns `(output, vjp_fn)` (and aux)."""
+    if not _probing.get():
+        return torch.func.vjp(f, *primals, has_aux=has_aux)
+    leaves, spec = tree_flatten(list(primals))
+    leaves = [_as_input(t) for t in leaves]
+    inputs = tree_unflatten(leaves, spec)
+    with torch.enable_grad():
+        result = f(*inputs)
+    out, aux = result if has_aux else (result, None)
+    nested = _depth.get() > 0
+
+    def vjp_fn(cotangent):
+        out_leaves, _ = tree_flatten(out)
+        cot_leaves, _ = tree_flatten(cotangent)
+        grads = torch.autograd.grad(
+            out_leaves, leaves, cot_leaves, retain_graph=True, create_graph=nested, allow_unused=True
+        )
+        grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
+        return tuple(tree_unflatten(grads, spec))
+
+    shown = out
+    if not nested:
+        out_leaves, out_spec = tree_flatten(out)
+        shown = tree_unflatten([t.detach() for t in out_leaves], out_spec)
+    return (shown, vjp_fn, aux) if has_aux else (shown, vjp_fn)
+
+
+class _Saved:
+    """Handle for one saved tensor; its death (graph freed) releases the bytes it accounted for."""
+
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
+class SavedTensorsProbe:
+    """Context manager measuring the peak bytes of tensors saved for backward at once.
+
+    Storages are counted once however many graph nodes save them; parameters count too, as the
+    graph holds them. Inside the probe the functions above run on `torch.autograd`.
+    """
+
+    def __init__(self):
+        self.current = 0
+        self.peak = 0
+        self._refs: dict[int, int] = {}
+
+    def _pack(self, t: torch.Tensor) -> Any:
+        storage = t.untyped_storage()
+        key = storage.data_ptr() if storage.nbytes() else id(storage)
+        if self._refs.get(key, 0) == 0:
+            self.current += storage.nbytes()
+            self.peak = max(self.peak, self.current)
+        self._refs[key] = self._refs.get(key, 0) + 1
+        handle = _Saved(t)
+        weakref.finalize(handle, self._release, key, storage.nbytes())
+        return handle
+
+    def _release(self, key: int, nbytes: int) -> None:
+        self._refs[key] -= 1
+        if self._refs[key] == 0:
+            del self._refs[key]
+            self.current -= nbytes
+
+    @staticmethod
+    def _unpack(handle: _Saved) -> torch.Tensor:
+        return handle.tensor
+
+    def __enter__(self):
+        self._token = _probing.set(True)
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+        _probing.reset(self._token)
+        return False

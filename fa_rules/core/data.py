@@ -1,0 +1,61 @@
+"""In-memory datasets with fixed train/test splits, and how the engine batches them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+
+@dataclass
+class Dataset:
+    """Images as (N, C, H, W) (uint8 in [0, 255] or float in [0, 1]) and integer labels.
+
+    `num_classes` is 0 for unlabelled data (generative use only).
+    """
+
+    name: str
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+
+    @property
+    def in_shape(self) -> tuple[int, ...]:
+        return tuple(self.train_x.shape[1:])
+
+    def to(self, device) -> "Dataset":
+        return Dataset(
+            self.name,
+            self.train_x.to(device),
+            self.train_y.to(device),
+            self.test_x.to(device),
+            self.test_y.to(device),
+            self.num_classes,
+        )
+
+
+def as_float(x: torch.Tensor) -> torch.Tensor:
+    """Batch inputs as float32 in [0, 1] whatever the storage dtype."""
+    if x.dtype == torch.uint8:
+        return x.float().div_(255.0)
+    return x.float()
+
+
+def epoch_order(num: int, seed: int, epoch: int) -> torch.Tensor:
+    """The data order of one epoch: a fixed function of (seed, epoch), so resuming replays it."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(num, generator=g)
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """A registered dataset: `load(data_dir) -> Dataset`."""
+
+    name: str
+    load: Callable[[str], Dataset]
+    summary: str
+    shape: tuple[int, ...]
+    num_classes: int

@@ -1,0 +1,19 @@
+"""Errors that mean "the user asked for something we cannot do" (printed as one line, exit 2)."""
+
+from __future__ import annotations
+
+import difflib
+
+
+class UserError(Exception):
+    """A mistake in what the user asked for; the CLI prints it as one line and exits with code 2."""
+
+
+def unknown_name_error(kind: str, name: str, known: list[str]) -> UserError:
+    """`unknown rule 'bakprop' (did you mean: backprop?)`, or the full list when nothing is close."""
+    close = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+    if close:
+        hint = f"did you mean: {', '.join(close)}?"
+    else:
+        hint = f"known: {', '.join(sorted(known))}"
+    return UserError(f"unknown {kind} '{name}' ({hint})")

@@ -1,0 +1,192 @@
+"""Network builders for the model zoo, all producing the block view of `fa_rules.core.network`.
+
+Every builder has the signature `build(in_shape, out_shape, heads=None, **options) -> Network`.
+`out_shape` is `(num_classes,)` for a classifier, `(latent_dim,)` for an encoder and `(C, H, W)`
+for a generator. With `heads` (name -> width) the body ends in a hidden block and each head is a
+linear map from it.
+
+The paper networks follow the appendix of "Feature alignment as a generative process" (Tables
+7-12): 3x3 convolutions, stride 1 / 2 instead of pooling, LeakyReLU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+from torch import nn
+
+from fa_rules.core.errors import UserError
+from fa_rules.core.network import Block, Network, flat_size, make_activation
+
+
+def _heads(width: int, heads: dict[str, int] | None) -> dict[str, Block]:
+    return {name: Block(nn.Linear(width, n)) for name, n in (heads or {}).items()}
+
+
+def _shape_after(blocks: Sequence[Block], in_shape: Sequence[int]) -> tuple[int, ...]:
+    import torch
+
+    with torch.no_grad():
+        x = torch.zeros(2, *in_shape)
+        for b in blocks:
+            x = b(x)
+    return tuple(x.shape[1:])
+
+
+def _dense_tail(
+    blocks: list[Block],
+    in_shape: Sequence[int],
+    hidden: Sequence[int],
+    out_shape: Sequence[int],
+    activation: str,
+    heads: dict[str, int] | None,
+    out_activation: str = "identity",
+) -> tuple[list[Block], dict[str, Block]]:
+    """Flatten, hidden Linear blocks, then a Linear output block (or heads)."""
+    feat_shape = _shape_after(blocks, in_shape) if blocks else tuple(in_shape)
+    width = flat_size(feat_shape)
+    first = True
+    for h in hidden:
+        blocks.append(Block(nn.Linear(width, h), make_activation(activation), in_shape=(width,) if first else None))
+        width, first = h, False
+    if heads:
+        return blocks, _heads(width, heads)
+    blocks.append(
+        Block(nn.Linear(width, flat_size(out_shape)), make_activation(out_activation), in_shape=(width,) if first else None)
+    )
+    return blocks, {}
+
+
+def mlp(in_shape, out_shape, heads=None, depth: int = 2, width: int = 256, activation: str = "tanh",
+        out_activation: str = "identity") -> Network:
+    """`depth` hidden Linear blocks of `width` units, then a Linear output block (or heads)."""
+    if depth < 0 or width < 1:
+        raise UserError(f"mlp needs depth >= 0 and width >= 1 (got depth={depth}, width={width})")
+    blocks, head_blocks = _dense_tail([], in_shape, [width] * depth, out_shape, activation, heads, out_activation)
+    return Network(blocks, head_blocks, family="mlp", in_shape=in_shape, out_shape=out_shape)
+
+
+def lenet(in_shape, out_shape, heads=None, activation: str = "relu") -> Network:
+    """LeNet-5 style: conv5(6)-pool-conv5(16)-pool-fc120-fc84-out (padded so 8x8 inputs work)."""
+    if len(in_shape) != 3:
+        raise UserError(f"lenet needs image inputs (C, H, W), got shape {tuple(in_shape)}")
+    c = in_shape[0]
+    blocks = [
+        Block(nn.Conv2d(c, 6, 5, padding=2), make_activation(activation), nn.MaxPool2d(2)),
+        Block(nn.Conv2d(6, 16, 5, padding=2), make_activation(activation), nn.MaxPool2d(2)),
+    ]
+    blocks, head_blocks = _dense_tail(blocks, in_shape, [120, 84], out_shape, activation, heads)
+    return Network(blocks, head_blocks, family="lenet", in_shape=in_shape, out_shape=out_shape)
+
+
+# (conv channels with stride 1 then 2 per stage, hidden Linear width) per input size: Tables 7-9
+_PAPER_ENCODERS = {28: ((32, 64), 4096), 32: ((32, 64, 128), 2048), 64: ((32, 64, 128, 256), 4096)}
+
+
+def _paper_convs(in_shape, activation: str, batch_norm: bool) -> list[Block]:
+    c, h, w = in_shape
+    if h != w or h not in _PAPER_ENCODERS:
+        raise UserError(
+            f"the paper networks are defined for 28x28, 32x32 and 64x64 images, got {h}x{w}"
+        )
+    stages, _ = _PAPER_ENCODERS[h]
+    blocks = []
+    for ch in stages:
+        blocks.append(Block(nn.Conv2d(c, ch, 3, 1, 1), make_activation(activation)))
+        post = nn.BatchNorm2d(ch, track_running_stats=False) if batch_norm else None
+        blocks.append(Block(nn.Conv2d(ch, ch, 3, 2, 1), make_activation(activation), post))
+        c = ch
+    return blocks
+
+
+def paper_encoder(in_shape, out_shape, heads=None, activation: str = "leaky_relu") -> Network:
+    """Encoder of Tables 7 (28x28), 8 (32x32) and 9 (64x64): convs, Linear(hidden), Linear(Z)."""
+    blocks = _paper_convs(in_shape, activation, batch_norm=False)
+    hidden = _PAPER_ENCODERS[in_shape[1]][1]
+    blocks, head_blocks = _dense_tail(blocks, in_shape, [hidden], out_shape, activation, heads)
+    return Network(blocks, head_blocks, family="paper_encoder", in_shape=in_shape, out_shape=out_shape)
+
+
+def paper_discriminator(in_shape, out_shape=(1,), heads=None, activation: str = "leaky_relu") -> Network:
+    """Discriminator of Table 10: the encoder with batch norm after each stride-2 conv, Linear(1).
+
+    Batch norm always uses batch statistics (no running buffers), which keeps the network a pure
+    function of its parameters.
+    """
+    blocks = _paper_convs(in_shape, activation, batch_norm=True)
+    hidden = _PAPER_ENCODERS[in_shape[1]][1]
+    blocks, head_blocks = _dense_tail(blocks, in_shape, [hidden], out_shape, activation, heads)
+    return Network(blocks, head_blocks, family="paper_discriminator", in_shape=in_shape, out_shape=out_shape)
+
+
+def _bn(ch: int, on: bool):
+    return nn.BatchNorm2d(ch, track_running_stats=False) if on else None
+
+
+def fa_generator(in_shape, out_shape=None, heads=None, activation: str = "leaky_relu",
+                 batch_norm: bool = True) -> Network:
+    """Generator of Table 11 (image -> image refinement for VFA-GAN): three 7x7 convs.
+
+    The table prints padding 1, which would shrink every image by 4 pixels per conv; we pad by 3 so
+    the output has the input's size. Batch norm after the hidden convs follows the paper's text
+    ("only the generator utilizes batch normalization after each convolution"); it is an option.
+    """
+    c = in_shape[0]
+    blocks = [
+        Block(nn.Conv2d(c, 128, 7, 1, 3), make_activation(activation), _bn(128, batch_norm)),
+        Block(nn.Conv2d(128, 128, 7, 1, 3), make_activation(activation), _bn(128, batch_norm)),
+        Block(nn.Conv2d(128, c, 7, 1, 3), make_activation("sigmoid")),
+    ]
+    return Network(blocks, {}, family="fa_generator", in_shape=in_shape, out_shape=in_shape)
+
+
+def gan_generator(in_shape, out_shape, heads=None, activation: str = "leaky_relu",
+                  batch_norm: bool = True) -> Network:
+    """Generator of Table 12 (latent -> image): Linear to 256 x s x s, transposed convs, conv, sigmoid.
+
+    64x64 images get the table's four upsampling stages; 32x32 and 28x28 drop the last pairs as the
+    table caption says (s = 4, 4, 7 respectively).
+    """
+    (z,) = tuple(in_shape)
+    c, h, w = out_shape
+    stages = 0
+    while stages < 4 and h % (2 ** (stages + 1)) == 0 and h // 2 ** (stages + 1) >= 4:
+        stages += 1
+    if stages == 0 or h != w:
+        raise UserError(f"gan_generator cannot build {h}x{w} images")
+    s = h // 2**stages
+    channels = [256, 128, 64, 32][:stages]
+    blocks = [Block(nn.Linear(z, 256 * s * s), make_activation(activation))]
+    prev = 256
+    for i, ch in enumerate(channels):
+        if i > 0:  # the stride-1 transposed conv that changes width before each later upsampling
+            blocks.append(Block(nn.ConvTranspose2d(prev, ch, 3, 1, 1), make_activation(activation), _bn(ch, batch_norm),
+                                in_shape=None))
+            prev = ch
+        up = nn.ConvTranspose2d(prev, ch, 3, 2, 1, output_padding=1)
+        blocks.append(Block(up, make_activation(activation), _bn(ch, batch_norm),
+                            in_shape=(256, s, s) if i == 0 else None))
+        prev = ch
+    blocks.append(Block(nn.Conv2d(prev, c, 3, 1, 1), make_activation("sigmoid")))
+    return Network(blocks, {}, family="gan_generator", in_shape=in_shape, out_shape=out_shape)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered model family: builder, settings with defaults, and a shape it accepts."""
+
+    name: str
+    build: Callable[..., Network]
+    summary: str
+    options: dict[str, Any] = field(default_factory=dict)
+    example_shape: tuple[int, ...] = (1, 8, 8)
+
+    def make(self, in_shape, out_shape, heads=None, **overrides) -> Network:
+        unknown = set(overrides) - set(self.options)
+        if unknown:
+            raise UserError(
+                f"model '{self.name}' has no option {', '.join(sorted(unknown))} "
+                f"(options: {', '.join(sorted(self.options)) or 'none'})"
+            )
+        return self.build(tuple(in_shape), tuple(out_shape), heads, **{**self.options, **overrides})

@@ -1,0 +1,173 @@
+"""The functional network view every rule works on.
+
+A network is an ordered sequence of blocks, each `reshape -> layer -> activation -> post`, where
+`layer` is the parametrised map (Linear, Conv2d, ConvTranspose2d), `activation` is explicit and
+`post` is an optional parameter-free or batch-statistics module (pooling, batch norm). Named heads
+(e.g. `mu` / `logvar`) may follow the last block. Parameters live outside the module as a flat dict
+`{"blocks.0.layer.weight": tensor, ...}` and are applied with `torch.func.functional_call`, so rules
+can differentiate with respect to any subset of them.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+Params = dict[str, torch.Tensor]
+
+
+class Asinh(nn.Module):
+    """asinh activation: unbounded, invertible (sinh), the local feature alignment default."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.asinh(x)
+
+
+_ACTIVATIONS = {
+    "identity": nn.Identity,
+    "tanh": nn.Tanh,
+    "relu": nn.ReLU,
+    "leaky_relu": nn.LeakyReLU,
+    "asinh": Asinh,
+    "sigmoid": nn.Sigmoid,
+}
+ACTIVATIONS = tuple(_ACTIVATIONS)
+
+
+def make_activation(name: str) -> nn.Module:
+    from fa_rules.core.errors import unknown_name_error
+
+    if name not in _ACTIVATIONS:
+        raise unknown_name_error("activation", name, list(_ACTIVATIONS))
+    return _ACTIVATIONS[name]()
+
+
+def inverse_activation(activation: nn.Module, y: torch.Tensor) -> torch.Tensor:
+    """The exact inverse of an invertible activation (used to walk reconstructions backwards)."""
+    if isinstance(activation, nn.Identity):
+        return y
+    if isinstance(activation, Asinh):
+        return torch.sinh(y)
+    if isinstance(activation, nn.Tanh):
+        return torch.atanh(y.clamp(-1 + 1e-6, 1 - 1e-6))
+    if isinstance(activation, nn.LeakyReLU):
+        return torch.where(y >= 0, y, y / activation.negative_slope)
+    if isinstance(activation, nn.Sigmoid):
+        return torch.logit(y, eps=1e-6)
+    raise ValueError(f"activation {type(activation).__name__} has no inverse")
+
+
+class Block(nn.Module):
+    """`reshape(in_shape) -> layer -> activation -> post`; `in_shape` excludes the batch dimension."""
+
+    def __init__(
+        self,
+        layer: nn.Module,
+        activation: nn.Module | None = None,
+        post: nn.Module | None = None,
+        in_shape: Sequence[int] | None = None,
+    ):
+        super().__init__()
+        self.layer = layer
+        self.activation = activation if activation is not None else nn.Identity()
+        self.post = post if post is not None else nn.Identity()
+        self.in_shape = tuple(in_shape) if in_shape is not None else None
+
+    def forward(self, x: torch.Tensor, pre_activation: bool = False) -> torch.Tensor:
+        if self.in_shape is not None:
+            x = x.reshape(x.shape[0], *self.in_shape)
+        a = self.layer(x)
+        if pre_activation:
+            return a
+        return self.post(self.activation(a))
+
+
+class Network(nn.Module):
+    """Blocks plus optional heads, with a functional API over an explicit parameter dict."""
+
+    def __init__(
+        self,
+        blocks: Sequence[Block],
+        heads: dict[str, Block] | None = None,
+        family: str = "custom",
+        in_shape: Sequence[int] = (),
+        out_shape: Sequence[int] | None = None,
+    ):
+        super().__init__()
+        self.blocks = nn.ModuleList(blocks)
+        self.heads = nn.ModuleDict(heads or {})
+        self.family = family
+        self.in_shape = tuple(in_shape)
+        self.out_shape = tuple(out_shape) if out_shape is not None else None
+        # global key -> key local to its block/head, computed once (cheap per-block calls later)
+        self.block_keys: list[dict[str, str]] = [
+            {f"blocks.{i}.{k}": k for k, _ in b.named_parameters()} for i, b in enumerate(self.blocks)
+        ]
+        self.head_keys: dict[str, dict[str, str]] = {
+            n: {f"heads.{n}.{k}": k for k, _ in h.named_parameters()} for n, h in self.heads.items()
+        }
+
+    # -- module forward (used through functional_call) ------------------------------------------
+    def forward(self, x: torch.Tensor, all_activations: bool = False):
+        hs = []
+        for block in self.blocks:
+            x = block(x)
+            hs.append(x)
+        if len(self.heads):
+            out = {n: h(x) for n, h in self.heads.items()}
+        elif self.out_shape is not None and len(self.out_shape) > 1:
+            out = x.reshape(x.shape[0], *self.out_shape)  # e.g. an MLP decoder's image
+        else:
+            out = x
+        return (hs, out) if all_activations else out
+
+    # -- functional API ----------------------------------------------------------------------------
+    def init_params(self) -> Params:
+        """A detached copy of the module's freshly initialised parameters."""
+        return {k: v.detach().clone() for k, v in self.named_parameters()}
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.blocks)
+
+    def apply(self, params: Params, x: torch.Tensor):
+        """Network output: the last block's activation, or a dict of head outputs."""
+        return functional_call(self, params, (x,), strict=True)
+
+    def activations(self, params: Params, x: torch.Tensor):
+        """`([h_1, ..., h_L], output)` for one forward pass."""
+        return functional_call(self, params, (x,), {"all_activations": True}, strict=True)
+
+    def block_params(self, i: int, params: Params) -> Params:
+        """Block i's parameters, keyed locally (`layer.weight`)."""
+        return {local: params[k] for k, local in self.block_keys[i].items()}
+
+    def block_apply(self, i: int, params: Params, x: torch.Tensor, pre_activation: bool = False):
+        """Apply block i. `params` may be the whole dict or just this block's (global keys)."""
+        local = {lk: params[k] for k, lk in self.block_keys[i].items()}
+        return functional_call(self.blocks[i], local, (x,), {"pre_activation": pre_activation})
+
+    def block_apply_local(self, i: int, local_params: Params, x: torch.Tensor, pre_activation=False):
+        """Apply block i with parameters keyed locally (`layer.weight`)."""
+        return functional_call(self.blocks[i], local_params, (x,), {"pre_activation": pre_activation})
+
+    def head_apply(self, name: str, params: Params, h: torch.Tensor) -> torch.Tensor:
+        local = {lk: params[k] for k, lk in self.head_keys[name].items()}
+        return functional_call(self.heads[name], local, (h,))
+
+    def block_of(self, key: str) -> int | None:
+        """Index of the block owning parameter `key` (None for head parameters)."""
+        parts = key.split(".")
+        return int(parts[1]) if parts[0] == "blocks" else None
+
+
+def count_params(params: Params) -> int:
+    return sum(p.numel() for p in params.values())
+
+
+def flat_size(shape: Sequence[int]) -> int:
+    return int(math.prod(shape))

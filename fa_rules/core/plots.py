@@ -1,0 +1,30 @@
+"""Pictures of a run, drawn with matplotlib's file-only backend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+_TASK_METRICS = ("test_accuracy", "test_recon_mse", "fid")
+
+
+def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
+    """Training loss and the task metric against epoch."""
+    if not history:
+        return
+    epochs = [r["epoch"] for r in history]
+    metric = next((m for m in _TASK_METRICS if m in history[-1]), None)
+    fig, axes = plt.subplots(1, 2 if metric else 1, figsize=(9 if metric else 4.5, 3.4), squeeze=False)
+    axes[0, 0].plot(epochs, [r.get("train_loss") for r in history], marker="o")
+    axes[0, 0].set(xlabel="epoch", ylabel="train loss")
+    if metric:
+        axes[0, 1].plot(epochs, [r.get(metric) for r in history], marker="o", color="tab:orange")
+        axes[0, 1].set(xlabel="epoch", ylabel=metric.replace("_", " "))
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -1,0 +1,356 @@
+"""The trainer: one loop for every rule, writing one run directory.
+
+Run directory layout:
+  config.json      the resolved configuration (what `--resume` reads back)
+  metrics.jsonl    one JSON object per finished epoch
+  summary.json     final metrics and measurements
+  checkpoint.pt    written atomically after every epoch
+  curves.png       training loss and the task metric against epoch
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from fa_rules.core.autodiff import SavedTensorsProbe
+from fa_rules.core.checkpoint import load_checkpoint, save_checkpoint, write_json, write_jsonl
+from fa_rules.core.data import Dataset, as_float, epoch_order
+from fa_rules.core.errors import UserError
+from fa_rules.core.metrics import evaluate_classifier, evaluate_reconstruction
+from fa_rules.core.network import Network, count_params
+from fa_rules.core.rule import Batch, Groups, Rule
+
+CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, CHECKPOINT_FILE = (
+    "config.json",
+    "metrics.jsonl",
+    "summary.json",
+    "checkpoint.pt",
+)
+OPTIMIZERS = ("adam", "sgd")
+
+
+class Diverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+@dataclass
+class TrainConfig:
+    rule: str = "backprop"
+    dataset: str = "digits"
+    model: str = "mlp"
+    rule_options: dict[str, Any] = field(default_factory=dict)
+    model_options: dict[str, Any] = field(default_factory=dict)
+    latent_dim: int = 32
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 1e-3
+    group_lr: dict[str, float] = field(default_factory=dict)
+    optimizer: str = "adam"
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    seed: int = 0
+    device: str = "auto"
+    data_dir: str | None = None
+    eval_batch_size: int = 1000
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device '{name}' (use auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device '{name}' asked for, but CUDA is not available here")
+    return device
+
+
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """Seed for one step's randomness: fixed by (run seed, global step, process rank)."""
+    return hash((seed, step, rank)) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def make_optimizers(config: TrainConfig, params: Groups) -> dict[str, torch.optim.Optimizer]:
+    """One optimiser per parameter group, all of the configured kind."""
+    unknown = set(config.group_lr) - set(params)
+    if unknown:
+        raise UserError(
+            f"--group-lr names group(s) {', '.join(sorted(unknown))}; this rule's groups are "
+            f"{', '.join(sorted(params))}"
+        )
+    optimizers = {}
+    for group, tensors in params.items():
+        lr = config.group_lr.get(group, config.lr)
+        if config.optimizer == "adam":
+            opt = torch.optim.Adam(tensors.values(), lr=lr, weight_decay=config.weight_decay)
+        elif config.optimizer == "sgd":
+            opt = torch.optim.SGD(
+                tensors.values(), lr=lr, momentum=config.momentum, weight_decay=config.weight_decay
+            )
+        else:
+            raise UserError(f"unknown optimizer '{config.optimizer}' (use {' or '.join(OPTIMIZERS)})")
+        optimizers[group] = opt
+    return optimizers
+
+
+def check_updates(rule_name: str, updates: Groups, params: Groups) -> None:
+    """Fail loudly (naming the rule) when a rule's updates do not mirror its parameters."""
+    for group, tensors in updates.items():
+        if group not in params:
+            raise ValueError(f"rule '{rule_name}' returned updates for unknown group '{group}'")
+        if set(tensors) != set(params[group]):
+            raise ValueError(f"rule '{rule_name}': updates of group '{group}' do not match its parameters")
+        for key, u in tensors.items():
+            p = params[group][key]
+            if u.shape != p.shape or u.dtype != p.dtype or u.device != p.device:
+                raise ValueError(
+                    f"rule '{rule_name}': update {group}/{key} is {tuple(u.shape)} {u.dtype} on {u.device}, "
+                    f"parameter is {tuple(p.shape)} {p.dtype} on {p.device}"
+                )
+
+
+@torch.no_grad()
+def apply_updates(
+    rule: Rule, params: Groups, updates: Groups, optimizers: dict[str, torch.optim.Optimizer]
+) -> None:
+    """Hand pseudo-gradients to the optimisers, step, then apply the rule's constraints."""
+    for group, tensors in updates.items():
+        for key, u in tensors.items():
+            params[group][key].grad = u.detach()
+        optimizers[group].step()
+        for p in params[group].values():
+            p.grad = None
+    for constraint in rule.constraints:
+        for group, tensors in constraint(params).items():
+            for key, value in tensors.items():
+                params[group][key].copy_(value)
+
+
+def _scalar(v) -> float:
+    return float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
+
+
+class Trainer:
+    """Trains `rule` on `dataset` with the network `build_network()` makes; see module docstring."""
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        rule: Rule,
+        build_network: Callable[[], Network],
+        dataset: Dataset,
+        out_dir: Path,
+        progress: bool = True,
+    ):
+        self.config = config
+        self.rule = rule
+        self.out_dir = Path(out_dir)
+        self.progress = progress
+        self.device = resolve_device(config.device)
+        if config.batch_size < 1 or config.epochs < 0:
+            raise UserError("--batch-size must be >= 1 and --epochs >= 0")
+        if rule.task == "classify" and dataset.num_classes < 2:
+            raise UserError(f"dataset '{dataset.name}' has no class labels; rule '{config.rule}' classifies")
+        if rule.task != "classify" and rule.reconstruct is None:
+            raise ValueError(f"rule '{config.rule}' trains for {rule.task} but has no reconstruct function")
+        self.data = dataset.to(self.device)
+
+        torch.manual_seed(config.seed)  # model initialisation depends on the seed only
+        self.network = build_network().to(self.device)
+        params = {"model": self.network.init_params()}
+        generator = torch.Generator().manual_seed(config.seed + 1)
+        self.params, self.state = rule.init(self.network, params, generator)
+        self.optimizers = make_optimizers(config, self.params)
+        self.epoch = 0
+        self.global_step = 0
+        self.history: list[dict] = []
+        self.step_times: list[float] = []
+        self.peak_saved_bytes: int | None = None
+        self.peak_cuda_bytes: int | None = None
+        self._updates_checked = False
+
+    # -- persistence ---------------------------------------------------------------------------
+    def checkpoint_payload(self) -> dict:
+        return {
+            "format": 1,
+            "epoch": self.epoch,
+            "global_step": self.global_step,
+            "params": self.params,
+            "state": self.state,
+            "optimizers": {g: o.state_dict() for g, o in self.optimizers.items()},
+            "history": self.history,
+            "step_times": self.step_times,
+            "peak_saved_bytes": self.peak_saved_bytes,
+            "peak_cuda_bytes": self.peak_cuda_bytes,
+        }
+
+    def load(self, path: Path) -> None:
+        ckpt = load_checkpoint(path, map_location=self.device)
+        with torch.no_grad():
+            for group, tensors in ckpt["params"].items():
+                for key, value in tensors.items():
+                    self.params[group][key].copy_(value)
+        for group, opt in self.optimizers.items():
+            opt.load_state_dict(ckpt["optimizers"][group])
+        self.state = ckpt["state"]
+        self.epoch = ckpt["epoch"]
+        self.global_step = ckpt["global_step"]
+        self.history = ckpt["history"]
+        self.step_times = ckpt["step_times"]
+        self.peak_saved_bytes = ckpt["peak_saved_bytes"]
+        self.peak_cuda_bytes = ckpt["peak_cuda_bytes"]
+
+    def save(self) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(self.out_dir / CHECKPOINT_FILE, self.checkpoint_payload())
+        write_jsonl(self.out_dir / METRICS_FILE, self.history)
+
+    # -- one step ------------------------------------------------------------------------------
+    def make_batch(self, index: torch.Tensor, step: int) -> Batch:
+        x = as_float(self.data.train_x[index])
+        y = self.data.train_y[index]
+        return Batch(x, y, step_seed(self.config.seed, step))
+
+    def probe_memory(self, batch: Batch) -> None:
+        """One throw-away step under the saved-tensor probe (training never sees its results)."""
+        try:
+            with SavedTensorsProbe() as probe:
+                self.rule.step(self.network, self.params, self.state, batch)
+        except RuntimeError as e:
+            if "saved tensor hooks" not in str(e):
+                raise
+            return  # a rule calling torch.func directly cannot be probed; leave the figure empty
+        self.peak_saved_bytes = max(self.peak_saved_bytes or 0, probe.peak)
+
+    def train_step(self, batch: Batch) -> dict:
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        updates, self.state, metrics = self.rule.step(self.network, self.params, self.state, batch)
+        if not self._updates_checked:  # once per process: cheap, and names the rule at fault
+            check_updates(self.config.rule, updates, self.params)
+            self._updates_checked = True
+        apply_updates(self.rule, self.params, updates, self.optimizers)
+        if cuda:
+            torch.cuda.synchronize(self.device)
+        self.step_times.append(time.perf_counter() - start)
+        self.global_step += 1
+        return metrics
+
+    # -- evaluation ----------------------------------------------------------------------------
+    def evaluate(self) -> dict:
+        x, y = self.data.test_x, self.data.test_y
+        if self.rule.task == "classify":
+            out = evaluate_classifier(self.network, self.params, x, y, self.config.eval_batch_size)
+        else:
+            out = evaluate_reconstruction(
+                self.rule, self.network, self.params, self.state, x, self.config.seed, self.config.eval_batch_size
+            )
+        if self.rule.evaluate is not None:
+            n = min(self.config.eval_batch_size, x.shape[0])
+            batch = Batch(as_float(x[:n]), y[:n], self.config.seed)
+            out.update({k: v for k, v in self.rule.evaluate(self.network, self.params, self.state, batch).items()})
+        return out
+
+    # -- the loop ------------------------------------------------------------------------------
+    def run(self) -> dict:
+        from fa_rules.core.progress import TrainingProgress
+
+        cfg = self.config
+        n = self.data.train_x.shape[0]
+        steps_per_epoch = math.ceil(n / cfg.batch_size)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        with TrainingProgress(cfg.epochs, steps_per_epoch, enabled=self.progress) as bar:
+            bar.resume_at(self.epoch)
+            while self.epoch < cfg.epochs:
+                order = epoch_order(n, cfg.seed, self.epoch).to(self.device)
+                losses = []
+                epoch_start = time.perf_counter()
+                for i in range(steps_per_epoch):
+                    batch = self.make_batch(order[i * cfg.batch_size : (i + 1) * cfg.batch_size], self.global_step)
+                    if i == 0:
+                        self.probe_memory(batch)
+                    metrics = self.train_step(batch)
+                    loss = _scalar(metrics.get("loss", float("nan")))
+                    if "loss" in metrics and not math.isfinite(loss):
+                        raise Diverged(
+                            f"rule '{cfg.rule}' diverged at epoch {self.epoch + 1}, step {i + 1} (loss={loss})"
+                        )
+                    losses.append(loss)
+                    bar.advance(loss)
+                self.epoch += 1
+                record = {"epoch": self.epoch, "train_loss": statistics.fmean(losses) if losses else None}
+                record.update(self.evaluate())
+                record["epoch_time_s"] = time.perf_counter() - epoch_start
+                self.history.append(record)
+                if self.device.type == "cuda":
+                    self.peak_cuda_bytes = max(self.peak_cuda_bytes or 0, torch.cuda.max_memory_allocated(self.device))
+                self.save()
+                bar.end_epoch(record)
+        return self.finish()
+
+    def finish(self) -> dict:
+        cfg = self.config
+        final = dict(self.history[-1]) if self.history else {}
+        final.pop("epoch", None)
+        final.pop("epoch_time_s", None)
+        summary = {
+            "rule": cfg.rule,
+            "dataset": cfg.dataset,
+            "model": cfg.model,
+            "seed": cfg.seed,
+            "epochs": self.epoch,
+            "task": self.rule.task,
+            "device": str(self.device),
+            "params": count_params(self.params["model"]),
+            "params_by_group": {g: count_params(t) for g, t in self.params.items()},
+            "step_time_s": statistics.median(self.step_times) if self.step_times else None,
+            "peak_saved_bytes": self.peak_saved_bytes,
+            **final,
+        }
+        if self.device.type == "cuda":
+            summary["peak_cuda_bytes"] = self.peak_cuda_bytes
+        write_json(self.out_dir / SUMMARY_FILE, summary)
+        try:
+            from fa_rules.core.plots import plot_curves
+
+            plot_curves(self.history, self.out_dir / "curves.png", title=f"{cfg.rule} on {cfg.dataset}")
+        except ImportError:  # matplotlib is a dependency, but a plot is never worth a failed run
+            pass
+        return summary
+
+
+def prepare_run_dir(out_dir: Path, config: TrainConfig) -> None:
+    """A new run directory: refuse to overwrite an earlier run (nothing a user had is lost)."""
+    out_dir = Path(out_dir)
+    if (out_dir / CHECKPOINT_FILE).exists() or (out_dir / CONFIG_FILE).exists():
+        raise UserError(f"{out_dir} already holds a run; continue it with --resume {out_dir} or pick a new --out")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / CONFIG_FILE, config.to_dict())
+
+
+def read_run_config(run_dir: Path) -> TrainConfig:
+    path = Path(run_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise UserError(f"no run in {run_dir} (missing {CONFIG_FILE})")
+    return TrainConfig.from_dict(json.loads(path.read_text()))

@@ -1,0 +1,150 @@
+"""The plugin manager: built-in modules and third-party entry points, registered the same way.
+
+Third-party packages declare, in their pyproject.toml:
+
+    [project.entry-points.fa_rules]
+    my_rules = "my_package.my_module"
+
+Set FA_RULES_NO_AUTOLOAD=1 to skip entry points (only the built-ins load).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any
+
+import pluggy
+
+from fa_rules.core.data import DatasetSpec
+from fa_rules.core.errors import UserError, unknown_name_error
+from fa_rules.core.hooks import PROJECT
+from fa_rules.core.models import ModelSpec
+from fa_rules.core.rule import RuleSpec
+from fa_rules.plugins import hookspecs
+
+ENTRY_POINT_GROUP = "fa_rules"
+NO_AUTOLOAD_ENV = "FA_RULES_NO_AUTOLOAD"
+BUILTIN_DISTRIBUTION = "fa-rules"
+
+# Built-in plugin modules, registered exactly as entry points are.
+BUILTIN_PLUGINS = (
+    "fa_rules.rules.backprop",
+    "fa_rules.plugins.datasets",
+    "fa_rules.plugins.models",
+)
+
+_KINDS = {"rules": RuleSpec, "datasets": DatasetSpec, "models": ModelSpec}
+
+
+@dataclass(frozen=True)
+class Source:
+    plugin: str
+    distribution: str
+
+
+@dataclass
+class Registry:
+    """Everything the plugins registered, with where each name came from."""
+
+    rules: dict[str, RuleSpec] = field(default_factory=dict)
+    datasets: dict[str, DatasetSpec] = field(default_factory=dict)
+    models: dict[str, ModelSpec] = field(default_factory=dict)
+    sources: dict[tuple[str, str], Source] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    def _add(self, kind: str, spec: Any, source: Source) -> None:
+        if not isinstance(spec, _KINDS[kind]):
+            raise TypeError(f"register_{kind} expects {_KINDS[kind].__name__}, got {type(spec).__name__}")
+        table = getattr(self, kind)
+        names = [spec.name, *getattr(spec, "aliases", ())]
+        for name in names:
+            if (kind, name) in self.sources:
+                other = self.sources[(kind, name)]
+                raise UserError(
+                    f"{kind[:-1]} name '{name}' is registered twice: by plugin '{other.plugin}' "
+                    f"({other.distribution}) and by plugin '{source.plugin}' ({source.distribution})"
+                )
+        table[spec.name] = spec
+        for name in names:
+            self.sources[(kind, name)] = source
+        for alias in getattr(spec, "aliases", ()):
+            self.aliases[alias] = spec.name
+
+    def source(self, kind: str, name: str) -> Source:
+        return self.sources[(kind, name)]
+
+    def rule(self, name: str) -> RuleSpec:
+        name = self.aliases.get(name, name)
+        if name not in self.rules:
+            raise unknown_name_error("rule", name, [*self.rules, *self.aliases])
+        return self.rules[name]
+
+    def dataset(self, name: str) -> DatasetSpec:
+        if name not in self.datasets:
+            raise unknown_name_error("dataset", name, list(self.datasets))
+        return self.datasets[name]
+
+    def model(self, name: str) -> ModelSpec:
+        if name not in self.models:
+            raise unknown_name_error("model", name, list(self.models))
+        return self.models[name]
+
+
+def _distribution_of(ep: metadata.EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    return dist.name if dist is not None else "unknown"
+
+
+def build_registry(autoload: bool | None = None) -> Registry:
+    """Load built-ins and (unless disabled) entry-point plugins, then collect their registrations."""
+    if autoload is None:
+        autoload = os.environ.get(NO_AUTOLOAD_ENV, "").strip().lower() in ("", "0", "false", "no")
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(hookspecs)
+    registry = Registry()
+    sources: dict[str, Source] = {}
+
+    for module_name in BUILTIN_PLUGINS:
+        pm.register(importlib.import_module(module_name), name=module_name)
+        sources[module_name] = Source(module_name, BUILTIN_DISTRIBUTION)
+    if autoload:
+        for ep in metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if pm.has_plugin(ep.name) or ep.name in sources:
+                continue
+            try:
+                pm.register(ep.load(), name=ep.name)
+            except Exception as e:  # a broken plugin must not take the others down
+                registry.failures.append((ep.name, f"{type(e).__name__}: {e}"))
+                continue
+            sources[ep.name] = Source(ep.name, _distribution_of(ep))
+
+    for kind in _KINDS:
+        hook = getattr(pm.hook, f"register_{kind}")
+        for impl in hook.get_hookimpls():  # registration order: built-ins first
+            source = sources[impl.plugin_name]
+
+            def register(spec, _kind=kind, _source=source):
+                registry._add(_kind, spec, _source)
+
+            try:
+                impl.function(register=register)
+            except UserError:
+                raise
+            except Exception as e:
+                registry.failures.append((impl.plugin_name, f"{type(e).__name__}: {e}"))
+    return registry
+
+
+_cached: Registry | None = None
+
+
+def get_registry() -> Registry:
+    """The process-wide registry (built on first use)."""
+    global _cached
+    if _cached is None:
+        _cached = build_registry()
+    return _cached

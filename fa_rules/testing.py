@@ -1,0 +1,176 @@
+"""Conformance checks every rule must pass, built-in or third-party.
+
+Use from pytest:
+
+    from fa_rules.testing import assert_conformant
+    def test_my_rule():
+        assert_conformant("my_rule")
+
+Checks (each on a tiny real task: scikit-learn digits, upsampled for conv models):
+  structure    updates mirror the parameters (groups, keys, shapes, dtypes, devices)
+  determinism  the same seed gives identical initial state and identical updates
+  no_mutation  `step` leaves params, state and batch untouched
+  roundtrip    state survives torch.save / torch.load: the next step is identical
+  learns       the rule's training loss falls on the tiny task
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import statistics
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from fa_rules.core.network import Network
+from fa_rules.core.rule import Batch, Groups, Rule, RuleSpec
+from fa_rules.core.trainer import TrainConfig, apply_updates, check_updates, make_optimizers
+
+CHECKS = ("structure", "determinism", "no_mutation", "roundtrip", "learns")
+
+
+@dataclass
+class Setup:
+    spec: RuleSpec
+    rule: Rule
+    network: Network
+    params: Groups
+    state: object
+    batch: Batch
+
+
+def _tiny_data(shape: tuple[int, ...], n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images[:n], dtype=torch.float32).unsqueeze(1) / 16.0
+    y = torch.tensor(d.target[:n], dtype=torch.int64)
+    c, h, w = shape
+    if (h, w) != (8, 8):
+        x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+    return x.expand(-1, c, -1, -1).contiguous(), y
+
+
+def make_setup(spec: RuleSpec, seed: int = 0, n: int = 64, registry=None, rule_options: dict | None = None) -> Setup:
+    """Build a rule, network, parameters, state and one batch, deterministically from `seed`."""
+    from fa_rules.plugins.manager import get_registry
+
+    registry = registry or get_registry()
+    rule = spec.make(**(rule_options or {}))
+    model_name = "mlp" if spec.models is None or "mlp" in spec.models else spec.models[0]
+    model_spec = registry.model(model_name)
+    shape = model_spec.example_shape
+    x, y = _tiny_data(shape, n)
+    out_shape = (10,) if rule.task == "classify" else (8,)
+    heads = rule.heads(8, 10) if rule.heads else None
+    options = {k: v for k, v in spec.model_defaults.items() if k in model_spec.options}
+    if model_name == "mlp":
+        options.update(depth=2, width=32)
+    torch.manual_seed(seed)
+    network = model_spec.make(shape, out_shape, heads, **options)
+    params, state = rule.init(network, {"model": network.init_params()}, torch.Generator().manual_seed(seed + 1))
+    return Setup(spec, rule, network, params, state, Batch(x, y, seed=1234 + seed))
+
+
+def _step(s: Setup, state=None):
+    return s.rule.step(s.network, s.params, s.state if state is None else state, s.batch)
+
+
+def _tensors(tree) -> list[torch.Tensor]:
+    from torch.utils._pytree import tree_flatten
+
+    return [t for t in tree_flatten(tree)[0] if isinstance(t, torch.Tensor)]
+
+
+def _same(a, b) -> bool:
+    ta, tb = _tensors(a), _tensors(b)
+    return len(ta) == len(tb) and all(x.shape == y.shape and torch.equal(x, y) for x, y in zip(ta, tb))
+
+
+def check_structure(spec: RuleSpec) -> None:
+    s = make_setup(spec)
+    updates, _, metrics = _step(s)
+    if not updates:
+        raise AssertionError("step returned no updates")
+    check_updates(spec.name, updates, s.params)
+    if not isinstance(metrics, dict):
+        raise AssertionError("metrics must be a dict")
+
+
+def check_determinism(spec: RuleSpec) -> None:
+    a, b = make_setup(spec), make_setup(spec)
+    if not _same(a.params, b.params) or not _same(a.state, b.state):
+        raise AssertionError("the same seed gave different initial parameters or state")
+    ua, sa, _ = _step(a)
+    ub, sb, _ = _step(b)
+    if not _same(ua, ub) or not _same(sa, sb):
+        raise AssertionError("the same seed gave different updates or state")
+
+
+def check_no_mutation(spec: RuleSpec) -> None:
+    s = make_setup(spec)
+    before = copy.deepcopy((s.params, s.state, s.batch.x, s.batch.y))
+    _step(s)
+    if not _same(before, (s.params, s.state, s.batch.x, s.batch.y)):
+        raise AssertionError("step mutated its inputs (params, state or batch)")
+
+
+def check_roundtrip(spec: RuleSpec) -> None:
+    s = make_setup(spec)
+    _, state, _ = _step(s)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    if not _same(state, loaded):
+        raise AssertionError("state changed in a torch.save / torch.load round trip")
+    if not _same(_step(s, state)[0], _step(s, loaded)[0]):
+        raise AssertionError("a step from the reloaded state differs from a step from the original")
+
+
+def check_learns(spec: RuleSpec, steps: int = 100, lr: float = 3e-3) -> None:
+    s = make_setup(spec, n=128)
+    config = TrainConfig(lr=lr)
+    optimizers = make_optimizers(config, s.params)
+    losses = []
+    state = s.state
+    for i in range(steps):
+        batch = Batch(s.batch.x, s.batch.y, seed=i)
+        updates, state, metrics = s.rule.step(s.network, s.params, state, batch)
+        apply_updates(s.rule, s.params, updates, optimizers)
+        losses.append(float(metrics["loss"]))
+    first, last = statistics.fmean(losses[:5]), statistics.fmean(losses[-5:])
+    if not last < 0.9 * first:
+        raise AssertionError(f"loss did not fall: first steps {first:.4f}, last steps {last:.4f}")
+
+
+_CHECK_FUNCTIONS: dict[str, Callable[[RuleSpec], None]] = {
+    "structure": check_structure,
+    "determinism": check_determinism,
+    "no_mutation": check_no_mutation,
+    "roundtrip": check_roundtrip,
+    "learns": check_learns,
+}
+
+
+def run_check(rule: str | RuleSpec, check: str) -> None:
+    """Run one named check; raises AssertionError with the reason on failure."""
+    from fa_rules.plugins.manager import get_registry
+
+    spec = rule if isinstance(rule, RuleSpec) else get_registry().rule(rule)
+    _CHECK_FUNCTIONS[check](spec)
+
+
+def assert_conformant(rule: str | RuleSpec) -> None:
+    """Run every check; raises AssertionError listing each failure."""
+    failures = []
+    for check in CHECKS:
+        try:
+            run_check(rule, check)
+        except AssertionError as e:
+            failures.append(f"{check}: {e}")
+    if failures:
+        raise AssertionError("; ".join(failures))

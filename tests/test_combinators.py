@@ -1,0 +1,59 @@
+import math
+
+import torch
+
+from fa_rules.core import clamp, constrained, partition, weighted_sum
+from fa_rules.core import models as zoo
+from fa_rules.core.rule import Batch, Rule, no_state_init
+from fa_rules.core.trainer import TrainConfig, apply_updates, make_optimizers
+from fa_rules.rules.backprop import backprop
+
+
+def constant_rule(value: float, loss: float = 1.0) -> Rule:
+    def step(network, params, state, batch):
+        return {"model": {k: torch.full_like(v, value) for k, v in params["model"].items()}}, state, {"loss": loss}
+
+    return Rule(init=no_state_init, step=step)
+
+
+def _setup():
+    net = zoo.mlp((1, 8, 8), (10,), depth=2, width=8)
+    return net, {"model": net.init_params()}, Batch(torch.rand(4, 1, 8, 8), torch.randint(0, 10, (4,)))
+
+
+def test_partition_takes_each_block_from_its_rule():
+    net, params, batch = _setup()
+    rule = partition(constant_rule(1.0), {-1: constant_rule(2.0), 0: backprop()})
+    params, state = rule.init(net, params, torch.Generator())
+    updates, _, _ = rule.step(net, params, state, batch)
+    bp, _, _ = backprop().step(net, params, {}, batch)
+    for key, u in updates["model"].items():
+        block = net.block_of(key)
+        if block == 0:
+            assert torch.allclose(u, bp["model"][key])
+        else:
+            assert torch.all(u == (2.0 if block == 2 else 1.0)), key
+
+
+def test_weighted_sum_adds_updates_and_losses():
+    net, params, batch = _setup()
+    rule = weighted_sum([(0.5, constant_rule(2.0, loss=4.0)), (3.0, constant_rule(1.0, loss=1.0))])
+    params, state = rule.init(net, params, torch.Generator())
+    updates, _, metrics = rule.step(net, params, state, batch)
+    assert all(torch.all(u == 4.0) for u in updates["model"].values())
+    assert metrics["loss"] == 0.5 * 4.0 + 3.0 * 1.0
+
+
+def test_clamp_constraint_is_applied_after_the_optimiser_step():
+    net, params, batch = _setup()
+    bound = math.sqrt(2)
+    rule = constrained(constant_rule(-1.0), clamp(bound))
+    params, state = rule.init(net, params, torch.Generator())
+    optimizers = make_optimizers(TrainConfig(optimizer="sgd", lr=10.0, momentum=0.0), params)
+    updates, _, _ = rule.step(net, params, state, batch)
+    apply_updates(rule, params, updates, optimizers)
+    for key, p in params["model"].items():
+        if key.endswith("weight"):
+            assert p.max() <= bound + 1e-7 and p.max() >= bound - 1e-6
+        else:  # biases are not clamped by default
+            assert p.min() > 9.0
