@@ -39,12 +39,21 @@ def test_default_training_on_digits_reaches_95_percent_and_writes_the_run(tmp_pa
         assert key in summary, key
     assert summary["params"] == 64 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10
     assert summary["peak_saved_bytes"] > 64 * 256 * 4  # at least one hidden activation of the batch
+    assert len(summary["alignment_angle_deg"]) == 3 and max(summary["alignment_angle_deg"]) < 0.01  # backprop
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == list(range(1, 21))
     assert rows[-1]["test_accuracy"] == summary["test_accuracy"]
     assert rows[-1]["train_loss"] < rows[0]["train_loss"]
     assert json.loads((out / "config.json").read_text())["rule"] == "backprop"
     assert (out / "checkpoint.pt").is_file() and (out / "curves.png").stat().st_size > 1000
+    assert (out / "alignment.png").stat().st_size > 1000
+
+
+def test_alignment_angle_of_a_rule_that_ignores_hidden_blocks_is_90_degrees(tmp_path):
+    out = tmp_path / "run"
+    invoke("train", "--rule", "readout_only", "--epochs", "1", "--out", str(out), *SMALL)
+    angles = json.loads((out / "summary.json").read_text())["alignment_angle_deg"]
+    assert angles[0] == angles[1] == 90.0 and angles[2] < 1e-3
 
 
 def _final(run):

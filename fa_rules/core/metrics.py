@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from fa_rules.core.data import as_float
 from fa_rules.core.network import Network
-from fa_rules.core.rule import Groups, Rule
+from fa_rules.core.rule import Batch, Groups, Rule
 
 
 def classification_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -54,3 +54,26 @@ def angle_deg(a: torch.Tensor, b: torch.Tensor) -> float:
         return 90.0
     cos = (a @ b / denom).clamp(-1.0, 1.0)
     return float(torch.rad2deg(torch.arccos(cos)))
+
+
+def backprop_gradient(network: Network, model_params: dict, batch: Batch) -> dict:
+    """The exact gradient of the classification loss: the reference for alignment angles."""
+    from fa_rules.core.autodiff import grad
+
+    return grad(lambda p: classification_loss(network.apply(p, batch.x), batch.y))(model_params)
+
+
+def alignment_angles(rule: Rule, network: Network, params: Groups, state, batch: Batch) -> list[float]:
+    """Per parametrised block, the angle (degrees) between the rule's model update and the backprop
+    gradient on the same batch (all of the block's parameters as one vector). Heads come last."""
+    updates, _, _ = rule.step(network, params, state, batch)
+    reference = backprop_gradient(network, params["model"], batch)
+    groups = [list(k) for k in network.block_keys] + [list(k) for k in network.head_keys.values()]
+    angles = []
+    for keys in groups:
+        if not keys:
+            continue
+        u = torch.cat([updates["model"][k].flatten() for k in keys])
+        g = torch.cat([reference[k].flatten() for k in keys])
+        angles.append(angle_deg(u, g))
+    return angles

@@ -110,6 +110,7 @@ class Network(nn.Module):
         self.head_keys: dict[str, dict[str, str]] = {
             n: {f"heads.{n}.{k}": k for k, _ in h.named_parameters()} for n, h in self.heads.items()
         }
+        self.param_keys = frozenset(k for k, _ in self.named_parameters())
 
     # -- module forward (used through functional_call) ------------------------------------------
     def forward(self, x: torch.Tensor, all_activations: bool = False):
@@ -134,13 +135,21 @@ class Network(nn.Module):
     def num_blocks(self) -> int:
         return len(self.blocks)
 
+    def _check_keys(self, params: Params) -> None:
+        # functional_call(strict=True) does this too, but costs a module walk per call
+        if params.keys() != self.param_keys:
+            missing, extra = self.param_keys - params.keys(), params.keys() - self.param_keys
+            raise KeyError(f"parameter dict does not match the network (missing {sorted(missing)}, extra {sorted(extra)})")
+
     def apply(self, params: Params, x: torch.Tensor):
         """Network output: the last block's activation, or a dict of head outputs."""
-        return functional_call(self, params, (x,), strict=True)
+        self._check_keys(params)
+        return functional_call(self, params, (x,))
 
     def activations(self, params: Params, x: torch.Tensor):
         """`([h_1, ..., h_L], output)` for one forward pass."""
-        return functional_call(self, params, (x,), {"all_activations": True}, strict=True)
+        self._check_keys(params)
+        return functional_call(self, params, (x,), {"all_activations": True})
 
     def block_params(self, i: int, params: Params) -> Params:
         """Block i's parameters, keyed locally (`layer.weight`)."""

@@ -28,3 +28,21 @@ def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_angles(history: list[dict], path: Path, title: str = "") -> None:
+    """Per-block angle between the rule's update and the backprop gradient, against epoch."""
+    rows = [r for r in history if r.get("alignment_angle_deg")]
+    if not rows:
+        return
+    epochs = [r["epoch"] for r in rows]
+    fig, ax = plt.subplots(figsize=(5, 3.4))
+    for i in range(len(rows[-1]["alignment_angle_deg"])):
+        ax.plot(epochs, [r["alignment_angle_deg"][i] for r in rows], marker="o", label=f"block {i}")
+    ax.axhline(90, color="grey", linestyle=":", linewidth=1)
+    ax.set(xlabel="epoch", ylabel="angle to backprop (deg)", ylim=(0, 100))
+    ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)

@@ -25,7 +25,7 @@ from fa_rules.core.autodiff import SavedTensorsProbe
 from fa_rules.core.checkpoint import load_checkpoint, save_checkpoint, write_json, write_jsonl
 from fa_rules.core.data import Dataset, as_float, epoch_order
 from fa_rules.core.errors import UserError
-from fa_rules.core.metrics import evaluate_classifier, evaluate_reconstruction
+from fa_rules.core.metrics import alignment_angles, evaluate_classifier, evaluate_reconstruction
 from fa_rules.core.network import Network, count_params
 from fa_rules.core.rule import Batch, Groups, Rule
 
@@ -261,6 +261,9 @@ class Trainer:
         x, y = self.data.test_x, self.data.test_y
         if self.rule.task == "classify":
             out = evaluate_classifier(self.network, self.params, x, y, self.config.eval_batch_size)
+            out["alignment_angle_deg"] = alignment_angles(
+                self.rule, self.network, self.params, self.state, self.alignment_batch()
+            )
         else:
             out = evaluate_reconstruction(
                 self.rule, self.network, self.params, self.state, x, self.config.seed, self.config.eval_batch_size
@@ -270,6 +273,11 @@ class Trainer:
             batch = Batch(as_float(x[:n]), y[:n], self.config.seed)
             out.update({k: v for k, v in self.rule.evaluate(self.network, self.params, self.state, batch).items()})
         return out
+
+    def alignment_batch(self) -> Batch:
+        """A fixed training batch (the first examples) on which updates are compared to backprop."""
+        n = min(self.config.batch_size, self.data.train_x.shape[0])
+        return Batch(as_float(self.data.train_x[:n]), self.data.train_y[:n], step_seed(self.config.seed, -1))
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> dict:
@@ -332,9 +340,10 @@ class Trainer:
             summary["peak_cuda_bytes"] = self.peak_cuda_bytes
         write_json(self.out_dir / SUMMARY_FILE, summary)
         try:
-            from fa_rules.core.plots import plot_curves
+            from fa_rules.core.plots import plot_angles, plot_curves
 
             plot_curves(self.history, self.out_dir / "curves.png", title=f"{cfg.rule} on {cfg.dataset}")
+            plot_angles(self.history, self.out_dir / "alignment.png", title=f"{cfg.rule}: update vs backprop")
         except ImportError:  # matplotlib is a dependency, but a plot is never worth a failed run
             pass
         return summary
