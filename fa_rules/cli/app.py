@@ -23,7 +23,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 out = Console()
-err = Console(stderr=True)
 
 
 def _version(value: bool):
@@ -207,6 +206,10 @@ def _list_table(title: str, rows: list[dict], as_json: bool) -> None:
         table.add_row(*(", ".join(f"{k}={v}" for k, v in x.items()) if isinstance(x, dict) else _fmt(x)
                         for x in r.values()))
     out.print(table)
+
+
+# -- command modules: each defines its commands with `@app.command()` on the app above ----------
+# (add one import line per module here)
 
 
 def _fail(message: str, code: int) -> None:
