@@ -57,3 +57,14 @@ def test_clamp_constraint_is_applied_after_the_optimiser_step():
             assert p.max() <= bound + 1e-7 and p.max() >= bound - 1e-6
         else:  # biases are not clamped by default
             assert p.min() > 9.0
+
+
+def test_combinators_keep_a_sub_rules_reinitialisation_of_the_model():
+    def zero_init(network, params, generator):
+        return {"model": {k: torch.zeros_like(v) for k, v in params["model"].items()}}, {}
+
+    reinit = Rule(init=zero_init, step=constant_rule(1.0).step)
+    net, params, _ = _setup()
+    for combined in (weighted_sum([(1.0, reinit), (1.0, backprop())]), partition(backprop(), {0: reinit})):
+        out, _ = combined.init(net, params, torch.Generator())
+        assert all(torch.all(v == 0) for v in out["model"].values())

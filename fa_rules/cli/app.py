@@ -98,12 +98,20 @@ def train(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: a new one under runs/)."),
     resume: Optional[Path] = typer.Option(None, help="Continue the run in this directory."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    fid: int = typer.Option(0, "--fid", help="Generative rules: FID of N samples vs N test images at the end (0: none)."),
+    fid_weights: Optional[Path] = typer.Option(
+        None, "--fid-weights", help="Inception weights for --fid (else $FA_RULES_FID_WEIGHTS or torch hub's cache)."
+    ),
 ):
     """Train a model with a credit-assignment rule; writes a run directory."""
     from fa_rules.core.trainer import TrainConfig
     from fa_rules.plugins.experiment import new_trainer, resume_trainer
 
     registry = _registry()
+    if fid:  # missing Inception weights fail before a run directory is made
+        from fa_rules.core.fid import resolve_weights
+
+        resolve_weights(fid_weights)
     if resume is not None:
         trainer = resume_trainer(resume, epochs, progress=not quiet)
     else:
@@ -124,8 +132,15 @@ def train(
             data_dir=data_dir,
         )
         trainer = new_trainer(config, out_dir, progress=not quiet)
+    if fid:  # FID at the end of training: checked first, computed after the run (plugins.experiment)
+        from fa_rules.plugins.experiment import add_fid, check_fid_request
+
+        check_fid_request(trainer, fid, fid_weights)
     summary = trainer.run()
-    _print_summary(summary, trainer.out_dir)
+    if fid:
+        summary = add_fid(trainer, fid, fid_weights)
+    if trainer.is_main:  # under torchrun, one summary table, not one per process
+        _print_summary(summary, trainer.out_dir)
 
 
 def _fmt(v: Any) -> str:
@@ -210,6 +225,8 @@ def _list_table(title: str, rows: list[dict], as_json: bool) -> None:
 
 # -- command modules: each defines its commands with `@app.command()` on the app above ----------
 # (add one import line per module here)
+import fa_rules.cli.benchmark  # noqa: E402,F401  fa-rules benchmark
+import fa_rules.cli.generative  # noqa: E402,F401  fa-rules reconstruct, probe, sample, fid
 
 
 def _fail(message: str, code: int) -> None:
@@ -219,13 +236,14 @@ def _fail(message: str, code: int) -> None:
 
 def main() -> None:
     """Entry point: user mistakes become one line and exit code 2, never a traceback."""
+    from fa_rules.core.distributed import DistributedError
     from fa_rules.core.trainer import Diverged
 
     try:
         app()  # standalone: typer reports its own usage errors (exit 2)
     except UserError as e:
         _fail(str(e), 2)
-    except Diverged as e:
+    except (Diverged, DistributedError) as e:
         _fail(str(e), 1)
     except KeyboardInterrupt:
         _fail("interrupted; checkpoints of finished epochs are intact (continue with --resume DIR)", 130)

@@ -20,14 +20,16 @@ from fa_rules.core.rule import Batch, Constraint, Groups, Rule
 
 
 def _init_all(rules: Sequence[Rule], network: Network, params: Groups, generator: torch.Generator):
-    """Init every sub-rule on the same model params; their own groups must not collide."""
+    """Init the sub-rules in order; each sees the model params the previous ones returned (so a
+    re-initialisation such as an orthogonal init is kept). Their own groups must not collide."""
     merged = dict(params)
     states = []
     owners: dict[str, int] = {}
     for i, rule in enumerate(rules):
-        out, state = rule.init(network, {"model": params["model"]}, generator)
+        out, state = rule.init(network, {"model": merged["model"]}, generator)
         for group, tensors in out.items():
             if group == "model":
+                merged["model"] = tensors
                 continue
             if group in owners:
                 raise ValueError(f"rules {owners[group]} and {i} both own parameter group '{group}'")

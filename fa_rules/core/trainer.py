@@ -6,6 +6,12 @@ Run directory layout:
   summary.json     final metrics and measurements
   checkpoint.pt    written atomically after every epoch
   curves.png       training loss and the task metric against epoch
+
+Under torchrun (see `fa_rules.core.distributed`) every process runs this same loop data-parallel:
+each step's global batch of `world_size * batch_size` examples (one seeded permutation per epoch,
+as in a one-process run) is cut into contiguous shards, one per process; the pseudo-gradients,
+the rule state the step changed and the loss are averaged across processes weighted by shard
+size; only rank 0 writes files and shows progress.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import dataclasses
 import json
 import math
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +28,7 @@ from typing import Any, Callable
 
 import torch
 
+from fa_rules.core import distributed
 from fa_rules.core.autodiff import SavedTensorsProbe
 from fa_rules.core.checkpoint import load_checkpoint, save_checkpoint, write_json, write_jsonl
 from fa_rules.core.data import Dataset, as_float, epoch_order
@@ -84,7 +92,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
-    """Seed for one step's randomness: fixed by (run seed, global step, process rank)."""
+    """Seed for one step's randomness: fixed by (run seed, global step, process rank).
+
+    Rank 0 gets the one-process seed; the other processes of a distributed run draw their own
+    noise for their own examples (per-example noise must not repeat across shards)."""
     return hash((seed, step, rank)) & 0x7FFF_FFFF_FFFF_FFFF
 
 
@@ -163,8 +174,10 @@ class Trainer:
         self.config = config
         self.rule = rule
         self.out_dir = Path(out_dir)
-        self.progress = progress
-        self.device = resolve_device(config.device)
+        # one process unless launched by torchrun; then this process's rank and device
+        self.dist = distributed.setup(resolve_device(config.device))
+        self.progress = progress and self.dist.is_main
+        self.device = self.dist.device
         if config.batch_size < 1 or config.epochs < 0:
             raise UserError("--batch-size must be >= 1 and --epochs >= 0")
         if rule.task == "classify" and dataset.num_classes < 2:
@@ -200,7 +213,13 @@ class Trainer:
             "step_times": self.step_times,
             "peak_saved_bytes": self.peak_saved_bytes,
             "peak_cuda_bytes": self.peak_cuda_bytes,
+            "world_size": self.dist.world_size,
         }
+
+    @property
+    def is_main(self) -> bool:
+        """True in the process that writes the run directory (the only one, without torchrun)."""
+        return self.dist.is_main
 
     def load(self, path: Path) -> None:
         ckpt = load_checkpoint(path, map_location=self.device)
@@ -217,8 +236,18 @@ class Trainer:
         self.step_times = ckpt["step_times"]
         self.peak_saved_bytes = ckpt["peak_saved_bytes"]
         self.peak_cuda_bytes = ckpt["peak_cuda_bytes"]
+        saved_world = ckpt.get("world_size", 1)
+        if saved_world != self.dist.world_size and self.is_main:
+            print(
+                f"warning: {path} was trained by {saved_world} process(es), this run has "
+                f"{self.dist.world_size}: the global batch changes from {saved_world * self.config.batch_size} "
+                f"to {self.dist.world_size * self.config.batch_size} examples",
+                file=sys.stderr,
+            )
 
     def save(self) -> None:
+        if not self.is_main:
+            return
         self.out_dir.mkdir(parents=True, exist_ok=True)
         save_checkpoint(self.out_dir / CHECKPOINT_FILE, self.checkpoint_payload())
         write_jsonl(self.out_dir / METRICS_FILE, self.history)
@@ -227,7 +256,25 @@ class Trainer:
     def make_batch(self, index: torch.Tensor, step: int) -> Batch:
         x = as_float(self.data.train_x[index])
         y = self.data.train_y[index]
-        return Batch(x, y, step_seed(self.config.seed, step))
+        return Batch(x, y, step_seed(self.config.seed, step, self.dist.rank))
+
+    def steps_per_epoch(self, n: int) -> int:
+        """Global batches per epoch. A last global batch with fewer examples than processes
+        would leave a process without data: distributed runs drop it (one process: ceil)."""
+        size = self.dist.world_size * self.config.batch_size
+        return n // size + (1 if n % size >= self.dist.world_size else 0)
+
+    def shard(self, order: torch.Tensor, i: int) -> tuple[torch.Tensor, float]:
+        """This process's examples of global batch `i` and its share of that batch. The global
+        batch is the one a single process with batch `world_size * batch_size` would take; process
+        r takes its r-th contiguous part (parts differ by at most one example)."""
+        if not self.dist.enabled:
+            b = self.config.batch_size
+            return order[i * b : (i + 1) * b], 1.0
+        size = self.dist.world_size * self.config.batch_size
+        index = order[i * size : (i + 1) * size]
+        mine = index.tensor_split(self.dist.world_size)[self.dist.rank]
+        return mine, mine.numel() / index.numel()
 
     def probe_memory(self, batch: Batch) -> None:
         """One throw-away step under the saved-tensor probe (training never sees its results)."""
@@ -240,15 +287,19 @@ class Trainer:
             return  # a rule calling torch.func directly cannot be probed; leave the figure empty
         self.peak_saved_bytes = max(self.peak_saved_bytes or 0, probe.peak)
 
-    def train_step(self, batch: Batch) -> dict:
+    def train_step(self, batch: Batch, share: float = 1.0) -> dict:
         cuda = self.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize(self.device)
         start = time.perf_counter()
+        old_state = self.state
+        self.dist.share = share
         updates, self.state, metrics = self.rule.step(self.network, self.params, self.state, batch)
         if not self._updates_checked:  # once per process: cheap, and names the rule at fault
             check_updates(self.config.rule, updates, self.params)
             self._updates_checked = True
+        if self.dist.enabled:
+            updates, metrics = self.average_across_processes(updates, old_state, metrics, share)
         apply_updates(self.rule, self.params, updates, self.optimizers)
         if cuda:
             torch.cuda.synchronize(self.device)
@@ -256,11 +307,40 @@ class Trainer:
         self.global_step += 1
         return metrics
 
+    def average_across_processes(self, updates: Groups, old_state, metrics: dict, share: float):
+        """One weighted all_reduce for the step: every group's pseudo-gradients, the floating
+        tensors of rule state that the step replaced, and the loss. Shares are shard size over
+        global batch size, so for mean-reduced losses the result is the global batch's mean."""
+        keys = [(g, k) for g, tensors in updates.items() for k in tensors]
+        tensors = [updates[g][k] for g, k in keys]
+        leaves, spec, positions = distributed.changed_floating_leaves(old_state, self.state)
+        tensors += [leaves[i] for i in positions]
+        has_loss = "loss" in metrics
+        if has_loss:
+            tensors.append(torch.as_tensor(metrics["loss"], device=self.device).detach())
+        averaged = self.dist.average(tensors, share)
+        out: Groups = {g: {} for g in updates}
+        for (g, k), value in zip(keys, averaged):
+            out[g][k] = value
+        if positions:
+            for i, value in zip(positions, averaged[len(keys) :]):
+                leaves[i] = value
+            self.state = distributed.unflatten(leaves, spec)
+        if has_loss:
+            metrics = {**metrics, "loss": averaged[-1]}
+        return out, metrics
+
+    def synchronised_tensors(self) -> list[torch.Tensor]:
+        """What must be identical on every process: all parameters and floating rule state."""
+        params = [t for group in self.params.values() for t in group.values()]
+        return params + distributed.floating_leaves(self.state)
+
     # -- evaluation ----------------------------------------------------------------------------
     def evaluate(self) -> dict:
         x, y = self.data.test_x, self.data.test_y
+        self.dist.share = 1.0 / self.dist.world_size  # every process evaluates the same batches below
         if self.rule.task == "classify":
-            out = evaluate_classifier(self.network, self.params, x, y, self.config.eval_batch_size)
+            out = self.evaluate_classifier(x, y)
             out["alignment_angle_deg"] = alignment_angles(
                 self.rule, self.network, self.params, self.state, self.alignment_batch()
             )
@@ -274,20 +354,46 @@ class Trainer:
             out.update({k: v for k, v in self.rule.evaluate(self.network, self.params, self.state, batch).items()})
         return out
 
+    def evaluate_classifier(self, x: torch.Tensor, y: torch.Tensor) -> dict:
+        """Accuracy and loss over the whole test split; with several processes each evaluates a
+        contiguous part and the counts and loss sums are added up."""
+        if not self.dist.enabled:
+            return evaluate_classifier(self.network, self.params, x, y, self.config.eval_batch_size)
+        xs, ys = x.tensor_split(self.dist.world_size)[self.dist.rank], y.tensor_split(self.dist.world_size)[self.dist.rank]
+        n = xs.shape[0]
+        correct, loss_sum = 0.0, 0.0
+        if n:
+            part = evaluate_classifier(self.network, self.params, xs, ys, self.config.eval_batch_size)
+            correct, loss_sum = round(part["test_accuracy"] * n), part["test_loss"] * n
+        correct, loss_sum = self.dist.sum_floats([correct, loss_sum])
+        return {"test_accuracy": round(correct) / x.shape[0], "test_loss": loss_sum / x.shape[0]}
+
     def alignment_batch(self) -> Batch:
-        """A fixed training batch (the first examples) on which updates are compared to backprop."""
-        n = min(self.config.batch_size, self.data.train_x.shape[0])
+        """A fixed training batch (the first examples) on which updates are compared to backprop
+        (the global batch's size, so that a distributed run measures what one process would)."""
+        n = min(self.config.batch_size * self.dist.world_size, self.data.train_x.shape[0])
         return Batch(as_float(self.data.train_x[:n]), self.data.train_y[:n], step_seed(self.config.seed, -1))
 
     # -- the loop ------------------------------------------------------------------------------
     def run(self) -> dict:
+        steps_per_epoch = self.steps_per_epoch(self.data.train_x.shape[0])
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        # identical start everywhere, whatever a rule's init did (no-op with one process)
+        self.dist.broadcast_(self.synchronised_tensors())
+        try:
+            return self._run(steps_per_epoch)
+        except distributed.DistributedError as e:
+            raise distributed.DistributedError(
+                f"{e}. Checkpoints of finished epochs in {self.out_dir} are intact: continue with "
+                f"--resume {self.out_dir}"
+            ) from e.__cause__
+
+    def _run(self, steps_per_epoch: int) -> dict:
         from fa_rules.core.progress import TrainingProgress
 
         cfg = self.config
         n = self.data.train_x.shape[0]
-        steps_per_epoch = math.ceil(n / cfg.batch_size)
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
         with TrainingProgress(cfg.epochs, steps_per_epoch, enabled=self.progress) as bar:
             bar.resume_at(self.epoch)
             while self.epoch < cfg.epochs:
@@ -295,10 +401,12 @@ class Trainer:
                 losses = []
                 epoch_start = time.perf_counter()
                 for i in range(steps_per_epoch):
-                    batch = self.make_batch(order[i * cfg.batch_size : (i + 1) * cfg.batch_size], self.global_step)
+                    index, share = self.shard(order, i)
+                    batch = self.make_batch(index, self.global_step)
                     if i == 0:
+                        self.dist.share = share
                         self.probe_memory(batch)
-                    metrics = self.train_step(batch)
+                    metrics = self.train_step(batch, share)
                     loss = _scalar(metrics.get("loss", float("nan")))
                     if "loss" in metrics and not math.isfinite(loss):
                         raise Diverged(
@@ -313,6 +421,7 @@ class Trainer:
                 self.history.append(record)
                 if self.device.type == "cuda":
                     self.peak_cuda_bytes = max(self.peak_cuda_bytes or 0, torch.cuda.max_memory_allocated(self.device))
+                self.dist.check_identical(self.synchronised_tensors(), "parameters and rule state")
                 self.save()
                 bar.end_epoch(record)
         return self.finish()
@@ -338,6 +447,11 @@ class Trainer:
         }
         if self.device.type == "cuda":
             summary["peak_cuda_bytes"] = self.peak_cuda_bytes
+        if self.dist.enabled:
+            summary["world_size"] = self.dist.world_size
+            summary["global_batch_size"] = self.dist.world_size * cfg.batch_size
+        if not self.is_main:
+            return summary
         write_json(self.out_dir / SUMMARY_FILE, summary)
         try:
             from fa_rules.core.plots import plot_angles, plot_curves

@@ -1,10 +1,17 @@
-"""From names in a configuration to a ready Trainer: the one place that resolves plugins."""
+"""From names in a configuration to a ready Trainer: the one place that resolves plugins.
+
+Under torchrun every process calls the same function here: they join the process group first,
+rank 0 loads (downloads) the dataset before the others read it, and rank 0 alone picks and
+prepares the run directory (its decision, or its error, reaches every process).
+"""
 
 from __future__ import annotations
 
 import datetime
 from pathlib import Path
 
+from fa_rules.core import distributed
+from fa_rules.core.checkpoint import write_json
 from fa_rules.core.errors import UserError
 from fa_rules.core.trainer import (
     CHECKPOINT_FILE,
@@ -12,6 +19,7 @@ from fa_rules.core.trainer import (
     Trainer,
     prepare_run_dir,
     read_run_config,
+    resolve_device,
 )
 from fa_rules.plugins.manager import Registry, get_registry
 
@@ -43,7 +51,8 @@ def resolve(config: TrainConfig, registry: Registry | None = None):
     }
     model_options.update(config.model_options)
     config.model_options = model_options
-    dataset = dataset_spec.load(config.data_dir)
+    with distributed.current().main_first():  # one download, then every process reads the files
+        dataset = dataset_spec.load(config.data_dir)
     if rule.task == "classify":
         out_shape = (dataset.num_classes,)
     else:
@@ -59,10 +68,11 @@ def resolve(config: TrainConfig, registry: Registry | None = None):
 
 def new_trainer(config: TrainConfig, out_dir: Path | None = None, progress: bool = True) -> Trainer:
     """A trainer for a fresh run; the run directory must not hold an earlier run."""
+    ctx = distributed.setup(resolve_device(config.device))
     rule, dataset, build_network = resolve(config)
-    out_dir = Path(out_dir) if out_dir else default_out_dir(config)
+    out_dir = ctx.on_main(lambda: Path(out_dir) if out_dir else default_out_dir(config))
     trainer = Trainer(config, rule, build_network, dataset, out_dir, progress=progress)
-    prepare_run_dir(out_dir, config)
+    ctx.on_main(prepare_run_dir, out_dir, config)
     return trainer
 
 
@@ -74,13 +84,83 @@ def resume_trainer(run_dir: Path, epochs: int | None = None, progress: bool = Tr
     config = read_run_config(run_dir)
     if epochs is not None:
         config.epochs = epochs
+    # every process reads the run directory (on several machines: a shared filesystem)
+    ctx = distributed.setup(resolve_device(config.device))
     rule, dataset, build_network = resolve(config)
     trainer = Trainer(config, rule, build_network, dataset, run_dir, progress=progress)
     if (run_dir / CHECKPOINT_FILE).is_file():
         trainer.load(run_dir / CHECKPOINT_FILE)
     if trainer.epoch > config.epochs:
         raise UserError(f"{run_dir} has already trained {trainer.epoch} epochs; ask for --epochs >= {trainer.epoch}")
-    from fa_rules.core.checkpoint import write_json
-
-    write_json(run_dir / "config.json", config.to_dict())
+    ctx.on_main(write_json, run_dir / "config.json", config.to_dict())
     return trainer
+
+
+def load_run(run_dir: Path, trained: bool = True, device: str = "cpu"):
+    """A finished (or interrupted) run, rebuilt from its directory for inspection.
+
+    Returns `(config, rule, network, params, state, dataset)`: the network and rule are rebuilt from
+    `config.json` exactly as the trainer built them (same seed, so `trained=False` gives the run's
+    untrained initial encoder, the floor for probes), then parameters and rule state are loaded from
+    `checkpoint.pt` unless `trained` is False. Everything is placed on `device`.
+    """
+    import torch
+
+    from fa_rules.core.checkpoint import load_checkpoint
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"run directory {run_dir} does not exist")
+    try:
+        config = read_run_config(run_dir)
+    except (ValueError, TypeError) as e:  # not JSON, or not a configuration
+        raise UserError(f"{run_dir / 'config.json'} is not a run configuration ({type(e).__name__})") from None
+    checkpoint = run_dir / CHECKPOINT_FILE
+    if trained and not checkpoint.is_file():
+        raise UserError(f"{run_dir} has no {CHECKPOINT_FILE} (no epoch has finished yet)")
+    rule, dataset, build_network = resolve(config)
+    torch.manual_seed(config.seed)  # as the trainer does: initialisation depends on the seed only
+    network = build_network().to(device)
+    params, state = rule.init(
+        network, {"model": network.init_params()}, torch.Generator().manual_seed(config.seed + 1)
+    )
+    if trained:
+        try:
+            ckpt = load_checkpoint(checkpoint, map_location=device)
+            params, state = ckpt["params"], ckpt["state"]
+        except Exception as e:  # a truncated or foreign file: one line, not a traceback
+            raise UserError(f"cannot read {checkpoint}: {type(e).__name__}: {e}") from None
+    params = {g: {k: v.to(device) for k, v in t.items()} for g, t in params.items()}
+    return config, rule, network, params, state, dataset
+
+
+def add_fid(trainer: Trainer, num: int, weights: str | Path | None = None, batch_size: int = 100) -> dict:
+    """After training: FID of `num` samples against `num` test images, added to summary.json.
+
+    Returns the updated summary (`fid`, `fid_num`, `time_per_sample_s` added); only the main process
+    computes and writes it."""
+    import json
+
+    from fa_rules.core.fid import rule_fid
+    from fa_rules.core.trainer import SUMMARY_FILE
+
+    path = Path(trainer.out_dir) / SUMMARY_FILE
+    summary = json.loads(path.read_text()) if path.is_file() else {}
+    if not trainer.is_main:
+        return summary
+    result = rule_fid(trainer.rule, trainer.network, trainer.params, trainer.state, trainer.data.test_x, num,
+                      weights, seed=trainer.config.seed, batch_size=batch_size)
+    summary.update(result)
+    write_json(path, summary)
+    return summary
+
+
+def check_fid_request(trainer: Trainer, num: int, weights: str | Path | None = None) -> None:
+    """Before training: fail now (one line), not after the last epoch, if `--fid` cannot be computed."""
+    from fa_rules.core.fid import resolve_weights
+
+    if trainer.rule.sample is None:
+        raise UserError(f"--fid needs a rule that draws samples; '{trainer.config.rule}' does not")
+    if not 2 <= num <= trainer.data.test_x.shape[0]:
+        raise UserError(f"--fid needs 2 <= N <= {trainer.data.test_x.shape[0]} (the test split), got {num}")
+    resolve_weights(weights)

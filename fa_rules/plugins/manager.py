@@ -32,6 +32,13 @@ BUILTIN_DISTRIBUTION = "fa-rules"
 # Built-in plugin modules, registered exactly as entry points are.
 BUILTIN_PLUGINS = (
     "fa_rules.rules.backprop",
+    "fa_rules.rules.feedback_alignment",
+    "fa_rules.rules.feature_alignment",
+    "fa_rules.rules.local_feature_alignment",
+    "fa_rules.rules.autoencoder",
+    "fa_rules.rules.target_propagation",
+    "fa_rules.rules.variational_feature_alignment",
+    "fa_rules.rules.generative_baselines",
     "fa_rules.plugins.datasets",
     "fa_rules.plugins.models",
 )

@@ -1,0 +1,78 @@
+"""`fa-rules benchmark`: compare rules on identical settings (thin; the work is in plugins.benchmark)."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from fa_rules.cli.app import _registry, app, out
+from fa_rules.core.errors import UserError
+
+
+@app.command()
+def benchmark(
+    suite_file: Optional[Path] = typer.Argument(None, metavar="SUITE", help="Suite file (TOML), e.g. benchmarks/fashion_mnist_lenet.toml."),
+    rules: Optional[str] = typer.Option(None, "--rules", help="Comma-separated rules (with a SUITE: a subset of its labels)."),
+    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Dataset (default digits)."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model family (default mlp)."),
+    depth: Optional[int] = typer.Option(None, help="mlp: number of hidden blocks."),
+    width: Optional[int] = typer.Option(None, help="mlp: units per hidden block."),
+    activation: Optional[str] = typer.Option(None, help="tanh, relu, leaky_relu or asinh."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs per cell (default 20)."),
+    seeds: Optional[int] = typer.Option(None, help="Number of seeds (0..N-1; default 1)."),
+    batch_size: Optional[int] = typer.Option(None, help="Examples per training step."),
+    lr: Optional[float] = typer.Option(None, help="Learning rate of every parameter group."),
+    optimizer: Optional[str] = typer.Option(None, help="adam or sgd."),
+    device: Optional[str] = typer.Option(None, help="auto (CUDA when present), cpu, cuda or cuda:N."),
+    data_dir: Optional[str] = typer.Option(None, help="Where datasets live."),
+    quick: bool = typer.Option(False, "--quick", help="The suite's quick form (its \\[quick] table; runs in minutes)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Output directory (default runs/benchmark-NAME); rerun to resume."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Also write the report here (e.g. benchmarks/reports/NAME.md)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No live table."),
+):
+    """Run rules side by side on identical weights, data and optimiser; write results, report, plots."""
+    from fa_rules.plugins import benchmark as bench
+
+    _registry()  # report plugins that failed to load, once
+    flags = {"dataset": dataset, "model": model, "depth": depth, "width": width, "activation": activation,
+             "epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "device": device,
+             "data_dir": data_dir}
+    flags = {k: v for k, v in flags.items() if v is not None}
+    labels = [r.strip() for r in rules.split(",") if r.strip()] if rules else None
+    if suite_file is not None:
+        suite = bench.load_suite(suite_file, quick=quick)
+        if labels:
+            suite = bench.select_rules(suite, labels)
+    else:
+        if not labels:
+            raise UserError("give a suite file or --rules a,b,c")
+        if quick:
+            raise UserError("--quick needs a suite file")
+        name = "-".join([*labels, flags.get("dataset", "digits"), flags.get("model", "mlp")])
+        suite = bench.suite_from_dict({"name": bench.safe_name(name), "rules": labels,
+                                       "settings": {"dataset": "digits", "model": "mlp", "epochs": 20}},
+                                      "command line")
+    if flags or seeds is not None:
+        suite = bench.override_settings(suite, flags, seeds)
+    target = out_dir or Path("runs") / f"benchmark-{suite.name}"
+    command = None
+    if len(sys.argv) > 1 and sys.argv[1] == "benchmark":  # recorded in the report (not under test runners)
+        command = "fa-rules " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+
+    try:
+        with bench.LiveTable(suite, enabled=not quiet) as live:
+            rows = bench.run_suite(suite, target, on_event=live, command=command)
+    except KeyboardInterrupt:
+        print(f"interrupted; finished cells are kept in {target} (run the same command again to continue; "
+              "the interrupted cell resumes from its last finished epoch)", file=sys.stderr)
+        raise typer.Exit(130)
+    if report is not None:
+        bench.write_report_copy(suite, target, report, command=command)
+    failed = [r for r in rows if r.get("status") != "ok"]
+    out.print(bench.comparison_rich(suite, rows))
+    out.print(f"{len(rows)} rows ({len(failed)} failed or diverged) -> {target}/results.json, results.csv, "
+              f"report.md" + (f"; report copied to {report}" if report else ""), markup=False, highlight=False)

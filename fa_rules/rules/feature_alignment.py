@@ -1,0 +1,101 @@
+"""Feature alignment: an encoder trained to invert itself through its own input gradient.
+
+Farias & Maziero, "Feature alignment as a generative process", Frontiers in Artificial Intelligence
+(2023), section 3.1 and Algorithm 1; the same paper on arXiv (2106.12562) carries the appendix.
+
+    z_x = E(x; theta)                                        (Algorithm 1, line 1)
+    r_0 ~ a chosen distribution, shaped like x               (line 2; `init`)
+    r_t = r_{t-1} - tau * d/dr 1/2 ||z_x - E(r_t-1)||^2      (Eq. 1-2, T = `steps`, tau = `tau`)
+    C = ||x - r_hat||^2                                      (line 12)
+    theta <- optimiser step on dC/dtheta                     (second order: through all T steps)
+
+There is no decoder: after training the encoder reconstructs inputs from its latent by running the
+same flow (`reconstruct`). Settings and where they come from:
+
+- `steps=1, tau=1.0`: section 4 ("tau = 1 ... at one-shot T = 1").
+- `init="zeros"`: the authors' code starts the flow at zero; the paper's Algorithm 1 draws r from a
+  random distribution, `init=uniform` (on [0, 1), the data range) or `init=normal` do that. A random
+  start leaves its null-space part in r_hat, so zeros give the cleaner reconstruction.
+- `squash="none"`: the paper compares r_hat with x directly; the authors' code passes r_hat through a
+  sigmoid first (`squash=sigmoid`).
+- `orthogonal=True`: orthogonal initialisation of every weight (section 4).
+- `clamp_weights=True`: weights clamped to +-sqrt(2) after every step (Eq. 9, from the stability
+  condition w^2 < 2 of Appendix A), an engine constraint (`fa_rules.core.constrained` + `clamp`);
+  biases are not clamped (as in the authors' code).
+
+Supervised training alongside (Eq. 3-4, the toy example of section 3.2) composes with the core
+combinator: `weighted_sum([(1.0, feature_alignment(output_weight=w)), (1.0, supervised_rule)])`,
+where `output_weight` weights the alignment distance per output unit (Eq. 3: `tensor([alpha, 1])`
+for an output `[f, l]`). `benchmarks/toy_inversion.py` does exactly that.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fa_rules.core import Rule, RuleSpec, clamp, constrained, grad_and_value, hookimpl
+from fa_rules.core.gradient_flow import (
+    check_settings,
+    gradient_flow,
+    initial_input,
+    orthogonal_init,
+    reconstruction_loss,
+    squash as squash_output,
+)
+
+WEIGHT_BOUND = math.sqrt(2.0)  # Eq. 9
+
+
+def feature_alignment(
+    steps: int = 1,
+    tau: float = 1.0,
+    init: str = "zeros",
+    squash: str = "none",
+    orthogonal: bool = True,
+    clamp_weights: bool = True,
+    output_weight: torch.Tensor | None = None,
+) -> Rule:
+    """Algorithm 1. `output_weight` (Python use only) weights the alignment distance per output."""
+    check_settings(init, squash, steps, tau)
+
+    def init_fn(network, params, generator):
+        model = orthogonal_init(params["model"], generator) if orthogonal else params["model"]
+        return {**params, "model": model}, {}
+
+    def invert(network, model, z, r0):
+        """r_hat for the latent z: the flow of Eq. 2 through the whole encoder, then the squash."""
+        weight = None if output_weight is None else output_weight.to(r0.device)
+        r = gradient_flow(lambda r: network.apply(model, r), z, r0, steps, tau, weight)
+        return squash_output(squash, r)
+
+    def step(network, params, state, batch):
+        r0 = initial_input(init, batch.x, batch.generator())
+
+        def loss_fn(model):
+            z = network.apply(model, batch.x)
+            return reconstruction_loss(batch.x, invert(network, model, z, r0))
+
+        grads, loss = grad_and_value(loss_fn)(params["model"])
+        return {"model": grads}, state, {"loss": loss}
+
+    def reconstruct(network, params, state, x, generator):
+        model = params["model"]
+        with torch.no_grad():
+            z = network.apply(model, x)
+        return invert(network, model, z, initial_input(init, x, generator)).detach().reshape(x.shape)
+
+    rule = Rule(init=init_fn, step=step, task="reconstruct", reconstruct=reconstruct)
+    return constrained(rule, clamp(WEIGHT_BOUND)) if clamp_weights else rule
+
+
+@hookimpl
+def register_rules(register):
+    register(RuleSpec(
+        "feature_alignment", feature_alignment,
+        "encoder that reconstructs its input by a gradient flow on its own latent (Algorithm 1)",
+        options={"steps": 1, "tau": 1.0, "init": "zeros", "squash": "none", "orthogonal": True,
+                 "clamp_weights": True},
+        models=("mlp", "lenet", "paper_encoder"),
+    ))

@@ -1,0 +1,212 @@
+"""The feedback-alignment family: backprop's error signal sent back through tensors other than the
+forward weights.
+
+Notation (three-block MLP, as in the notes on feedback alignment): `a_l = W_l h_{l-1} + b_l`,
+`h_l = f(a_l)`, logits `a_y = W_3 h_2 + b_3`, cross-entropy `J`, output error `e = dJ/da_y`.
+Every rule updates `W_l` by `delta_a_l h_{l-1}^T` and differs only in `delta_a_l`:
+
+- backprop:   `delta_a_2 = (W_3^T e) * f'(a_2)`,       `delta_a_1 = (W_2^T delta_a_2) * f'(a_1)`
+- `feedback_alignment` (Lillicrap, Cownden, Tweed & Akerman 2016, "Random synaptic feedback
+  weights support error backpropagation for deep learning", Nat. Commun. 7:13276):
+  `delta_a_2 = (B_3^T e) * f'(a_2)`, `delta_a_1 = (B_2^T delta_a_2) * f'(a_1)`, `B` fixed random.
+- `direct_feedback_alignment` / `dfa` (Nøkland 2016, "Direct feedback alignment provides learning
+  in deep neural networks", NeurIPS): `delta_a_l = (D_l e) * f'(a_l)` for every hidden block.
+- `indirect_feedback_alignment` / `ifa` (Nøkland 2016, same paper): `delta_a_1 = (D_1 e) * f'(a_1)`,
+  then forward through the forward weights: `delta_a_2 = (W_2 delta_a_1) * f'(a_2)`, and so on.
+- `sign_symmetry` (Liao, Leibo & Poggio 2016, "How important is weight symmetry in
+  backpropagation?", AAAI): feedback alignment with `B_l = scale * mean|W_l| * sign(W_l)`,
+  recomputed from the current weights every step.
+- `kolen_pollack` (Kolen & Pollack 1994, "Backpropagation without weight transport"; Akrout,
+  Wilson, Humphreys, Lillicrap & Tweed 2019, "Deep learning without weight transport", NeurIPS):
+  feedback alignment with learned `B_l`. `W_l` and `B_l` receive the same update plus weight decay,
+  `dW_l = delta_a_l h_{l-1}^T + decay W_l`, `dB_l = delta_a_l h_{l-1}^T + decay B_l`, so
+  `W_l - B_l` shrinks by `(1 - lr decay)` per plain SGD step and the feedback comes to align with
+  the forward weights. `B` is the parameter group `feedback`, which the engine optimises.
+
+Here `B_l` has the shape of `W_l` (so `B_l^T` stands where backprop has `W_l^T`; the notes write
+its transpose), and for a convolution `B_l^T` is the transposed convolution with `B_l`: the
+mechanism is one `vjp` per block with the feedback tensor substituted for the weight
+(`fa_rules.core.feedback`), so Linear and Conv2d blocks, pooling included, are handled alike.
+
+The output block (the last, whose output are the logits) is always trained with its true local
+gradient `e h_{L-1}^T` (as in all the papers above); the rules differ only in the hidden blocks.
+
+Direct and indirect FA project `e` to the *output* of a hidden block with a matrix `D_l` of shape
+(block output numel, classes); for an MLP block that output is `h_l = f(a_l)`, which gives the
+formulas above, and for a conv block `conv -> relu -> maxpool` the projected signal lands on the
+pooled map and reaches `a_l` through the pooling and activation derivatives. In IFA the signal then
+travels forward as the activations do (through the next layer with its weight and no bias, the
+activation derivative, and the pooling's selection); `post` parameters (batch norm) are not trained
+by IFA.
+
+Settings (`--opt key=value`): `init` (uniform: the forward weights' default distribution
+U(+-1/sqrt(fan_in)); gaussian; xavier), `scale` (multiplies the feedback), `feedback_seed` (-1: draw
+from the run's seeded generator; otherwise a generator of its own with this seed, so the same
+seed gives the same feedback whatever the run seed), `decay` (Kolen-Pollack).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fa_rules.core import Rule, RuleSpec, hookimpl
+from fa_rules.core.feedback import (
+    block_output_shapes,
+    chained_feedback_gradients,
+    check_feedback_network,
+    direct_feedback_gradients,
+    draw_feedback,
+    indirect_feedback_gradients,
+    weight_key,
+)
+
+RANDOM_OPTIONS = {"init": "uniform", "scale": 1.0, "feedback_seed": -1}
+
+
+def _generator(generator: torch.Generator, feedback_seed: int) -> torch.Generator:
+    return generator if feedback_seed < 0 else torch.Generator().manual_seed(feedback_seed)
+
+
+def _random_weight_feedback(network, model, generator, init, scale, feedback_seed) -> dict:
+    """One random tensor shaped like each weight that sends the error backwards (blocks 1..L-1)."""
+    gen = _generator(generator, feedback_seed)
+    out = {}
+    for i in range(1, network.num_blocks):
+        w = model[weight_key(i)]
+        out[weight_key(i)] = draw_feedback(w.shape, init, scale, gen, like=w)
+    return out
+
+
+def _random_projections(network, model, blocks, generator, init, scale, feedback_seed) -> dict:
+    """`D_l` of shape (numel of block l's output, classes) for each block index in `blocks`."""
+    gen = _generator(generator, feedback_seed)
+    shapes = block_output_shapes(network, model)
+    classes = shapes[-1][0]
+    like = next(iter(model.values()))
+    return {f"blocks.{i}": draw_feedback((math.prod(shapes[i]), classes), init, scale, gen, like=like)
+            for i in blocks}
+
+
+def _by_block(network, tensors: dict) -> dict:
+    return {network.block_of(k): t for k, t in tensors.items()}
+
+
+def _ordered(model: dict, grads: dict) -> dict:
+    return {k: grads[k] for k in model}
+
+
+# -- feedback alignment ------------------------------------------------------------------------------
+def feedback_alignment(init: str = "uniform", scale: float = 1.0, feedback_seed: int = -1) -> Rule:
+    """Fixed random feedback tensors, one per block that sends the error backwards."""
+
+    def init_fn(network, params, generator):
+        check_feedback_network(network, "feedback_alignment")
+        return params, {"feedback": _random_weight_feedback(network, params["model"], generator, init, scale,
+                                                            feedback_seed)}
+
+    def step(network, params, state, batch):
+        model = params["model"]
+        grads, loss = chained_feedback_gradients(network, model, batch.x, batch.y,
+                                                 _by_block(network, state["feedback"]))
+        return {"model": _ordered(model, grads)}, state, {"loss": loss}
+
+    return Rule(init=init_fn, step=step, task="classify")
+
+
+# -- direct feedback alignment -----------------------------------------------------------------------
+def direct_feedback_alignment(init: str = "uniform", scale: float = 1.0, feedback_seed: int = -1) -> Rule:
+    """The output error projected by a fixed random matrix straight to every hidden block."""
+
+    def init_fn(network, params, generator):
+        check_feedback_network(network, "direct_feedback_alignment")
+        hidden = range(network.num_blocks - 1)
+        return params, {"projections": _random_projections(network, params["model"], hidden, generator, init,
+                                                           scale, feedback_seed)}
+
+    def step(network, params, state, batch):
+        model = params["model"]
+        projections = {int(k.split(".")[1]): d for k, d in state["projections"].items()}
+        grads, loss = direct_feedback_gradients(network, model, batch.x, batch.y, projections)
+        return {"model": _ordered(model, grads)}, state, {"loss": loss}
+
+    return Rule(init=init_fn, step=step, task="classify")
+
+
+# -- indirect feedback alignment ---------------------------------------------------------------------
+def indirect_feedback_alignment(init: str = "uniform", scale: float = 1.0, feedback_seed: int = -1) -> Rule:
+    """The output error projected to the first hidden block, then sent forward through the forward
+    weights to the later hidden blocks."""
+
+    def init_fn(network, params, generator):
+        check_feedback_network(network, "indirect_feedback_alignment")
+        first = range(min(1, network.num_blocks - 1))
+        return params, {"projections": _random_projections(network, params["model"], first, generator, init,
+                                                           scale, feedback_seed)}
+
+    def step(network, params, state, batch):
+        model = params["model"]
+        projection = state["projections"].get("blocks.0")
+        grads, loss = indirect_feedback_gradients(network, model, batch.x, batch.y, projection)
+        return {"model": _ordered(model, grads)}, state, {"loss": loss}
+
+    return Rule(init=init_fn, step=step, task="classify")
+
+
+# -- sign symmetry -----------------------------------------------------------------------------------
+def sign_feedback(weight: torch.Tensor, scale: float) -> torch.Tensor:
+    """`scale * mean|W| * sign(W)`: the forward weights' signs at their mean magnitude."""
+    return torch.sign(weight) * (weight.abs().mean() * scale)
+
+
+def sign_symmetry(scale: float = 1.0) -> Rule:
+    """Feedback tensors that share the forward weights' signs, recomputed every step."""
+
+    def init_fn(network, params, generator):
+        check_feedback_network(network, "sign_symmetry")
+        return params, {}
+
+    def step(network, params, state, batch):
+        model = params["model"]
+        feedback = {i: sign_feedback(model[weight_key(i)], scale) for i in range(1, network.num_blocks)}
+        grads, loss = chained_feedback_gradients(network, model, batch.x, batch.y, feedback)
+        return {"model": _ordered(model, grads)}, state, {"loss": loss}
+
+    return Rule(init=init_fn, step=step, task="classify")
+
+
+# -- Kolen-Pollack -----------------------------------------------------------------------------------
+def kolen_pollack(init: str = "uniform", scale: float = 1.0, feedback_seed: int = -1, decay: float = 1e-3) -> Rule:
+    """Learned feedback: forward and feedback weights get the same update plus weight decay."""
+
+    def init_fn(network, params, generator):
+        check_feedback_network(network, "kolen_pollack")
+        feedback = _random_weight_feedback(network, params["model"], generator, init, scale, feedback_seed)
+        return {**params, "feedback": feedback}, {}
+
+    def step(network, params, state, batch):
+        model, feedback = params["model"], params["feedback"]
+        grads, loss = chained_feedback_gradients(network, model, batch.x, batch.y, _by_block(network, feedback))
+        updates = {k: grads[k] + decay * model[k] if k in feedback else grads[k] for k in model}
+        feedback_updates = {k: grads[k] + decay * b for k, b in feedback.items()}
+        return {"model": updates, "feedback": feedback_updates}, state, {"loss": loss}
+
+    return Rule(init=init_fn, step=step, task="classify")
+
+
+@hookimpl
+def register_rules(register):
+    register(RuleSpec("feedback_alignment", feedback_alignment,
+                      "fixed random feedback weights (Lillicrap et al. 2016)", options=dict(RANDOM_OPTIONS)))
+    register(RuleSpec("direct_feedback_alignment", direct_feedback_alignment,
+                      "output error projected to every hidden block (Nøkland 2016)",
+                      options=dict(RANDOM_OPTIONS), aliases=("dfa",)))
+    register(RuleSpec("indirect_feedback_alignment", indirect_feedback_alignment,
+                      "error projected to the first hidden block, then sent forward (Nøkland 2016)",
+                      options=dict(RANDOM_OPTIONS), aliases=("ifa",)))
+    register(RuleSpec("sign_symmetry", sign_symmetry,
+                      "feedback = sign of the forward weights (Liao, Leibo & Poggio 2016)", options={"scale": 1.0}))
+    register(RuleSpec("kolen_pollack", kolen_pollack,
+                      "learned feedback, same update as the forward weights plus decay (Akrout et al. 2019)",
+                      options={**RANDOM_OPTIONS, "decay": 1e-3}))

@@ -1,0 +1,426 @@
+"""Target propagation: `target_prop`, `dtp` and `iterative_dtp`.
+
+Papers (see `papers/` beside the design guide):
+
+- Bengio (2014), "How auto-encoders could provide credit assignment in deep networks via target
+  propagation": targets instead of errors travel down a learned feedback path of per-layer
+  auto-encoders, `tau_{l-1} = g_l(tau_l)`.
+- Lee, Zhang, Fischer & Bengio (2015), "Difference target propagation": the difference correction
+  `tau_{l-1} = h_{l-1} + g_l(tau_l) - g_l(h_l)`, and the decoders' noise-corrupted reconstruction
+  objective `|| g_l(f_l(h_{l-1} + eps)) - (h_{l-1} + eps) ||^2`, `eps ~ N(0, sigma^2)`.
+- Bengio (2020), "Deriving differential target propagation from iterating approximate inverses"
+  (the seed paper; numbers below are its sections): top target `tau_L = h_L - beta dL/dh_L^T`
+  (sec. 3, eq. target-prop); the normalised DTP1 update, for `f_l(h) = W sigma(h)`,
+  `Delta W_l = (tau_l - h_l) sigma(h_{l-1})^T / ||sigma(h_{l-1})||^2` (sec. 3, eq. delta-dtp-regular,
+  the closed form of eq. delta-dtp); decoder-input correction `u_t = u_{t-1} + tau_l - f_l(g_l(u_{t-1}))`
+  (sec. 5, eq. u-recurrence); decoder-output correction
+  `tau_{l-1} <- tau_{l-1} + g_l(tau_l) - g_l(f_l(tau_{l-1}))` (sec. 6.2, eq. iterative-tau-out-update);
+  per-layer influence scaling `||tau_L - h_L||^2 / ||tau_l - h_l||^2` (sec. 8); decoders trained
+  first, then targets, then forward weights (sec. 9, algorithm); the regular auto-encoder objective
+  `g o f ~ I` as the first choice, the reverse one `f o g ~ I` as the alternative (sec. 10.2).
+
+How a step runs (all three rules share it; they differ only in how a target is carried down):
+
+1. Forward pass `h_0 = x, h_1, ..., h_L` in the chosen `space` ("post": block outputs, the form of
+   Lee et al.; "pre": block pre-activations, the form `f_l(h) = W sigma(h)` of the seed paper; see
+   `fa_rules.core.inverse`). No graph is kept.
+2. Feedback training. Every block l >= 1 has a decoder `g_l` (block 0's input gets no target, so
+   it has none) built from the block type (Linear -> Linear with activation). Its parameters live
+   in the rule's `state["feedback"]`, not in an engine parameter group, because the papers train
+   them with their own learning rate and several iterations per step: `feedback_iters` plain SGD
+   steps of size `feedback_lr` on the reconstruction loss (`feedback_objective`: "autoencoder",
+   `g(f(h + eps)) ~ h + eps`, or "reverse", `f(g(h + eps)) ~ h + eps`), fresh noise of scale
+   `feedback_noise` each iteration, gradients by `fa_rules.core.grad` with respect to the decoder
+   only. With `feedback_normalise` (default) each decoder's loss is divided by the mean squared norm
+   of its input (+1 for the bias), a normalised LMS step whose size does not depend on the scale of
+   the layer (the same normalisation as the seed paper's DTP1 and decoder updates, secs. 3 and 9).
+   The decoders are trained before the targets are computed, as in the seed paper's algorithm, so
+   the targets use decoders fitted to the current forward weights.
+3. Targets. `tau_L = h_L - beta * dl/dh_L` with `l` the per-example cross-entropy (so `beta` does
+   not depend on the batch size), then for l = L..2:
+   - `target_prop`: `tau_{l-1} = g_l(tau_l)`;
+   - `dtp`: `tau_{l-1} = h_{l-1} + g_l(tau_l) - g_l(h_l)`;
+   - `iterative_dtp`: `input_iters` decoder-input corrections `u <- u + y - f_l(g_l(u))` give, for
+     `y = tau_l`, a `u_tau` with `f_l(g_l(u_tau)) ~ tau_l` (sec. 5). The start point is `g_l(u_tau)`
+     (`output_init="decoder"`, the seed paper, secs. 6.1/6.2) or the difference form
+     `h_{l-1} + g_l(u_tau) - g_l(u_h)`, where `u_h` is the same correction run for `y = h_l`
+     (`output_init="difference"`; with `input_iters=0` it is the DTP target). Correcting both
+     terms alike matters: `g_l(u_tau) - g_l(h_l)` would carry the reverse auto-encoder error
+     `f_l(g_l(h_l)) - h_l`, which does not shrink with beta. Then `output_iters` decoder-output
+     corrections (sec. 6.2). So `dtp` is `iterative_dtp` with `input_iters=output_iters=0,
+     output_init="difference"`, and `target_prop` the same with `output_init="decoder"`.
+4. Forward updates, one block at a time with no graph across blocks. Each block is trained on its
+   local loss `sum_n w_n ||f_l(h_{l-1,n}) - tau_{l,n}||^2 / (2 beta N)` by `fa_rules.core.grad`
+   with respect to its own parameters; the pseudo-gradient goes to the engine's optimiser. The
+   `1/beta` makes updates the size of gradients (beta only sets how far targets reach). With
+   `dtp1` (iterative_dtp, "pre" space, Linear blocks) hidden blocks instead get the DTP1 update of
+   eq. delta-dtp averaged over the batch, `-(1/beta) mean_n w_n (tau_n - h_n) [z_n; 1]^T /
+   (||z_n||^2 + 1)` with `z = sigma(h_{l-1})` the block's input and `[.; 1]` the bias column (the
+   exact `J^T (J J^T)^{-1}` of the paper for weights and bias; without a bias it is eq.
+   delta-dtp-regular itself), sign flipped so the optimiser's descent moves `h_l` toward `tau_l`.
+   `w_n = 1`, or with `influence_scaling` the sec. 8 factor `||tau_L - h_L||^2 / ||tau_l - h_l||^2`,
+   per example as in the paper ("example") or as one ratio of batch sums ("batch", the default of
+   iterative_dtp). Under Adam a constant factor per layer cancels, so there the setting mostly
+   reweights examples; under SGD it sets the per-layer step sizes as sec. 8 intends.
+
+The output (last) block: its target is `tau_L`, so its local loss gradient is exactly its true
+gradient of the cross-entropy (`h_L - tau_L = beta dl/dh_L`, and the `1/beta` cancels): the last
+layer is trained by its true local gradient, as in Lee et al. With `dtp1_output` it gets the DTP1
+update instead, as in the seed paper's algorithm (sec. 9, "for all l").
+
+Choices where the papers leave room or disagree, each a setting (measured on digits with the
+default tanh MLP 64-256-256-10; see the README section):
+
+- `space`: "post" (Lee et al.'s targets on block outputs) is the default of all three rules. The
+  seed paper's form ("pre") is required by `dtp1`, because its closed form needs a block that is
+  linear in its parameters. With tanh it trains well without iterations, but the iterations are
+  unstable there: a decoder cannot recover a saturated pre-activation from `tanh` of it, so the
+  corrections push targets out along directions the block does not respond to.
+- `output_init`: the seed paper starts the sec. 6.2 iteration at `g_l(tau_l)`; the default
+  "difference" starts at the DTP target, which stays near `h_{l-1}` in directions no decoder can
+  reconstruct (the top decoder maps 10 logits to 256 units, so `g_L o f_L - I` is not contracting
+  there: the iteration leaves those components where it starts).
+- `influence_scaling`: the per-example form of sec. 8 is unstable in practice (examples whose
+  target change is tiny get huge weights; sec. 10.4 warns of this); the batch form is stable.
+- `beta`: plain `target_prop` targets carry the decoders' reconstruction error, which does not
+  shrink with beta, so the output signal must be large enough to dominate it: its default is
+  5.0 (at 0.5 the hidden layers collapse onto the decoders' image and accuracy falls to chance);
+  the difference-corrected rules use 0.5.
+
+`evaluate` adds, per block with a decoder (blocks 1..L-1, in order): `feedback_recon_error` (mean
+squared error of `g_l(f_l(h_{l-1}))` against `h_{l-1}`, no noise), `feedback_reverse_error` (of
+`f_l(g_l(h_l))` against `h_l`) and `target_inversion_error` (`||f_l(tau_{l-1}) - tau_l|| /
+||tau_l - h_l||` over the batch: 0 for a perfect inverse, 1 as bad as no target change). The
+alignment angle to backprop per block comes from the engine (`alignment_angle_deg`).
+Supports MLPs (Linear blocks without post modules, no heads).
+"""
+
+from __future__ import annotations
+
+import inspect
+import weakref
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fa_rules.core import Rule, RuleSpec, UserError, classification_loss, grad, hookimpl
+from fa_rules.core.inverse import SPACES, Decoder, activate, decoder_for, encode, forward_values, value_shapes
+
+try:  # data-parallel runs: in-step training must see the global batch (identity in one process)
+    from fa_rules.core.distributed import average_across_processes
+except ImportError:  # an engine without distributed training
+
+    def average_across_processes(tree):
+        return tree
+
+OBJECTIVES = ("autoencoder", "reverse")
+OUTPUT_INITS = ("difference", "decoder")
+INFLUENCE = ("none", "example", "batch")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything a step needs; built (and checked) by the rule builders below."""
+
+    beta: float
+    space: str
+    feedback_lr: float
+    feedback_iters: int
+    feedback_noise: float
+    feedback_objective: str
+    feedback_normalise: bool
+    input_iters: int = 0
+    output_iters: int = 0
+    output_init: str = "difference"
+    dtp1: bool = False
+    dtp1_output: bool = False
+    influence_scaling: str = "none"
+
+    def check(self) -> "Settings":
+        if not self.beta > 0:
+            raise UserError(f"beta must be > 0 (got {self.beta})")
+        for name, allowed in (("space", SPACES), ("feedback_objective", OBJECTIVES),
+                              ("output_init", OUTPUT_INITS), ("influence_scaling", INFLUENCE)):
+            if getattr(self, name) not in allowed:
+                raise UserError(f"{name} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
+        for name in ("feedback_iters", "input_iters", "output_iters"):
+            if getattr(self, name) < 0:
+                raise UserError(f"{name} must be >= 0 (got {getattr(self, name)})")
+        if self.feedback_lr < 0 or self.feedback_noise < 0:
+            raise UserError("feedback_lr and feedback_noise must be >= 0")
+        if (self.dtp1 or self.dtp1_output) and self.space != "pre":
+            raise UserError("dtp1 is the update for f(h) = W sigma(h): it needs space=pre")
+        return self
+
+
+# -- decoders -----------------------------------------------------------------------------------
+_DECODERS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def decoders(network, space: str) -> list[Decoder | None]:
+    """`[None, g_1, ..., g_{L-1}]` for the network (cached per network: building needs a forward)."""
+    per_network = _DECODERS.setdefault(network, {})
+    if space not in per_network:
+        shapes = value_shapes(network)
+        per_network[space] = [None] + [decoder_for(network, i, space, shapes) for i in range(1, network.num_blocks)]
+    return per_network[space]
+
+
+def block_params(network, model, i: int) -> dict:
+    return {k: model[k] for k in network.block_keys[i]}
+
+
+def _mean_sq_norm(decoder: Decoder, h: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of the squared norm of one decoder unit's input (its fan-in), + 1 for the bias."""
+    z = decoder.in_activation(h).detach()
+    sq = z.pow(2).flatten(1).sum(1).mean()
+    if decoder.kind == "conv_transpose":  # one unit sees a kernel-sized patch of the input
+        sq = sq / (z.shape[-2] * z.shape[-1]) * (decoder.kernel_size[0] * decoder.kernel_size[1])
+    return sq + 1.0
+
+
+def reconstruction_loss(network, model, i, decoder, dec_params, x, objective, space, scale=1.0, code=None):
+    """Half squared reconstruction error of decoder i on the (noisy) values `x` (mean over the
+    batch) divided by `scale`: `g(f(x)) ~ x` for the auto-encoder objective, where `x` lies below
+    block i (`code`, if given, is `f(x)`), or `f(g(x)) ~ x` for the reverse one, where `x` lies above it."""
+    bp = block_params(network, model, i)
+    if objective == "autoencoder":
+        code = encode(network, i, bp, x, space) if code is None else code
+        err = decoder(dec_params, code.detach()) - x
+    else:
+        err = encode(network, i, bp, decoder(dec_params, x), space) - x
+    return 0.5 * err.pow(2).flatten(1).sum(1).mean() / scale
+
+
+def train_feedback(network, model, feedback, values, s: Settings, generator):
+    """`feedback_iters` SGD steps on every decoder's reconstruction loss; returns new parameters.
+    In a data-parallel run each gradient and normaliser is averaged over the processes, so every
+    process takes the step one process would take on the whole batch."""
+    decs = decoders(network, s.space)
+    autoencoder = s.feedback_objective == "autoencoder"
+    new = {}
+    for i in range(1, network.num_blocks):
+        p, dec = feedback[str(i)], decs[i]
+        clean = values[i] if autoencoder else values[i + 1]
+        for _ in range(s.feedback_iters):
+            x = clean + s.feedback_noise * torch.randn(
+                clean.shape, generator=generator, device=clean.device, dtype=clean.dtype
+            )
+            code = encode(network, i, block_params(network, model, i), x, s.space).detach() if autoencoder else None
+            scale = 1.0
+            if s.feedback_normalise:  # by the decoder's input: f(x) for the auto-encoder, else x
+                scale = average_across_processes(_mean_sq_norm(dec, code if autoencoder else x))
+
+            def loss_fn(dp, _i=i, _x=x, _scale=scale, _code=code):
+                return reconstruction_loss(
+                    network, model, _i, decs[_i], dp, _x, s.feedback_objective, s.space, _scale, _code
+                )
+
+            g = average_across_processes(grad(loss_fn)(p))
+            p = {k: v - s.feedback_lr * g[k] for k, v in p.items()}
+        new[str(i)] = p
+    return new
+
+
+# -- targets ------------------------------------------------------------------------------------
+def output_delta(network, values, y, space) -> torch.Tensor:
+    """Per-example gradient of the cross-entropy with respect to the top value h_L."""
+    last = network.num_blocks - 1
+
+    def loss_fn(h):
+        out = activate(network, last, h) if space == "pre" else h
+        return classification_loss(out, y) * h.shape[0]
+
+    return grad(loss_fn)(values[-1])
+
+
+def carry_down(network, model, i, decoder, dec_params, tau, values, s: Settings) -> torch.Tensor:
+    """The target for the value below block i, given block i's target `tau` (see module docstring)."""
+    bp = block_params(network, model, i)
+
+    def g(v):
+        return decoder(dec_params, v)
+
+    def f(v):
+        return encode(network, i, bp, v, s.space)
+
+    def corrected_input(y):  # sec. 5: u with f(g(u)) ~ y, by correcting the decoder's input
+        u = y
+        for _ in range(s.input_iters):
+            u = u + y - f(g(u))
+        return u
+
+    x = g(corrected_input(tau))
+    if s.output_init == "difference":  # the same decoder, corrected the same way, at h_l
+        x = values[i] + x - g(corrected_input(values[i + 1]))
+    if s.output_iters:
+        g_tau = g(tau)
+        for _ in range(s.output_iters):  # sec. 6.2: correct the decoder's output
+            x = x + g_tau - g(f(x))
+    return x
+
+
+def compute_targets(network, model, feedback, values, y, s: Settings) -> list[torch.Tensor | None]:
+    """`[None, tau_1, ..., tau_L]` aligned with `values` (the input gets no target)."""
+    decs = decoders(network, s.space)
+    top = values[-1] - s.beta * output_delta(network, values, y, s.space)
+    targets = [None] * len(values)
+    targets[-1] = top.detach()
+    for i in range(network.num_blocks - 1, 0, -1):
+        targets[i] = carry_down(network, model, i, decs[i], feedback[str(i)], targets[i + 1], values, s).detach()
+    return targets
+
+
+# -- forward updates ----------------------------------------------------------------------------
+def influence_weights(targets, values, i, mode: str) -> torch.Tensor:
+    """Sec. 8: ||tau_L - h_L||^2 / ||tau_l - h_l||^2 for block i (value index i + 1), per example
+    ("example", the paper's form) or as one ratio of batch means ("batch")."""
+    top = (targets[-1] - values[-1]).pow(2).flatten(1).sum(1)
+    here = (targets[i + 1] - values[i + 1]).pow(2).flatten(1).sum(1)
+    if mode == "batch":  # ratio of batch means (of the global batch in a data-parallel run)
+        top, here = average_across_processes((top.mean(), here.mean()))
+        top, here = top.expand(len(values[-1])), here.expand(len(values[-1]))
+    return top / here.clamp_min(torch.finfo(here.dtype).tiny)
+
+
+def dtp1_update(network, model, i, tau, values, weights, beta) -> dict:
+    """Pseudo-gradient of the DTP1 update (eq. delta-dtp) for Linear block i in the "pre" space."""
+    layer = network.blocks[i].layer
+    if not isinstance(layer, nn.Linear):
+        raise ValueError(f"dtp1 needs Linear blocks; block {i} is {type(layer).__name__}")
+    z = values[i] if i == 0 else activate(network, i - 1, values[i])
+    z = z.reshape(z.shape[0], -1)
+    has_bias = layer.bias is not None
+    denom = z.pow(2).sum(1) + (1.0 if has_bias else 0.0)
+    delta = (tau - values[i + 1]) * (weights / (denom * z.shape[0]))[:, None]
+    local = {"layer.weight": -(delta.T @ z) / beta}
+    if has_bias:
+        local["layer.bias"] = -delta.sum(0) / beta
+    return {k: local[lk] for k, lk in network.block_keys[i].items()}
+
+
+def local_loss_update(network, model, i, tau, values, weights, s: Settings) -> dict:
+    """Gradient of block i's local loss with respect to block i's parameters only."""
+    inp, n = values[i], values[i].shape[0]
+
+    def loss_fn(bp):
+        err = (encode(network, i, bp, inp, s.space) - tau).pow(2).flatten(1).sum(1)
+        return (weights * err).sum() / (2 * s.beta * n)
+
+    return grad(loss_fn)(block_params(network, model, i))
+
+
+def forward_updates(network, model, targets, values, s: Settings) -> dict:
+    last = network.num_blocks - 1
+    updates = {}
+    for i in range(network.num_blocks):
+        if s.influence_scaling != "none" and i < last:
+            w = influence_weights(targets, values, i, s.influence_scaling)
+        else:
+            w = torch.ones(values[0].shape[0], device=values[0].device, dtype=values[-1].dtype)
+        if s.dtp1 and (i < last or s.dtp1_output):
+            updates.update(dtp1_update(network, model, i, targets[i + 1], values, w, s.beta))
+        else:
+            updates.update(local_loss_update(network, model, i, targets[i + 1], values, w, s))
+    return {k: updates[k] for k in model}
+
+
+# -- the rule -----------------------------------------------------------------------------------
+def _check_network(network) -> None:
+    if len(network.heads):
+        raise ValueError("target propagation rules need a plain chain of blocks (this network has heads)")
+    if network.num_blocks < 1:
+        raise ValueError("the network has no blocks")
+
+
+def _output(network, values, space):
+    return activate(network, network.num_blocks - 1, values[-1]) if space == "pre" else values[-1]
+
+
+def _build(s: Settings) -> Rule:
+    s.check()
+
+    def init(network, params, generator):
+        _check_network(network)
+        reference = next(iter(params["model"].values()))
+        feedback = {}
+        for i, dec in enumerate(decoders(network, s.space)):
+            if dec is not None:
+                feedback[str(i)] = dec.init(generator, device=reference.device, dtype=reference.dtype)
+        if s.dtp1 or s.dtp1_output:
+            for i, block in enumerate(network.blocks):
+                if not isinstance(block.layer, nn.Linear):
+                    raise ValueError(f"dtp1 needs Linear blocks; block {i} is {type(block.layer).__name__}")
+        return params, {"feedback": feedback}
+
+    def step(network, params, state, batch):
+        model = params["model"]
+        values = [v.detach() for v in forward_values(network, model, batch.x, s.space)]
+        feedback = train_feedback(network, model, state["feedback"], values, s, batch.generator())
+        targets = compute_targets(network, model, feedback, values, batch.y, s)
+        updates = forward_updates(network, model, targets, values, s)
+        loss = classification_loss(_output(network, values, s.space), batch.y).detach()
+        return {"model": updates}, {**state, "feedback": feedback}, {"loss": loss}
+
+    @torch.no_grad()
+    def evaluate(network, params, state, batch):
+        model, feedback = params["model"], state["feedback"]
+        values = forward_values(network, model, batch.x, s.space)
+        targets = compute_targets(network, model, feedback, values, batch.y, s)
+        decs = decoders(network, s.space)
+        recon, reverse, inversion = [], [], []
+        for i in range(1, network.num_blocks):
+            bp = block_params(network, model, i)
+            back = decs[i](feedback[str(i)], values[i + 1])
+            recon.append(float((back - values[i]).pow(2).mean()))
+            reverse.append(float((encode(network, i, bp, back, s.space) - values[i + 1]).pow(2).mean()))
+            reached = encode(network, i, bp, targets[i], s.space)
+            change = (targets[i + 1] - values[i + 1]).norm()
+            inversion.append(float((reached - targets[i + 1]).norm() / change) if change > 0 else 0.0)
+        return {"feedback_recon_error": recon, "feedback_reverse_error": reverse, "target_inversion_error": inversion}
+
+    return Rule(init=init, step=step, task="classify", evaluate=evaluate)
+
+
+# -- builders -----------------------------------------------------------------------------------
+def target_prop(
+    beta: float = 5.0, space: str = "post", feedback_lr: float = 1.0, feedback_iters: int = 2,
+    feedback_noise: float = 0.3, feedback_objective: str = "autoencoder", feedback_normalise: bool = True,
+) -> Rule:
+    """Plain target propagation (Bengio 2014): tau_{l-1} = g_l(tau_l)."""
+    return _build(Settings(beta, space, feedback_lr, feedback_iters, feedback_noise, feedback_objective,
+                           feedback_normalise, output_init="decoder"))
+
+
+def dtp(
+    beta: float = 0.5, space: str = "post", feedback_lr: float = 1.0, feedback_iters: int = 2,
+    feedback_noise: float = 0.3, feedback_objective: str = "autoencoder", feedback_normalise: bool = True,
+) -> Rule:
+    """Difference target propagation (Lee et al. 2015): tau_{l-1} = h_{l-1} + g_l(tau_l) - g_l(h_l)."""
+    return _build(Settings(beta, space, feedback_lr, feedback_iters, feedback_noise, feedback_objective,
+                           feedback_normalise, output_init="difference"))
+
+
+def iterative_dtp(
+    beta: float = 0.5, space: str = "post", feedback_lr: float = 1.0, feedback_iters: int = 2,
+    feedback_noise: float = 0.3, feedback_objective: str = "autoencoder", feedback_normalise: bool = True,
+    input_iters: int = 1, output_iters: int = 2, output_init: str = "difference", dtp1: bool = False,
+    dtp1_output: bool = False, influence_scaling: str = "batch",
+) -> Rule:
+    """Differential target propagation with iterated approximate inverses (Bengio 2020)."""
+    return _build(Settings(beta, space, feedback_lr, feedback_iters, feedback_noise, feedback_objective,
+                           feedback_normalise, input_iters, output_iters, output_init, dtp1, dtp1_output,
+                           influence_scaling))
+
+
+@hookimpl
+def register_rules(register):
+    for name, build, summary in (
+        ("target_prop", target_prop, "target propagation through learned layer inverses (Bengio 2014)"),
+        ("dtp", dtp, "difference target propagation (Lee et al. 2015)"),
+        ("iterative_dtp", iterative_dtp, "DTP with iterated inverses, DTP1 update, influence scaling (Bengio 2020)"),
+    ):
+        options = {k: p.default for k, p in inspect.signature(build).parameters.items()}
+        register(RuleSpec(name, build, summary, options=options, models=("mlp",),
+                          model_defaults={"activation": "tanh"}))

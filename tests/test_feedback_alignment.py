@@ -1,0 +1,308 @@
+"""The feedback-alignment family against independent, hand-written computations of its formulas."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from typer.testing import CliRunner
+
+from fa_rules.cli.app import app
+from fa_rules.core import Block, Network, UserError
+from fa_rules.core import models as zoo
+from fa_rules.core.feedback import chained_feedback_gradients, draw_feedback, weight_key
+from fa_rules.core.metrics import angle_deg, backprop_gradient
+from fa_rules.core.rule import Batch
+from fa_rules.core.trainer import TrainConfig, apply_updates, make_optimizers
+from fa_rules.plugins.manager import get_registry
+
+RULES = ["feedback_alignment", "direct_feedback_alignment", "indirect_feedback_alignment", "sign_symmetry",
+         "kolen_pollack"]
+
+
+def _setup(rule_name, build, shape, n=12, seed=0, **options):
+    torch.manual_seed(seed)
+    net = build()
+    x, y = torch.rand(n, *shape), torch.randint(0, 10, (n,))
+    rule = get_registry().rule(rule_name).make(**options)
+    params, state = rule.init(net, {"model": net.init_params()}, torch.Generator().manual_seed(seed + 1))
+    return net, rule, params, state, Batch(x, y)
+
+
+def _mlp():
+    return zoo.mlp((1, 8, 8), (10,), depth=2, width=16)  # 3 blocks: 64-16-16-10, tanh
+
+
+def _output_error(logits, y):
+    """e = dJ/d(logits) for the mean cross-entropy, written out: (softmax - one-hot) / N."""
+    return (torch.softmax(logits, 1) - F.one_hot(y, logits.shape[1]).float()) / y.shape[0]
+
+
+# -- 3-block MLP: the notes' formulas, written out ---------------------------------------------------
+@pytest.mark.parametrize("rule_name", RULES)
+def test_mlp_updates_equal_the_notes_formulas(rule_name):
+    net, rule, params, state, batch = _setup(rule_name, _mlp, (1, 8, 8), decay=0.01) if rule_name == "kolen_pollack" \
+        else _setup(rule_name, _mlp, (1, 8, 8))
+    updates, _, metrics = rule.step(net, params, state, batch)
+    p = params["model"]
+    W1, b1, W2, b2, W3, b3 = (p[f"blocks.{i}.layer.{n}"] for i in range(3) for n in ("weight", "bias"))
+    x = batch.x.flatten(1)
+    a1 = x @ W1.T + b1
+    h1 = torch.tanh(a1)
+    a2 = h1 @ W2.T + b2
+    h2 = torch.tanh(a2)
+    a3 = h2 @ W3.T + b3
+    e = _output_error(a3, batch.y)
+
+    def fprime(a):
+        return 1 - torch.tanh(a) ** 2
+
+    if rule_name in ("feedback_alignment", "sign_symmetry", "kolen_pollack"):
+        if rule_name == "feedback_alignment":
+            B2, B3 = state["feedback"][weight_key(1)], state["feedback"][weight_key(2)]
+        elif rule_name == "sign_symmetry":
+            B2, B3 = (torch.sign(W) * W.abs().mean() for W in (W2, W3))
+        else:
+            B2, B3 = params["feedback"][weight_key(1)], params["feedback"][weight_key(2)]
+        d2 = (e @ B3) * fprime(a2)  # delta_a2 = (B e) * f'(a2), B laid out like W3 (10 x 16)
+        d1 = (d2 @ B2) * fprime(a1)
+    elif rule_name == "direct_feedback_alignment":
+        D1, D2 = state["projections"]["blocks.0"], state["projections"]["blocks.1"]
+        d1 = (e @ D1.T) * fprime(a1)  # delta_a_l = (D_l e) * f'(a_l)
+        d2 = (e @ D2.T) * fprime(a2)
+    else:  # indirect: projected to the first hidden block, then forward through W2
+        D1 = state["projections"]["blocks.0"]
+        d1 = (e @ D1.T) * fprime(a1)
+        d2 = (d1 @ W2.T) * fprime(a2)
+    expected = {
+        "blocks.0.layer.weight": d1.T @ x, "blocks.0.layer.bias": d1.sum(0),
+        "blocks.1.layer.weight": d2.T @ h1, "blocks.1.layer.bias": d2.sum(0),
+        "blocks.2.layer.weight": e.T @ h2, "blocks.2.layer.bias": e.sum(0),  # output block: true gradient
+    }
+    if rule_name == "kolen_pollack":
+        fb = params["feedback"]
+        assert set(updates["feedback"]) == {weight_key(1), weight_key(2)}
+        for k, b in fb.items():
+            assert torch.allclose(updates["feedback"][k], expected[k] + 0.01 * b, atol=1e-6), k
+        for k in fb:
+            expected[k] = expected[k] + 0.01 * p[k]
+    assert set(updates["model"]) == set(expected)
+    for k, v in expected.items():
+        assert torch.allclose(updates["model"][k], v, atol=1e-6), k
+    assert abs(float(metrics["loss"]) - F.cross_entropy(a3, batch.y).item()) < 1e-6
+    # the rule is not secretly backprop: its first hidden update points elsewhere
+    reference = backprop_gradient(net, p, batch)
+    assert angle_deg(updates["model"]["blocks.0.layer.weight"], reference["blocks.0.layer.weight"]) > 5
+
+
+# -- conv path: lenet against explicit conv / transposed-conv / pooling code ---------------------
+def _lenet():
+    return zoo.lenet((1, 12, 12), (10,))  # conv-relu-pool x2, 144-120-84-10
+
+
+class _Feedback(torch.autograd.Function):
+    """y = layer(x; w, b) whose input gradient uses B instead of w (the classic FA layer)."""
+
+    @staticmethod
+    def forward(ctx, x, w, b, B, conv):
+        ctx.save_for_backward(x, w, B)
+        ctx.conv = conv
+        return F.conv2d(x, w, b, padding=2) if conv else F.linear(x, w, b)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w, B = ctx.saved_tensors
+        if ctx.conv:
+            gx = torch.nn.grad.conv2d_input(x.shape, B, g, padding=2)
+            gw = torch.nn.grad.conv2d_weight(x, w.shape, g, padding=2)
+            return gx, gw, g.sum((0, 2, 3)), None, None
+        return g @ B, g.T @ x, g.sum(0), None, None
+
+
+def _lenet_reference_forward(p, x, feedback):
+    """LeNet written with F.* calls; block i's input gradient goes through feedback[i]."""
+    def layer(i, h, conv):
+        w, b = p[f"blocks.{i}.layer.weight"], p[f"blocks.{i}.layer.bias"]
+        return _Feedback.apply(h, w, b, feedback.get(i, w), conv)
+
+    h = F.max_pool2d(F.relu(layer(0, x, True)), 2)
+    h = F.max_pool2d(F.relu(layer(1, h, True)), 2)
+    h = F.relu(layer(2, h.flatten(1), False))
+    h = F.relu(layer(3, h, False))
+    return layer(4, h, False)
+
+
+def _leaf_params(p):
+    return {k: v.detach().clone().requires_grad_(True) for k, v in p.items()}
+
+
+@pytest.mark.parametrize("rule_name", ["feedback_alignment", "sign_symmetry"])
+def test_lenet_chained_feedback_matches_explicit_transposed_convolutions(rule_name):
+    net, rule, params, state, batch = _setup(rule_name, _lenet, (1, 12, 12))
+    updates, _, _ = rule.step(net, params, state, batch)
+    p = _leaf_params(params["model"])
+    if rule_name == "feedback_alignment":
+        feedback = {i: state["feedback"][weight_key(i)] for i in range(1, 5)}
+    else:
+        weights = {i: p[weight_key(i)].detach() for i in range(1, 5)}
+        feedback = {i: torch.sign(w) * w.abs().mean() for i, w in weights.items()}
+    F.cross_entropy(_lenet_reference_forward(p, batch.x, feedback), batch.y).backward()
+    for k, v in p.items():
+        assert torch.allclose(updates["model"][k], v.grad, atol=1e-6), k
+
+
+def test_feedback_equal_to_the_forward_weights_is_backprop_for_conv_nets():
+    torch.manual_seed(0)
+    net = zoo.lenet((1, 12, 12), (10,))
+    x, y = torch.rand(8, 1, 12, 12), torch.randint(0, 10, (8,))
+    p = net.init_params()
+    grads, loss = chained_feedback_gradients(net, p, x, y, {i: p[weight_key(i)] for i in range(1, 5)})
+    F.cross_entropy(net(x), y).backward()
+    for name, param in net.named_parameters():
+        assert torch.allclose(grads[name], param.grad, atol=1e-6), name
+
+
+def _lenet_pieces(p, x):
+    """Per block: input, pre-activation, post-pool output and pooling indices (None for dense)."""
+    pieces, h = [], x
+    for i in range(4):
+        w, b = p[f"blocks.{i}.layer.weight"], p[f"blocks.{i}.layer.bias"]
+        conv = i < 2
+        inp = h if conv else h.flatten(1)
+        a = F.conv2d(inp, w, b, padding=2) if conv else F.linear(inp, w, b)
+        idx = None
+        if conv:
+            h, idx = F.max_pool2d(F.relu(a), 2, return_indices=True)
+        else:
+            h = F.relu(a)
+        pieces.append((inp, a, h, idx))
+    logits = F.linear(h, p["blocks.4.layer.weight"], p["blocks.4.layer.bias"])
+    return pieces, h, logits
+
+
+def _layer_grads(i, inp, delta, out):
+    if delta.dim() == 4:
+        out[f"blocks.{i}.layer.weight"] = torch.nn.grad.conv2d_weight(inp, (delta.shape[1], inp.shape[1], 5, 5),
+                                                                      delta, padding=2)
+        out[f"blocks.{i}.layer.bias"] = delta.sum((0, 2, 3))
+    else:
+        out[f"blocks.{i}.layer.weight"] = delta.T @ inp
+        out[f"blocks.{i}.layer.bias"] = delta.sum(0)
+
+
+def _unpool(g, idx, like):
+    return F.max_unpool2d(g, idx, 2, output_size=like.shape[-2:])
+
+
+def _gather(delta, idx):
+    return delta.flatten(2).gather(2, idx.flatten(2)).view(idx.shape)
+
+
+@pytest.mark.parametrize("rule_name", ["direct_feedback_alignment", "indirect_feedback_alignment"])
+def test_lenet_projected_feedback_matches_explicit_pooling_code(rule_name):
+    net, rule, params, state, batch = _setup(rule_name, _lenet, (1, 12, 12))
+    updates, _, _ = rule.step(net, params, state, batch)
+    p = params["model"]
+    pieces, h_last, logits = _lenet_pieces(p, batch.x)
+    e = _output_error(logits, batch.y)
+    D = state["projections"]
+    expected = {"blocks.4.layer.weight": e.T @ h_last, "blocks.4.layer.bias": e.sum(0)}
+    t = None
+    for i, (inp, a, h, idx) in enumerate(pieces):
+        if rule_name == "direct_feedback_alignment" or i == 0:
+            g = (e @ D[f"blocks.{i}"].T).view_as(h)  # projected to the block's (pooled) output
+            delta = (_unpool(g, idx, a) if idx is not None else g) * (a > 0)
+        else:  # forward through the forward weights, no bias
+            w = p[f"blocks.{i}.layer.weight"]
+            u = F.conv2d(t, w, padding=2) if i < 2 else t.flatten(1) @ w.T
+            delta = u * (a > 0)
+        t = _gather(delta, idx) if idx is not None else delta  # the signal follows the pooling
+        _layer_grads(i, inp, delta, expected)
+    assert set(updates["model"]) == set(expected)
+    for k, v in expected.items():
+        assert torch.allclose(updates["model"][k], v, atol=1e-6), k
+
+
+# -- settings, determinism, learned feedback ---------------------------------------------------------
+def test_feedback_settings_seed_scale_and_init():
+    net = _mlp()
+    params = {"model": net.init_params()}
+    spec = get_registry().rule("feedback_alignment")
+
+    def feedback(engine_seed, **options):
+        _, state = spec.make(**options).init(net, params, torch.Generator().manual_seed(engine_seed))
+        return state["feedback"][weight_key(1)]
+
+    assert torch.equal(feedback(3), feedback(3)) and not torch.equal(feedback(3), feedback(4))
+    # an own feedback seed makes the feedback independent of the run's generator
+    assert torch.equal(feedback(3, feedback_seed=7), feedback(4, feedback_seed=7))
+    assert torch.allclose(feedback(3, scale=2.5), 2.5 * feedback(3))
+    bound = 1 / 16 ** 0.5  # uniform: the default Linear(16, 16) weight distribution
+    b = feedback(3)
+    assert b.abs().max() <= bound and b.abs().max() > 0.9 * bound
+    g = draw_feedback((400, 100), "gaussian", 1.0, torch.Generator().manual_seed(0))
+    assert abs(g.std().item() - 0.1) < 0.005
+    with pytest.raises(UserError, match="unknown feedback init 'orthogonal'"):
+        feedback(3, init="orthogonal")
+
+
+def test_projections_have_the_block_output_shape_by_classes_for_conv_blocks():
+    net, _, _, state, _ = _setup("dfa", _lenet, (1, 12, 12))
+    shapes = {k: tuple(v.shape) for k, v in state["projections"].items()}
+    assert shapes == {"blocks.0": (6 * 6 * 6, 10), "blocks.1": (16 * 3 * 3, 10), "blocks.2": (120, 10),
+                      "blocks.3": (84, 10)}
+
+
+def test_kolen_pollack_feedback_converges_to_the_forward_weights_under_sgd():
+    lr, decay, steps = 0.1, 0.5, 10
+    net, rule, params, state, batch = _setup("kolen_pollack", _mlp, (1, 8, 8), n=32, decay=decay)
+    optimizers = make_optimizers(TrainConfig(optimizer="sgd", momentum=0.0, lr=lr), params)
+
+    def gaps():
+        return [(params["model"][k] - params["feedback"][k]).norm().item() for k in params["feedback"]]
+
+    before = gaps()
+    for _ in range(steps):
+        updates, state, _ = rule.step(net, params, state, batch)
+        apply_updates(rule, params, updates, optimizers)
+    # W - B shrinks by exactly (1 - lr * decay) per step: the common update cancels
+    for b, a in zip(before, gaps()):
+        assert a == pytest.approx(b * (1 - lr * decay) ** steps, rel=1e-4)
+    assert min(before) > 0.5
+
+
+def test_networks_with_heads_are_refused_clearly():
+    net = Network([Block(nn.Linear(4, 8), nn.Tanh())], {"mu": Block(nn.Linear(8, 2))}, in_shape=(4,))
+    with pytest.raises(UserError, match="has heads"):
+        get_registry().rule("ifa").make().init(net, {"model": net.init_params()}, torch.Generator())
+
+
+# -- end to end --------------------------------------------------------------------------------------
+def test_cli_trains_with_feedback_alignment_and_the_angle_to_backprop_falls_below_90(tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--rule", "feedback_alignment", "--dataset", "digits", "--epochs", "4", "--width", "64",
+            "--lr", "0.003", "--opt", "feedback_seed=5", "--out", str(out), "-q"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["test_accuracy"] >= 0.85
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert all(len(r["alignment_angle_deg"]) == 3 for r in rows)
+    angles = summary["alignment_angle_deg"]
+    assert angles == rows[-1]["alignment_angle_deg"]
+    assert max(angles[:2]) < 85 and angles[2] < 1e-3  # hidden blocks align; the output block is exact
+    assert rows[-1]["alignment_angle_deg"][1] < rows[0]["alignment_angle_deg"][1]  # and keep aligning
+    assert json.loads((out / "config.json").read_text())["rule_options"] == {"feedback_seed": 5}
+    assert (out / "alignment.png").stat().st_size > 1000
+
+
+def test_cli_alias_and_rule_listing():
+    result = CliRunner().invoke(app, ["rules", "--json"])
+    assert result.exit_code == 0, result.output
+    listed = {r["name"]: r for r in json.loads(result.output)}
+    for name in RULES:
+        assert name in listed, name
+    assert listed["kolen_pollack"]["options"]["decay"] == 1e-3
+    assert get_registry().rule("dfa").name == "direct_feedback_alignment"
+    assert get_registry().rule("ifa").name == "indirect_feedback_alignment"
