@@ -14,7 +14,7 @@ from fa_rules.core import models as zoo
 from fa_rules.core.feedback import chained_feedback_gradients, draw_feedback, weight_key
 from fa_rules.core.metrics import angle_deg, backprop_gradient
 from fa_rules.core.rule import Batch
-from fa_rules.core.trainer import TrainConfig, apply_updates, make_optimizers
+from fa_rules.core.trainer import TrainConfig, apply_updates, check_updates, make_optimizers
 from fa_rules.plugins.manager import get_registry
 
 RULES = ["feedback_alignment", "direct_feedback_alignment", "indirect_feedback_alignment", "sign_symmetry",
@@ -161,6 +161,26 @@ def test_feedback_equal_to_the_forward_weights_is_backprop_for_conv_nets():
     F.cross_entropy(net(x), y).backward()
     for name, param in net.named_parameters():
         assert torch.allclose(grads[name], param.grad, atol=1e-6), name
+
+
+def test_every_rule_runs_on_the_paper_encoder_with_strided_convolutions():
+    torch.manual_seed(0)
+    net = zoo.paper_encoder((1, 28, 28), (10,))  # stride-1/2 convs, leaky_relu, Linear(3136, 4096)
+    x, y = torch.rand(4, 1, 28, 28), torch.randint(0, 10, (4,))
+    p = net.init_params()
+    grads, _ = chained_feedback_gradients(net, p, x, y, {i: p[weight_key(i)] for i in range(1, net.num_blocks)})
+    reference = backprop_gradient(net, p, Batch(x, y))
+    for k in p:
+        assert torch.allclose(grads[k], reference[k], atol=1e-6), k
+    for name in RULES:
+        rule = get_registry().rule(name).make()
+        params, state = rule.init(net, {"model": p}, torch.Generator().manual_seed(0))
+        updates, _, _ = rule.step(net, params, state, Batch(x, y))
+        check_updates(name, updates, params)
+        assert all(torch.isfinite(u).all() for u in updates["model"].values()), name
+        # hidden conv blocks get a nonzero signal that is not the gradient
+        u, g = updates["model"]["blocks.1.layer.weight"], reference["blocks.1.layer.weight"]
+        assert u.abs().sum() > 0 and 1 < angle_deg(u, g) < 179, name
 
 
 def _lenet_pieces(p, x):
