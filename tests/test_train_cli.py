@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import subprocess
@@ -106,6 +107,7 @@ def test_user_mistakes_are_one_line_with_exit_code_2(tmp_path):
         (["train", "--model", "lenet", "--depth", "3"], "no setting --depth"),
         (["train", "--resume", str(tmp_path / "missing")], "does not exist"),
         (["train", "--opt", "nonsense=1"], "has no option nonsense"),
+        (["train", "--lr-schedule", "linear", "--epochs", "1"], "unknown lr schedule"),
         (["train", "--group-lr", "feedback=0.1", "--epochs", "1"], "--group-lr names group"),
         (["train", "--device", "cuda:7" if not torch.cuda.is_available() else "tpu"], "device"),
     ]
@@ -153,3 +155,31 @@ def test_divergence_is_reported(tmp_path):
                       lambda: zoo.mlp((1, 8, 8), (10,), width=8), load_digits(), tmp_path, progress=False)
     with pytest.raises(Diverged, match="diverged at epoch 1, step 1"):
         trainer.run()
+
+
+def test_cosine_schedule_ends_near_zero_and_resumes_after_an_interruption_bit_identically(tmp_path, monkeypatch):
+    a, b = tmp_path / "a", tmp_path / "b"
+    args = ("train", "--epochs", "3", "--lr-schedule", "cosine", "--lr", "0.01", *SMALL)
+    invoke(*args, "--out", str(a))
+    ckpt = load_checkpoint(a / "checkpoint.pt")
+    total = ckpt["global_step"]
+    lr = ckpt["optimizers"]["model"]["param_groups"][0]["lr"]  # the rate of the last step
+    assert lr == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * (total - 1) / total)), rel=1e-9)
+    assert lr < 0.01 * 0.01
+
+    evaluate, calls = Trainer.evaluate, []
+
+    def interrupted_evaluate(self):  # the process dies during the second epoch's evaluation
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return evaluate(self)
+
+    monkeypatch.setattr(Trainer, "evaluate", interrupted_evaluate)
+    with pytest.raises(KeyboardInterrupt):
+        config = TrainConfig(epochs=3, lr_schedule="cosine", lr=0.01, batch_size=128, model_options={"width": 32})
+        experiment.new_trainer(config, b, progress=False).run()
+    monkeypatch.setattr(Trainer, "evaluate", evaluate)
+    assert load_checkpoint(b / "checkpoint.pt")["epoch"] == 1
+    invoke("train", "--resume", str(b), "-q")
+    _assert_identical(a, b)

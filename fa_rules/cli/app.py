@@ -91,6 +91,9 @@ def train(
     optimizer: str = typer.Option("adam", help="adam or sgd."),
     momentum: float = typer.Option(0.9, help="sgd momentum."),
     weight_decay: float = typer.Option(0.0, help="Weight decay of the optimiser."),
+    lr_schedule: str = typer.Option(
+        "constant", help="constant, or cosine: every group's rate decays to 0 over the run's --epochs."
+    ),
     opt: list[str] = typer.Option([], "--opt", "-o", help="KEY=VALUE rule setting (repeatable; see `fa-rules rules`)."),
     seed: int = typer.Option(0, help="Seed for initialisation, rule randomness and data order."),
     device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda or cuda:N."),
@@ -128,8 +131,8 @@ def train(
             rule=rule, dataset=dataset, model=model, rule_options=rule_options, model_options=model_options,
             latent_dim=latent_dim, epochs=20 if epochs is None else epochs, batch_size=batch_size, lr=lr,
             group_lr={k: _parse_value(v, 0.0, f"--group-lr {k}") for k, v in _parse_pairs(group_lr, "--group-lr").items()},
-            optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, seed=seed, device=device,
-            data_dir=data_dir,
+            optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, lr_schedule=lr_schedule, seed=seed,
+            device=device, data_dir=data_dir,
         )
         trainer = new_trainer(config, out_dir, progress=not quiet)
     if fid:  # FID at the end of training: checked first, computed after the run (plugins.experiment)

@@ -44,6 +44,7 @@ CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, CHECKPOINT_FILE = (
     "checkpoint.pt",
 )
 OPTIMIZERS = ("adam", "sgd")
+LR_SCHEDULES = ("constant", "cosine")
 
 
 class Diverged(RuntimeError):
@@ -65,6 +66,7 @@ class TrainConfig:
     optimizer: str = "adam"
     momentum: float = 0.9
     weight_decay: float = 0.0
+    lr_schedule: str = "constant"
     seed: int = 0
     device: str = "auto"
     data_dir: str | None = None
@@ -97,6 +99,16 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
     Rank 0 gets the one-process seed; the other processes of a distributed run draw their own
     noise for their own examples (per-example noise must not repeat across shards)."""
     return hash((seed, step, rank)) & 0x7FFF_FFFF_FFFF_FFFF
+
+
+def lr_factor(schedule: str, step: int, total_steps: int) -> float:
+    """Multiplier of every group's learning rate at a global step. A function of the step alone,
+    so a resumed run follows the schedule exactly. "cosine" decays to 0 over the whole run."""
+    if schedule == "constant" or total_steps <= 0:
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    raise UserError(f"unknown lr schedule '{schedule}' (use {' or '.join(LR_SCHEDULES)})")
 
 
 def make_optimizers(config: TrainConfig, params: Groups) -> dict[str, torch.optim.Optimizer]:
@@ -180,6 +192,7 @@ class Trainer:
         self.device = self.dist.device
         if config.batch_size < 1 or config.epochs < 0:
             raise UserError("--batch-size must be >= 1 and --epochs >= 0")
+        lr_factor(config.lr_schedule, 0, 1)  # an unknown schedule is a user error before any work
         if rule.task == "classify" and dataset.num_classes < 2:
             raise UserError(f"dataset '{dataset.name}' has no class labels; rule '{config.rule}' classifies")
         if rule.task != "classify" and rule.reconstruct is None:
@@ -192,6 +205,8 @@ class Trainer:
         generator = torch.Generator().manual_seed(config.seed + 1)
         self.params, self.state = rule.init(self.network, params, generator)
         self.optimizers = make_optimizers(config, self.params)
+        self.base_lr = {g: config.group_lr.get(g, config.lr) for g in self.optimizers}
+        self.total_steps = self.steps_per_epoch(self.data.train_x.shape[0]) * config.epochs
         self.epoch = 0
         self.global_step = 0
         self.history: list[dict] = []
@@ -300,12 +315,21 @@ class Trainer:
             self._updates_checked = True
         if self.dist.enabled:
             updates, metrics = self.average_across_processes(updates, old_state, metrics, share)
+        self.set_learning_rates()
         apply_updates(self.rule, self.params, updates, self.optimizers)
         if cuda:
             torch.cuda.synchronize(self.device)
         self.step_times.append(time.perf_counter() - start)
         self.global_step += 1
         return metrics
+
+    def set_learning_rates(self) -> None:
+        if self.config.lr_schedule == "constant":
+            return
+        factor = lr_factor(self.config.lr_schedule, self.global_step, self.total_steps)
+        for group, opt in self.optimizers.items():
+            for param_group in opt.param_groups:
+                param_group["lr"] = self.base_lr[group] * factor
 
     def average_across_processes(self, updates: Groups, old_state, metrics: dict, share: float):
         """One weighted all_reduce for the step: every group's pseudo-gradients, the floating
