@@ -10,3 +10,9 @@ torch.set_num_threads(1)
 # Tests never download: loaders must use files the tests write, or fail with one clear line.
 os.environ["FA_RULES_OFFLINE"] = "1"
 os.environ.setdefault("FA_RULES_DATA_DIR", os.path.join(os.path.dirname(__file__), ".data-unused"))
+
+# FID's cache of real-image features goes to a throw-away folder, not the user's home.
+if "FA_RULES_FID_CACHE" not in os.environ:
+    import tempfile
+
+    os.environ["FA_RULES_FID_CACHE"] = tempfile.mkdtemp(prefix="fa-rules-fid-cache-")

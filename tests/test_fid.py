@@ -134,3 +134,35 @@ def test_fid_command_without_weights_fails_in_one_line(tmp_path, monkeypatch):
     assert isinstance(result.exception, UserError) and "missing.pth" in str(result.exception)
     result = runner.invoke(app, ["train", "--rule", "vae", "--epochs", "1", "--out", str(tmp_path / "r2"), "--fid", "10"])
     assert isinstance(result.exception, UserError) and not (tmp_path / "r2").exists()  # refused before training
+
+
+class CountingFeatures(torch.nn.Module):
+    """Stands in for Inception where only the caching is under test: counts the images it sees."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(()))
+        self.seen = 0
+
+    def forward(self, x):
+        self.seen += x.shape[0]
+        return [x.flatten(1)[:, :16] * self.scale]
+
+
+def test_real_image_features_are_computed_once_per_image_set(tmp_path, monkeypatch):
+    monkeypatch.setenv(fid.FID_CACHE_ENV, str(tmp_path / "cache"))
+    weights = tmp_path / "weights.pth"
+    weights.write_bytes(b"0" * 10)
+    images, model = load_digits().test_x[:12], CountingFeatures()
+    first = fid.real_features(images, model, weights, batch_size=5)
+    assert model.seen == 12 and len(list((tmp_path / "cache").glob("real-*.npy"))) == 1
+    again = fid.real_features(images, model, weights)
+    assert model.seen == 12 and np.array_equal(first, again)  # read back, not recomputed
+    other = fid.real_features(images[:11], model, weights)
+    assert model.seen == 23 and other.shape == (11, 16)  # other images: a new entry
+    weights.write_bytes(b"0" * 11)
+    fid.real_features(images, model, weights)
+    assert model.seen == 35  # other weights: a new entry
+    monkeypatch.setenv(fid.FID_CACHE_ENV, "off")
+    fid.real_features(images, model, weights)
+    assert model.seen == 47 and len(list((tmp_path / "cache").glob("real-*.npy"))) == 3

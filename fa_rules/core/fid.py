@@ -14,6 +14,7 @@ failure is a one-line `UserError` saying where to put the file.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
 from pathlib import Path
@@ -25,6 +26,7 @@ import torch
 from fa_rules.core.errors import UserError
 
 FID_WEIGHTS_ENV = "FA_RULES_FID_WEIGHTS"
+FID_CACHE_ENV = "FA_RULES_FID_CACHE"  # where real-image features are kept ("off": nowhere)
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
 FEATURE_DIM = 2048
 
@@ -247,6 +249,45 @@ def rule_fid(
             yield images
 
     fake = inception_features(generated(), model)
-    reals = (as_float(real[i : i + batch_size]) for i in range(0, num, batch_size))
-    value = frechet_distance(fake, inception_features(reals, model))
+    value = frechet_distance(fake, real_features(real[:num], model, resolve_weights(weights), batch_size))
     return {"fid": value, "fid_num": num, "time_per_sample_s": seconds / num}
+
+
+# -- the real images' features, computed once --------------------------------------------------
+def feature_cache_dir() -> Path | None:
+    env = os.environ.get(FID_CACHE_ENV, "").strip()
+    if env.lower() == "off":
+        return None
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "fa-rules" / "fid"
+
+
+def real_features(real: torch.Tensor, model: torch.nn.Module, weights: Path, batch_size: int = 100) -> np.ndarray:
+    """Inception features of a dataset's images (N, C, H, W), cached on disk: every FID against the
+    same test images (each rule, each run) would otherwise repeat the slowest part of the work.
+    The key is a hash of the images' bytes and of the weights file, so a change in either misses."""
+    from fa_rules.core.data import as_float
+
+    def compute() -> np.ndarray:
+        return inception_features((as_float(real[i : i + batch_size]) for i in range(0, real.shape[0], batch_size)), model)
+
+    folder = feature_cache_dir()
+    if folder is None:
+        return compute()
+    digest = hashlib.sha256(real.detach().cpu().contiguous().numpy().tobytes())
+    digest.update(f"{tuple(real.shape)} {real.dtype} {weights.resolve()} {weights.stat().st_size}".encode())
+    path = folder / f"real-{digest.hexdigest()[:32]}.npy"
+    if path.is_file():
+        try:
+            return np.load(path)
+        except (OSError, ValueError):  # a damaged file is recomputed and replaced
+            pass
+    features = compute()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, features)
+        os.replace(tmp, path)  # atomic: a reader sees the whole file or none
+    except OSError:  # a read-only home is no reason to fail the FID
+        pass
+    return features
