@@ -28,7 +28,8 @@ How a step runs (all three rules share it; they differ only in how a target is c
    it has none) built from the block type (Linear -> Linear with activation). Its parameters live
    in the rule's `state["feedback"]`, not in an engine parameter group, because the papers train
    them with their own learning rate and several iterations per step: `feedback_iters` plain SGD
-   steps of size `feedback_lr` on the reconstruction loss (`feedback_objective`: "autoencoder",
+   steps (default 1: one decoder step per batch; more cost a decoder pass each) of size `feedback_lr` on the
+   reconstruction loss (`feedback_objective`: "autoencoder",
    `g(f(h + eps)) ~ h + eps`, or "reverse", `f(g(h + eps)) ~ h + eps`), fresh noise of scale
    `feedback_noise` each iteration, gradients by `fa_rules.core.grad` with respect to the decoder
    only. With `feedback_normalise` (default) each decoder's loss is divided by the mean squared norm
@@ -49,9 +50,11 @@ How a step runs (all three rules share it; they differ only in how a target is c
      `f_l(g_l(h_l)) - h_l`, which does not shrink with beta. Then `output_iters` decoder-output
      corrections (sec. 6.2). So `dtp` is `iterative_dtp` with `input_iters=output_iters=0,
      output_init="difference"`, and `target_prop` the same with `output_init="decoder"`.
-4. Forward updates, one block at a time with no graph across blocks. Each block is trained on its
-   local loss `sum_n w_n ||f_l(h_{l-1,n}) - tau_{l,n}||^2 / (2 beta N)` by `fa_rules.core.grad`
-   with respect to its own parameters; the pseudo-gradient goes to the engine's optimiser. The
+4. Forward updates with no graph across blocks. Each block is trained on its local loss
+   `sum_n w_n ||f_l(h_{l-1,n}) - tau_{l,n}||^2 / (2 beta N)` by `fa_rules.core.grad` with respect
+   to its own parameters (inputs and targets are constants, so one `grad` of the sum of the local
+   losses gives each block exactly its own gradient); the pseudo-gradient goes to the engine's
+   optimiser. The
    `1/beta` makes updates the size of gradients (beta only sets how far targets reach). With
    `dtp1` (iterative_dtp, "pre" space, Linear blocks) hidden blocks instead get the DTP1 update of
    eq. delta-dtp averaged over the batch, `-(1/beta) mean_n w_n (tau_n - h_n) [z_n; 1]^T /
