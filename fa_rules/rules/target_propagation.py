@@ -28,9 +28,9 @@ How a step runs (all three rules share it; they differ only in how a target is c
    it has none) built from the block type (Linear -> Linear with activation). Its parameters live
    in the rule's `state["feedback"]`, not in an engine parameter group, because the papers train
    them with their own learning rate and several iterations per step: `feedback_iters` plain SGD
-   steps (default 1: one decoder step per batch; more cost a decoder pass each) of size `feedback_lr` on the
-   reconstruction loss (`feedback_objective`: "autoencoder",
-   `g(f(h + eps)) ~ h + eps`, or "reverse", `f(g(h + eps)) ~ h + eps`), fresh noise of scale
+   steps (default 1: one decoder step per batch) of size `feedback_lr` on the reconstruction loss
+   (`feedback_objective`: "autoencoder", `g(f(h + eps)) ~ h + eps`, or "reverse",
+   `f(g(h + eps)) ~ h + eps`), fresh noise of scale
    `feedback_noise` each iteration, gradients by `fa_rules.core.grad` with respect to the decoder
    only. With `feedback_normalise` (default) each decoder's loss is divided by the mean squared norm
    of its input (+1 for the bias), a normalised LMS step whose size does not depend on the scale of
@@ -54,8 +54,7 @@ How a step runs (all three rules share it; they differ only in how a target is c
    `sum_n w_n ||f_l(h_{l-1,n}) - tau_{l,n}||^2 / (2 beta N)` by `fa_rules.core.grad` with respect
    to its own parameters (inputs and targets are constants, so one `grad` of the sum of the local
    losses gives each block exactly its own gradient); the pseudo-gradient goes to the engine's
-   optimiser. The
-   `1/beta` makes updates the size of gradients (beta only sets how far targets reach). With
+   optimiser. The `1/beta` makes updates the size of gradients (beta only sets how far targets reach). With
    `dtp1` (iterative_dtp, "pre" space, Linear blocks) hidden blocks instead get the DTP1 update of
    eq. delta-dtp averaged over the batch, `-(1/beta) mean_n w_n (tau_n - h_n) [z_n; 1]^T /
    (||z_n||^2 + 1)` with `z = sigma(h_{l-1})` the block's input and `[.; 1]` the bias column (the
@@ -204,7 +203,7 @@ def train_feedback(network, model, feedback, values, s: Settings, generator):
     would take on the whole batch."""
     decs = decoders(network, s.space)
     autoencoder = s.feedback_objective == "autoencoder"
-    blocks = [i for i in range(1, network.num_blocks)]
+    blocks = list(range(1, network.num_blocks))
     params = {str(i): feedback[str(i)] for i in blocks}
     for _ in range(s.feedback_iters):
         inputs = {}
