@@ -228,6 +228,10 @@ def test_sample_command_writes_grids_of_the_right_size(tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads((run / "summary.json").read_text())
     assert 0 < summary["test_recon_mse"] < 1 and set(summary["params_by_group"]) == {"model", "generator", "discriminator"}
+    # the epoch record keeps the means of the step's other metrics: both adversarial losses, the KL
+    (row,) = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"train_g_loss", "train_d_loss", "train_kl", "train_recon_mse"} <= set(row)
+    assert 0 < row["train_d_loss"] < 10 and 0 < row["train_g_loss"] < 10 and row["train_kl"] > 0
 
     result = runner.invoke(app, ["sample", str(run), "--num", "16", "--out", str(tmp_path / "s.png")])
     assert result.exit_code == 0, result.output

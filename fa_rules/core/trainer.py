@@ -2,7 +2,8 @@
 
 Run directory layout:
   config.json      the resolved configuration (what `--resume` reads back)
-  metrics.jsonl    one JSON object per finished epoch
+  metrics.jsonl    one JSON object per finished epoch: train_loss, the epoch means of the rule's
+                   other scalar step metrics as train_<name> (the main process's), test metrics
   summary.json     final metrics and measurements
   checkpoint.pt    written atomically after every epoch
   curves.png       training loss and the task metric against epoch
@@ -169,6 +170,10 @@ def apply_updates(
 
 def _scalar(v) -> float:
     return float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
+
+
+def _is_scalar(v) -> bool:
+    return isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)
 
 
 class Trainer:
@@ -422,7 +427,7 @@ class Trainer:
             bar.resume_at(self.epoch)
             while self.epoch < cfg.epochs:
                 order = epoch_order(n, cfg.seed, self.epoch).to(self.device)
-                losses = []
+                losses, others = [], {}
                 epoch_start = time.perf_counter()
                 for i in range(steps_per_epoch):
                     index, share = self.shard(order, i)
@@ -437,9 +442,13 @@ class Trainer:
                             f"rule '{cfg.rule}' diverged at epoch {self.epoch + 1}, step {i + 1} (loss={loss})"
                         )
                     losses.append(loss)
+                    for name, value in metrics.items():  # e.g. a GAN's g_loss / d_loss, a VAE's kl
+                        if name != "loss" and _is_scalar(value):
+                            others.setdefault(name, []).append(_scalar(value))
                     bar.advance(loss)
                 self.epoch += 1
                 record = {"epoch": self.epoch, "train_loss": statistics.fmean(losses) if losses else None}
+                record.update({f"train_{name}": statistics.fmean(v) for name, v in others.items()})
                 record.update(self.evaluate())
                 record["epoch_time_s"] = time.perf_counter() - epoch_start
                 self.history.append(record)
