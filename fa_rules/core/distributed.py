@@ -10,8 +10,8 @@ What the trainer does with it (see `fa_rules.core.trainer`):
 - every process builds the same model and rule state from the same seeds, then takes rank 0's
   values (`broadcast_`) so a rule with a careless `init` still starts identical everywhere;
 - each step, every process runs `rule.step` on its shard of the global batch and the pseudo-
-  gradients of every group, the rule state the step changed and the loss are averaged in one
-  collective (`average`), weighted by shard size, so the optimisers of all processes take the
+  gradients of every group, the rule state the step changed and the scalar metrics are averaged in
+  one collective (`average`), weighted by shard size, so the optimisers of all processes take the
   same step;
 - after every epoch `check_identical` compares checksums of the parameters and state, and a
   disagreement is an error rather than a silently forked run.

@@ -3,7 +3,7 @@
 Run directory layout:
   config.json      the resolved configuration (what `--resume` reads back)
   metrics.jsonl    one JSON object per finished epoch: train_loss, the epoch means of the rule's
-                   other scalar step metrics as train_<name> (the main process's), test metrics
+                   other scalar step metrics as train_<name>, test metrics
   summary.json     final metrics and measurements
   checkpoint.pt    written atomically after every epoch
   curves.png       training loss and the task metric against epoch
@@ -11,8 +11,8 @@ Run directory layout:
 Under torchrun (see `fa_rules.core.distributed`) every process runs this same loop data-parallel:
 each step's global batch of `world_size * batch_size` examples (one seeded permutation per epoch,
 as in a one-process run) is cut into contiguous shards, one per process; the pseudo-gradients,
-the rule state the step changed and the loss are averaged across processes weighted by shard
-size; only rank 0 writes files and shows progress.
+the rule state the step changed and the scalar step metrics are averaged across processes
+weighted by shard size; only rank 0 writes files and shows progress.
 """
 
 from __future__ import annotations
@@ -174,6 +174,11 @@ def _scalar(v) -> float:
 
 def _is_scalar(v) -> bool:
     return isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)
+
+
+def _metric_tensor(v, device) -> torch.Tensor:
+    t = torch.as_tensor(v, device=device).detach().reshape(())
+    return t if t.is_floating_point() else t.to(torch.get_default_dtype())
 
 
 class Trainer:
@@ -338,25 +343,25 @@ class Trainer:
 
     def average_across_processes(self, updates: Groups, old_state, metrics: dict, share: float):
         """One weighted all_reduce for the step: every group's pseudo-gradients, the floating
-        tensors of rule state that the step replaced, and the loss. Shares are shard size over
-        global batch size, so for mean-reduced losses the result is the global batch's mean."""
+        tensors of rule state that the step replaced, and the scalar metrics (the loss and the
+        rest). Shares are shard size over global batch size, so for mean-reduced quantities the
+        result is the global batch's mean."""
         keys = [(g, k) for g, tensors in updates.items() for k in tensors]
         tensors = [updates[g][k] for g, k in keys]
         leaves, spec, positions = distributed.changed_floating_leaves(old_state, self.state)
         tensors += [leaves[i] for i in positions]
-        has_loss = "loss" in metrics
-        if has_loss:
-            tensors.append(torch.as_tensor(metrics["loss"], device=self.device).detach())
+        names = [name for name, value in metrics.items() if _is_scalar(value)]  # same order everywhere
+        tensors += [_metric_tensor(metrics[name], self.device) for name in names]
         averaged = self.dist.average(tensors, share)
         out: Groups = {g: {} for g in updates}
         for (g, k), value in zip(keys, averaged):
             out[g][k] = value
         if positions:
-            for i, value in zip(positions, averaged[len(keys) :]):
+            for i, value in zip(positions, averaged[len(keys) : len(keys) + len(positions)]):
                 leaves[i] = value
             self.state = distributed.unflatten(leaves, spec)
-        if has_loss:
-            metrics = {**metrics, "loss": averaged[-1]}
+        if names:
+            metrics = {**metrics, **dict(zip(names, averaged[len(keys) + len(positions) :]))}
         return out, metrics
 
     def synchronised_tensors(self) -> list[torch.Tensor]:
