@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from fa_rules.core.trainer import TrainConfig
-from fa_rules.plugins.experiment import resolve
+from fa_rules.runs import resolve
 from fa_rules.core.trainer import Trainer
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from fa_rules.core import Batch, SavedTensorsProbe
-from fa_rules.core.models import mlp
+from fa_rules.models import mlp
 from fa_rules.plugins.manager import get_registry
 
 RULES = ("local_fa", "feature_alignment", "ae")

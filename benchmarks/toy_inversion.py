@@ -30,7 +30,7 @@ import torch
 
 from fa_rules.core import Batch, Rule, grad_and_value, no_state_init, weighted_sum
 from fa_rules.core.gradient_flow import gradient_flow
-from fa_rules.core.models import mlp
+from fa_rules.models import mlp
 from fa_rules.core.trainer import TrainConfig, apply_updates, make_optimizers
 from fa_rules.rules.feature_alignment import feature_alignment
 

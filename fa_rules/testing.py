@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from fa_rules.core.network import Network
 from fa_rules.core.rule import Batch, Groups, Rule, RuleSpec
-from fa_rules.core.trainer import TrainConfig, apply_updates, check_updates, make_optimizers
+from fa_rules.core.config import TrainConfig
+from fa_rules.core.trainer import apply_updates, check_updates, make_optimizers
 
 CHECKS = ("structure", "determinism", "no_mutation", "roundtrip", "learns")
 

@@ -3,7 +3,7 @@
 import torch
 
 from fa_rules.core import autodiff
-from fa_rules.core import models as zoo
+from fa_rules import models as zoo
 
 
 def _inner_flow_loss(params, net, x):

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fa_rules.core import models as zoo
+from fa_rules import models as zoo
 from fa_rules.core.rule import Batch
 from fa_rules.rules.backprop import backprop
 

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from fa_rules.cli.app import app
 from fa_rules.core import Rule, RuleSpec, UserError, no_state_init
-from fa_rules.plugins import benchmark as bench
-from fa_rules.plugins.experiment import resolve
+from fa_rules import benchmark as bench
+from fa_rules.runs import resolve
 from fa_rules.plugins.manager import get_registry
 from fa_rules.core.trainer import TrainConfig
 from fa_rules.rules.backprop import backprop

@@ -3,7 +3,7 @@ import math
 import torch
 
 from fa_rules.core import clamp, constrained, partition, weighted_sum
-from fa_rules.core import models as zoo
+from fa_rules import models as zoo
 from fa_rules.core.rule import Batch, Rule, no_state_init
 from fa_rules.core.trainer import TrainConfig, apply_updates, make_optimizers
 from fa_rules.rules.backprop import backprop

@@ -215,7 +215,7 @@ def test_a_distributed_run_resumes_to_exactly_the_uninterrupted_run(launches):
 
 def test_shards_of_all_processes_are_the_one_process_batches(tmp_path):
     """The sampler arithmetic, without a process group: rank r's part of global batch i."""
-    from fa_rules.core import models as zoo
+    from fa_rules import models as zoo
     from fa_rules.core.distributed import Context
     from fa_rules.core.trainer import TrainConfig, Trainer
     from fa_rules.plugins.datasets import load_digits

@@ -9,7 +9,7 @@ from torch.func import functional_call
 
 from fa_rules.core import Batch, Rule, UserError, grad_and_value, no_state_init, weighted_sum
 from fa_rules.core.gradient_flow import gradient_flow, initial_input
-from fa_rules.core.models import mlp
+from fa_rules.models import mlp
 from fa_rules.core.trainer import TrainConfig, apply_updates, make_optimizers
 from fa_rules.plugins.datasets import load_digits
 from fa_rules.plugins.manager import get_registry

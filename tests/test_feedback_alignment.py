@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from fa_rules.cli.app import app
 from fa_rules.core import Block, Network, UserError
-from fa_rules.core import models as zoo
+from fa_rules import models as zoo
 from fa_rules.core.feedback import chained_feedback_gradients, draw_feedback, weight_key
 from fa_rules.core.metrics import angle_deg, backprop_gradient
 from fa_rules.core.rule import Batch

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from fa_rules.core import fid
+from fa_rules.measures import fid
 from fa_rules.core.errors import UserError
 from fa_rules.core.rule import Rule, no_state_init
 from fa_rules.plugins.datasets import load_digits

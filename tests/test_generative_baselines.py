@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fa_rules.core import models as zoo
+from fa_rules import models as zoo
 from fa_rules.core.errors import UserError
 from fa_rules.core.network import count_params
 from fa_rules.core.rule import Batch

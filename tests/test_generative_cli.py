@@ -14,9 +14,9 @@ from typer.testing import CliRunner
 
 from fa_rules.cli.app import app
 from fa_rules.core import UserError
-from fa_rules.core.models import mlp, paper_encoder
-from fa_rules.core.probe import fit_linear_probe
-from fa_rules.plugins.experiment import load_run
+from fa_rules.models import mlp, paper_encoder
+from fa_rules.measures.probe import fit_linear_probe
+from fa_rules.runs import load_run
 from fa_rules.rules.autoencoder import build_decoder
 
 TINY = ["--depth", "1", "--width", "32", "--latent-dim", "16", "--batch-size", "32", "--lr", "3e-3", "-q"]

@@ -8,11 +8,11 @@ import torch
 from torch import nn
 
 from fa_rules.core import Batch, SavedTensorsProbe, UserError
-from fa_rules.core.models import mlp
+from fa_rules.models import mlp
 from fa_rules.core.network import Asinh, Block, Network
 from fa_rules.core.trainer import TrainConfig, apply_updates, make_optimizers
 from fa_rules.plugins.datasets import load_digits
-from fa_rules.plugins.experiment import resolve
+from fa_rules.runs import resolve
 from fa_rules.plugins.manager import get_registry
 from fa_rules.rules.local_feature_alignment import local_feature_alignment
 
@@ -177,7 +177,7 @@ def test_local_fa_prefers_asinh_and_refuses_a_non_invertible_activation():
 
 def test_local_fa_trains_the_paper_encoder_block_by_block():
     """The paper's 28x28 conv encoder (Table 7) with asinh: every conv and linear block moves."""
-    from fa_rules.core.models import paper_encoder
+    from fa_rules.models import paper_encoder
 
     torch.manual_seed(0)
     network = paper_encoder((1, 28, 28), (8,), activation="asinh")

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from fa_rules.core import models as zoo
+from fa_rules import models as zoo
 from fa_rules.core.errors import UserError
 
 

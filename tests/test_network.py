@@ -1,6 +1,6 @@
 import torch
 
-from fa_rules.core import models as zoo
+from fa_rules import models as zoo
 from fa_rules.core.network import Asinh, inverse_activation, make_activation
 
 

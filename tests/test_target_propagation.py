@@ -14,7 +14,7 @@ from fa_rules.core import Batch, Network, UserError
 from fa_rules.core.inverse import decoder_for, encode, forward_values
 from fa_rules.core.network import Block
 from fa_rules.core.trainer import TrainConfig
-from fa_rules.plugins.experiment import resolve
+from fa_rules.runs import resolve
 from fa_rules.plugins.manager import get_registry
 from fa_rules.rules import target_propagation as tp
 

@@ -14,9 +14,10 @@ from fa_rules.cli.app import app
 from fa_rules.core import Rule, RuleSpec, UserError, no_state_init
 from fa_rules.core.checkpoint import load_checkpoint
 from fa_rules.core.trainer import Diverged, TrainConfig, Trainer
-from fa_rules.plugins import experiment, manager
+from fa_rules import runs as experiment
+from fa_rules.plugins import manager
 from fa_rules.plugins.datasets import load_digits
-from fa_rules.core import models as zoo
+from fa_rules import models as zoo
 
 SMALL = ["--width", "32", "--batch-size", "128", "-q"]
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from fa_rules.cli.app import app
-from fa_rules.core import models as zoo
+from fa_rules import models as zoo
 from fa_rules.core.network import count_params
 from fa_rules.core.rule import Batch
 from fa_rules.core.trainer import TrainConfig, apply_updates, make_optimizers

@@ -1,4 +1,4 @@
-"""`fa-rules benchmark`: compare rules on identical settings (thin; the work is in plugins.benchmark)."""
+"""`fa-rules benchmark`: compare rules on identical settings (thin; the work is in fa_rules.benchmark)."""
 
 from __future__ import annotations
 
@@ -9,11 +9,10 @@ from typing import Optional
 
 import typer
 
-from fa_rules.cli.app import _registry, app, out
+from fa_rules.cli.common import out, registry
 from fa_rules.core.errors import UserError
 
 
-@app.command()
 def benchmark(
     suite_file: Optional[Path] = typer.Argument(None, metavar="SUITE", help="Suite file (TOML), e.g. benchmarks/fashion_mnist_lenet.toml."),
     rules: Optional[str] = typer.Option(None, "--rules", help="Comma-separated rules (with a SUITE: a subset of its labels)."),
@@ -35,9 +34,9 @@ def benchmark(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live table."),
 ):
     """Run rules side by side on identical weights, data and optimiser; write results, report, plots."""
-    from fa_rules.plugins import benchmark as bench
+    from fa_rules import benchmark as bench
 
-    _registry()  # report plugins that failed to load, once
+    registry()  # report plugins that failed to load, once
     flags = {"dataset": dataset, "model": model, "depth": depth, "width": width, "activation": activation,
              "epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "device": device,
              "data_dir": data_dir}

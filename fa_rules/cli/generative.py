@@ -1,7 +1,7 @@
 """Commands that look inside a trained run: `reconstruct` (image grid), `probe` (linear probe),
 `sample` (sample or interpolation grid) and `fid` (Frechet Inception Distance of samples).
 
-Thin: each rebuilds the run with `fa_rules.plugins.experiment.load_run` and calls core. A missing or
+Thin: each rebuilds the run with `fa_rules.runs.load_run` and calls core. A missing or
 broken run directory is a `UserError` (one line, exit code 2).
 """
 
@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import typer
 
-from fa_rules.cli.app import app, out
+from fa_rules.cli.common import out
 from fa_rules.core.errors import UserError
 
 RUN_DIR = typer.Argument(..., help="A run directory written by `fa-rules train`.", show_default=False)
@@ -24,7 +24,7 @@ MIN_PIXELS = 28  # small images (8x8 digits) are enlarged so the grid is readabl
 
 def _load(run_dir: Path, device: str, trained: bool = True):
     from fa_rules.core.trainer import resolve_device
-    from fa_rules.plugins.experiment import load_run
+    from fa_rules.runs import load_run
 
     return load_run(run_dir, trained=trained, device=str(resolve_device(device)))
 
@@ -43,7 +43,6 @@ def save_pairs_grid(x: torch.Tensor, x_hat: torch.Tensor, path: Path, per_row: i
     save_image(torch.cat(rows), str(path), nrow=min(per_row, x.shape[0]), padding=2, pad_value=1.0)
 
 
-@app.command()
 def reconstruct(
     run_dir: Path = RUN_DIR,
     out_file: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default RUN_DIR/reconstructions.png)."),
@@ -70,7 +69,6 @@ def reconstruct(
     out.print(f"wrote {path}: {x.shape[0]} test images of {config.dataset}, recon mse {mse:.5f}")
 
 
-@app.command()
 def probe(
     run_dir: Path = RUN_DIR,
     untrained: bool = typer.Option(False, "--untrained", help="Probe the run's encoder at initialisation (the floor)."),
@@ -82,7 +80,7 @@ def probe(
     The result is also added to RUN_DIR/summary.json (`probe_accuracy`, or
     `probe_accuracy_untrained` with --untrained)."""
     from fa_rules.core.checkpoint import write_json
-    from fa_rules.core.probe import linear_probe
+    from fa_rules.measures.probe import linear_probe
 
     config, rule, network, params, state, dataset = _load(run_dir, device, trained=not untrained)
     result = linear_probe(network, params["model"], dataset).to_dict()
@@ -138,7 +136,6 @@ def interpolation_latents(corners: torch.Tensor, side: int) -> torch.Tensor:
     return grid.reshape(side * side, -1)
 
 
-@app.command()
 def sample(
     run_dir: Path = RUN_DIR,
     num: int = typer.Option(64, help="How many samples (with --interpolate: a grid of about this many)."),
@@ -199,7 +196,6 @@ def sample(
               f"({seconds / num * 1e3:.3f} ms per sample)")
 
 
-@app.command()
 def fid(
     run_dir: Path = RUN_DIR,
     num: int = typer.Option(1000, help="Samples, compared with the same number of test images."),
@@ -215,7 +211,7 @@ def fid(
 
     The result is also added to RUN_DIR/summary.json (`fid`, `fid_num`, `time_per_sample_s`)."""
     from fa_rules.core.checkpoint import write_json
-    from fa_rules.core.fid import load_inception, rule_fid
+    from fa_rules.measures.fid import load_inception, rule_fid
 
     if batch_size < 1:
         raise UserError("--batch-size must be >= 1")

@@ -1,4 +1,5 @@
-"""The engine: network view, rule interface and combinators, trainer, metrics. Knows no rule."""
+"""The engine: network view, rule interface and combinators, autodiff, feedback, gradient flow,
+inverse maps, trainer, distributed training, checkpoints. Imports nothing from the rest of fa_rules."""
 
 from fa_rules.core.autodiff import SavedTensorsProbe, grad, grad_and_value, vjp
 from fa_rules.core.combinators import clamp, constrained, partition, weighted_sum
@@ -6,8 +7,7 @@ from fa_rules.core.data import Dataset, DatasetSpec
 from fa_rules.core.errors import UserError
 from fa_rules.core.hooks import hookimpl
 from fa_rules.core.metrics import classification_loss
-from fa_rules.core.models import ModelSpec
-from fa_rules.core.network import Block, Network
+from fa_rules.core.network import Block, ModelSpec, Network
 from fa_rules.core.rule import TASKS, Batch, Rule, RuleSpec, no_state_init
 
 __all__ = [

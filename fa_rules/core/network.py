@@ -11,11 +11,14 @@ can differentiate with respect to any subset of them.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call
+
+from fa_rules.core.errors import UserError
 
 Params = dict[str, torch.Tensor]
 
@@ -180,3 +183,23 @@ def count_params(params: Params) -> int:
 
 def flat_size(shape: Sequence[int]) -> int:
     return int(math.prod(shape))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A registered model family: builder, settings with defaults, and a shape it accepts."""
+
+    name: str
+    build: Callable[..., Network]
+    summary: str
+    options: dict[str, Any] = field(default_factory=dict)
+    example_shape: tuple[int, ...] = (1, 8, 8)
+
+    def make(self, in_shape, out_shape, heads=None, **overrides) -> Network:
+        unknown = set(overrides) - set(self.options)
+        if unknown:
+            raise UserError(
+                f"model '{self.name}' has no option {', '.join(sorted(unknown))} "
+                f"(options: {', '.join(sorted(self.options)) or 'none'})"
+            )
+        return self.build(tuple(in_shape), tuple(out_shape), heads, **{**self.options, **overrides})

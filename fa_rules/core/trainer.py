@@ -6,7 +6,7 @@ Run directory layout:
                    other scalar step metrics as train_<name>, test metrics
   summary.json     final metrics and measurements
   checkpoint.pt    written atomically after every epoch
-  curves.png       training loss and the task metric against epoch
+  curves.png       training loss and the task metric against epoch (drawn by `fa_rules.runs`)
 
 Under torchrun (see `fa_rules.core.distributed`) every process runs this same loop data-parallel:
 each step's global batch of `world_size * batch_size` examples (one seeded permutation per epoch,
@@ -17,19 +17,18 @@ weighted by shard size; only rank 0 writes files and shows progress.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import torch
 
 from fa_rules.core import distributed
+from fa_rules.core.config import LR_SCHEDULES, OPTIMIZERS, TrainConfig
 from fa_rules.core.autodiff import SavedTensorsProbe
 from fa_rules.core.checkpoint import load_checkpoint, save_checkpoint, write_json, write_jsonl
 from fa_rules.core.data import Dataset, as_float, epoch_order
@@ -44,42 +43,8 @@ CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, CHECKPOINT_FILE = (
     "summary.json",
     "checkpoint.pt",
 )
-OPTIMIZERS = ("adam", "sgd")
-LR_SCHEDULES = ("constant", "cosine")
-
-
 class Diverged(RuntimeError):
     """The training loss became NaN or infinite."""
-
-
-@dataclass
-class TrainConfig:
-    rule: str = "backprop"
-    dataset: str = "digits"
-    model: str = "mlp"
-    rule_options: dict[str, Any] = field(default_factory=dict)
-    model_options: dict[str, Any] = field(default_factory=dict)
-    latent_dim: int = 32
-    epochs: int = 20
-    batch_size: int = 64
-    lr: float = 1e-3
-    group_lr: dict[str, float] = field(default_factory=dict)
-    optimizer: str = "adam"
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    lr_schedule: str = "constant"
-    seed: int = 0
-    device: str = "auto"
-    data_dir: str | None = None
-    eval_batch_size: int = 1000
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in names})
 
 
 def resolve_device(name: str) -> torch.device:
@@ -224,6 +189,8 @@ class Trainer:
         self.peak_saved_bytes: int | None = None
         self.peak_cuda_bytes: int | None = None
         self._updates_checked = False
+        # called with the trainer after the summary is written (e.g. to draw the run's pictures)
+        self.on_finish: list[Callable[["Trainer"], None]] = []
 
     # -- persistence ---------------------------------------------------------------------------
     def checkpoint_payload(self) -> dict:
@@ -491,13 +458,8 @@ class Trainer:
         if not self.is_main:
             return summary
         write_json(self.out_dir / SUMMARY_FILE, summary)
-        try:
-            from fa_rules.core.plots import plot_angles, plot_curves
-
-            plot_curves(self.history, self.out_dir / "curves.png", title=f"{cfg.rule} on {cfg.dataset}")
-            plot_angles(self.history, self.out_dir / "alignment.png", title=f"{cfg.rule}: update vs backprop")
-        except ImportError:  # matplotlib is a dependency, but a plot is never worth a failed run
-            pass
+        for callback in self.on_finish:
+            callback(self)
         return summary
 
 

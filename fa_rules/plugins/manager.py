@@ -21,7 +21,7 @@ import pluggy
 from fa_rules.core.data import DatasetSpec
 from fa_rules.core.errors import UserError, unknown_name_error
 from fa_rules.core.hooks import PROJECT
-from fa_rules.core.models import ModelSpec
+from fa_rules.core.network import ModelSpec
 from fa_rules.core.rule import RuleSpec
 from fa_rules.plugins import hookspecs
 

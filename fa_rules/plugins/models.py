@@ -1,8 +1,8 @@
 """Built-in model zoo: MLPs, a LeNet-style CNN and the feature alignment paper's networks."""
 
-from fa_rules.core import models as zoo
+from fa_rules import models as zoo
 from fa_rules.core.hooks import hookimpl
-from fa_rules.core.models import ModelSpec
+from fa_rules.core.network import ModelSpec
 
 
 @hookimpl

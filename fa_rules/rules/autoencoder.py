@@ -7,7 +7,7 @@ engine's `test_recon_mse`). The decoder mirrors the encoder:
 - `mlp` encoders: an MLP from the latent through the same hidden widths and activation back to the
   input, ending in a sigmoid (inputs are in [0, 1]);
 - `paper_encoder`: the feature alignment paper's latent-to-image generator (appendix Table 12,
-  `fa_rules.core.models.gan_generator`), as used for its GAN baseline.
+  `fa_rules.models.gan_generator`), as used for its GAN baseline.
 
 The decoder is built from the encoder's shape when the rule is initialised; its initial parameters
 come from the rule's generator only. Feature alignment needs no decoder (about half the parameters,
@@ -21,7 +21,7 @@ import weakref
 import torch
 
 from fa_rules.core import Rule, RuleSpec, UserError, grad_and_value, hookimpl
-from fa_rules.core import models as zoo
+from fa_rules import models as zoo
 from fa_rules.core.gradient_flow import reconstruction_loss
 from fa_rules.core.network import ACTIVATIONS, Network, make_activation
 

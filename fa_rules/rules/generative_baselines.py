@@ -7,7 +7,7 @@ and optimiser as every other rule:
 
 - `vae` (Kingma & Welling 2014). The model is the encoder with `mu` and `logvar` heads; the rule
   owns a `decoder` group: the paper's latent-to-image generator (appendix Table 12,
-  `fa_rules.core.models.gan_generator`) for paper encoders, an MLP mirroring the encoder's hidden
+  `fa_rules.models.gan_generator`) for paper encoders, an MLP mirroring the encoder's hidden
   widths for `mlp` encoders. Loss per example, averaged over the batch (minus the ELBO):
 
       -log p(x | D(mu + eps * sigma)) + beta * KL(N(mu, sigma^2) || N(0, I))
@@ -49,7 +49,7 @@ from typing import Callable
 import torch
 
 from fa_rules.core import Rule, RuleSpec, UserError, grad, grad_and_value, hookimpl
-from fa_rules.core import models as zoo
+from fa_rules import models as zoo
 from fa_rules.core.gradient_flow import orthogonal_init
 from fa_rules.core.network import ACTIVATIONS, Network, make_activation
 
@@ -105,7 +105,7 @@ class AuxNet:
     `apply(params, x, stats)` evaluates: networks with `running_stats` (the MLP generators, whose
     batch norm over single vectors cannot see one sample alone) normalise with the running averages
     `stats`; the paper's convolutional networks always use batch statistics (over the batch and the
-    pixels, so one sample works), as `fa_rules.core.models` defines them, and ignore `stats`.
+    pixels, so one sample works), as `fa_rules.models` defines them, and ignore `stats`.
     """
 
     def __init__(self, net: Network, running_stats: bool = False):

@@ -231,8 +231,6 @@ def rule_fid(
     """FID of `num` samples of a rule against the first `num` images of `real` (N, C, H, W).
 
     Returns `{"fid", "fid_num", "time_per_sample_s"}` (sampling time only, batches of `batch_size`)."""
-    from fa_rules.core.data import as_float
-
     if num < 2:
         raise UserError("FID needs --num >= 2")
     if num > real.shape[0]:

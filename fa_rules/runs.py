@@ -1,4 +1,5 @@
-"""From names in a configuration to a ready Trainer: the one place that resolves plugins.
+"""Runs: from names in a configuration to a ready Trainer (the one place that resolves plugins),
+and back from a run directory to what it trained (`load_run`), FID after training.
 
 Under torchrun every process calls the same function here: they join the process group first,
 rank 0 loads (downloads) the dataset before the others read it, and rank 0 alone picks and
@@ -66,14 +67,38 @@ def resolve(config: TrainConfig, registry: Registry | None = None):
     return rule, dataset, build_network
 
 
+def _draw_pictures(trainer: Trainer) -> None:
+    try:
+        from fa_rules.plots import draw_run_pictures
+    except ImportError:  # matplotlib is a dependency, but a plot is never worth a failed run
+        return
+    draw_run_pictures(trainer)
+
+
+def _trainer(config, rule, build_network, dataset, out_dir, progress: bool) -> Trainer:
+    trainer = Trainer(config, rule, build_network, dataset, out_dir, progress=progress)
+    trainer.on_finish.append(_draw_pictures)
+    return trainer
+
+
 def new_trainer(config: TrainConfig, out_dir: Path | None = None, progress: bool = True) -> Trainer:
     """A trainer for a fresh run; the run directory must not hold an earlier run."""
     ctx = distributed.setup(resolve_device(config.device))
     rule, dataset, build_network = resolve(config)
     out_dir = ctx.on_main(lambda: Path(out_dir) if out_dir else default_out_dir(config))
-    trainer = Trainer(config, rule, build_network, dataset, out_dir, progress=progress)
+    trainer = _trainer(config, rule, build_network, dataset, out_dir, progress)
     ctx.on_main(prepare_run_dir, out_dir, config)
     return trainer
+
+
+def train(config: TrainConfig | None = None, out_dir: Path | None = None, progress: bool = True, **fields) -> dict:
+    """Train one run and return its summary: `train(rule="local_fa", dataset="fashion_mnist")`.
+
+    Takes a `TrainConfig`, or its fields as keywords (not both); writes the run directory `out_dir`
+    (default: a new one under runs/), as `fa-rules train` does."""
+    if config is not None and fields:
+        raise TypeError("give a TrainConfig or its fields as keywords, not both")
+    return new_trainer(config or TrainConfig(**fields), out_dir, progress=progress).run()
 
 
 def resume_trainer(run_dir: Path, epochs: int | None = None, progress: bool = True) -> Trainer:
@@ -87,7 +112,7 @@ def resume_trainer(run_dir: Path, epochs: int | None = None, progress: bool = Tr
     # every process reads the run directory (on several machines: a shared filesystem)
     ctx = distributed.setup(resolve_device(config.device))
     rule, dataset, build_network = resolve(config)
-    trainer = Trainer(config, rule, build_network, dataset, run_dir, progress=progress)
+    trainer = _trainer(config, rule, build_network, dataset, run_dir, progress)
     if (run_dir / CHECKPOINT_FILE).is_file():
         trainer.load(run_dir / CHECKPOINT_FILE)
     if trainer.epoch > config.epochs:
@@ -141,7 +166,7 @@ def add_fid(trainer: Trainer, num: int, weights: str | Path | None = None, batch
     computes and writes it."""
     import json
 
-    from fa_rules.core.fid import rule_fid
+    from fa_rules.measures.fid import rule_fid
     from fa_rules.core.trainer import SUMMARY_FILE
 
     path = Path(trainer.out_dir) / SUMMARY_FILE
@@ -157,7 +182,7 @@ def add_fid(trainer: Trainer, num: int, weights: str | Path | None = None, batch
 
 def check_fid_request(trainer: Trainer, num: int, weights: str | Path | None = None) -> None:
     """Before training: fail now (one line), not after the last epoch, if `--fid` cannot be computed."""
-    from fa_rules.core.fid import resolve_weights
+    from fa_rules.measures.fid import resolve_weights
 
     if trainer.rule.sample is None:
         raise UserError(f"--fid needs a rule that draws samples; '{trainer.config.rule}' does not")

@@ -46,3 +46,10 @@ def plot_angles(history: list[dict], path: Path, title: str = "") -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def draw_run_pictures(trainer) -> None:
+    """The pictures of a finished run: curves.png and, for classifiers, alignment.png."""
+    cfg = trainer.config
+    plot_curves(trainer.history, trainer.out_dir / "curves.png", title=f"{cfg.rule} on {cfg.dataset}")
+    plot_angles(trainer.history, trainer.out_dir / "alignment.png", title=f"{cfg.rule}: update vs backprop")

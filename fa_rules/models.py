@@ -1,4 +1,4 @@
-"""Network builders for the model zoo, all producing the block view of `fa_rules.core.network`.
+"""The model zoo: network builders, all producing the block view of `fa_rules.core.network`.
 
 Every builder has the signature `build(in_shape, out_shape, heads=None, **options) -> Network`.
 `out_shape` is `(num_classes,)` for a classifier, `(latent_dim,)` for an encoder and `(C, H, W)`
@@ -11,8 +11,7 @@ The paper networks follow the appendix of "Feature alignment as a generative pro
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Sequence
 
 from torch import nn
 
@@ -170,23 +169,3 @@ def gan_generator(in_shape, out_shape, heads=None, activation: str = "leaky_relu
         prev = ch
     blocks.append(Block(nn.Conv2d(prev, c, 3, 1, 1), make_activation("sigmoid")))
     return Network(blocks, {}, family="gan_generator", in_shape=in_shape, out_shape=out_shape)
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A registered model family: builder, settings with defaults, and a shape it accepts."""
-
-    name: str
-    build: Callable[..., Network]
-    summary: str
-    options: dict[str, Any] = field(default_factory=dict)
-    example_shape: tuple[int, ...] = (1, 8, 8)
-
-    def make(self, in_shape, out_shape, heads=None, **overrides) -> Network:
-        unknown = set(overrides) - set(self.options)
-        if unknown:
-            raise UserError(
-                f"model '{self.name}' has no option {', '.join(sorted(unknown))} "
-                f"(options: {', '.join(sorted(self.options)) or 'none'})"
-            )
-        return self.build(tuple(in_shape), tuple(out_shape), heads, **{**self.options, **overrides})

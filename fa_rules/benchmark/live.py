@@ -1,0 +1,80 @@
+"""The live progress table of `fa-rules benchmark`."""
+
+from __future__ import annotations
+
+import time
+
+from fa_rules.benchmark.cells import plan_cells
+from fa_rules.benchmark.suite import Suite
+
+class LiveTable:
+    """A Rich live table of every cell: status, epoch, task metric, step time (an `Event` callable)."""
+
+    def __init__(self, suite: Suite, enabled: bool = True):
+        from rich.console import Console
+        from rich.live import Live
+
+        self.cells = plan_cells(suite)
+        self.state = [{"status": "waiting"} for _ in self.cells]
+        self.enabled = enabled
+        self.started: dict[int, float] = {}
+        self.live = Live(self._table(), console=Console(stderr=True), refresh_per_second=2,
+                         transient=False) if enabled else None
+
+    def __enter__(self):
+        if self.live is not None:
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.live is not None:
+            self.live.update(self._table(), refresh=True)
+            self.live.__exit__(*exc)
+        return False
+
+    def __call__(self, kind: str, index: int, payload: dict) -> None:
+        s = self.state[index]
+        if kind == "start":
+            s.update(status="running", epoch=0)
+            self.started[index] = time.perf_counter()
+        elif kind == "epoch":
+            s["epoch"] = payload.get("epoch")
+            s["metric"] = _metric_text(payload)
+        elif kind in ("done", "skip"):
+            s.update(status=payload.get("status", "?") + (" (earlier)" if kind == "skip" else ""),
+                     epoch=payload.get("epochs"), metric=_metric_text(payload),
+                     step=payload.get("step_time_s"), time=payload.get("train_time_s"),
+                     error=payload.get("error"))
+        if self.live is not None:
+            self.live.update(self._table())
+
+    def _table(self):
+        from rich.table import Table
+
+        table = Table(title="benchmark", expand=False)
+        varied = any(c.point for c in self.cells)
+        for col in ("rule", "settings", "seed", "status", "epoch", "metric", "step ms", "time s"):
+            if col != "settings" or varied:
+                table.add_column(col, no_wrap=col in ("rule", "metric"))
+        colors = {"ok": "green", "failed": "red", "diverged": "yellow", "running": "cyan"}
+        for i, (cell, s) in enumerate(zip(self.cells, self.state)):
+            status = s["status"]
+            color = colors.get(status.split()[0], "")
+            elapsed = s.get("time")
+            if status == "running":
+                elapsed = time.perf_counter() - self.started.get(i, time.perf_counter())
+            epochs = f"{s.get('epoch') or 0}/{cell.config.epochs}" if status != "waiting" else ""
+            text = status if not s.get("error") else f"{status}: {s['error'][:60]}"
+            settings = [" ".join(f"{k}={v}" for k, v in cell.point.items())] if varied else []
+            table.add_row(cell.entry.label, *settings, str(cell.seed),
+                          f"[{color}]{text}[/]" if color else text, epochs, s.get("metric", ""),
+                          f"{1e3 * s['step']:.2f}" if s.get("step") else "",
+                          f"{elapsed:.0f}" if elapsed is not None else "")
+        return table
+
+
+def _metric_text(record: dict) -> str:
+    for key, fmt in (("test_accuracy", "acc {:.4f}"), ("test_recon_mse", "mse {:.4g}"), ("fid", "fid {:.2f}")):
+        if isinstance(record.get(key), (int, float)):
+            return fmt.format(record[key])
+    return ""

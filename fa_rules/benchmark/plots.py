@@ -1,0 +1,122 @@
+"""Plots of a suite: learning curves, metric against time, memory against a varied setting."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+from fa_rules.core.trainer import METRICS_FILE
+from fa_rules.benchmark.aggregate import aggregate
+
+_CURVE_METRICS = (("test_accuracy", "test accuracy"), ("test_recon_mse", "test recon MSE"), ("fid", "FID"))
+
+
+def _series_label(r: dict, vkeys: list[str]) -> str:
+    return r["rule"] + "".join(f" {k}={r.get(k)}" for k in vkeys)
+
+
+def _read_history(out_dir: Path, row: dict) -> list[dict]:
+    path = out_dir / row.get("run_dir", "") / METRICS_FILE
+    if not row.get("run_dir") or not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def make_plots(out_dir: Path, rows: list[dict], vkeys=()) -> list[str]:
+    """Learning curves, final metric against step time, memory against each numeric varied setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    written = []
+    for name, draw in (("learning_curves.png", plot_learning_curves), ("metric_vs_step_time.png", plot_metric_vs_time)):
+        fig = draw(out_dir, rows, vkeys, plt)
+        if fig is not None:
+            fig.savefig(out_dir / name, dpi=100)
+            plt.close(fig)
+            written.append(name)
+    for key in vkeys:
+        values = [r.get(key) for r in rows]
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            fig = plot_memory_against(rows, key, vkeys, plt)
+            if fig is not None:
+                fig.savefig(out_dir / f"memory_vs_{key}.png", dpi=100)
+                plt.close(fig)
+                written.append(f"memory_vs_{key}.png")
+    return written
+
+
+def plot_learning_curves(out_dir: Path, rows: list[dict], vkeys, plt):
+    """Task metric per epoch, mean over seeds, one line per rule (and varied setting)."""
+    series: dict[str, dict[str, dict[int, list[float]]]] = {}  # metric -> label -> epoch -> values
+    for r in rows:
+        for record in _read_history(out_dir, r):
+            for metric, _ in _CURVE_METRICS:
+                v = record.get(metric)
+                if isinstance(v, (int, float)) and math.isfinite(v):
+                    by_epoch = series.setdefault(metric, {}).setdefault(_series_label(r, vkeys), {})
+                    by_epoch.setdefault(record["epoch"], []).append(v)
+                    break
+    if not series:
+        return None
+    fig, axes = plt.subplots(1, len(series), figsize=(5.5 * len(series), 3.8), squeeze=False)
+    headings = dict(_CURVE_METRICS)
+    for ax, (metric, lines) in zip(axes[0], series.items()):
+        for label, by_epoch in lines.items():
+            epochs = sorted(by_epoch)
+            ax.plot(epochs, [statistics.fmean(by_epoch[e]) for e in epochs], marker="o", markersize=3, label=label)
+        ax.set(xlabel="epoch", ylabel=headings[metric] + " (mean over seeds)")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize=7)
+    fig.suptitle("learning curves")
+    fig.tight_layout()
+    return fig
+
+
+def plot_metric_vs_time(out_dir: Path, rows: list[dict], vkeys, plt):
+    """Final task metric against median step time, one point per rule (error bars: std over seeds)."""
+    aggs = [a for a in aggregate(rows, vkeys) if a.get("step_time_s") is not None]
+    metrics = [(m, h) for m, h in (("test_error", "test error"), ("test_recon_mse", "test recon MSE"), ("fid", "FID"))
+               if any(a.get(m) is not None for a in aggs)]
+    if not metrics:
+        return None
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5.5 * len(metrics), 3.8), squeeze=False)
+    for ax, (metric, heading) in zip(axes[0], metrics):
+        for a in aggs:
+            if a.get(metric) is None:
+                continue
+            x, y = 1e3 * a["step_time_s"], a[metric]
+            ax.errorbar(x, y, xerr=1e3 * a["step_time_s_std"], yerr=a[metric + "_std"], fmt="o", capsize=3)
+            ax.annotate(_series_label(a, vkeys), (x, y), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ax.set(xlabel="median step time (ms)", ylabel=f"final {heading}")
+    fig.suptitle("final metric against step time")
+    fig.tight_layout()
+    return fig
+
+
+def plot_memory_against(rows: list[dict], key: str, vkeys, plt):
+    """Peak saved-for-backward memory (and CUDA memory, on GPU) against one varied setting."""
+    aggs = aggregate(rows, vkeys)
+    kinds = [(m, h) for m, h in (("peak_saved_bytes", "peak saved for backward (MiB)"),
+                                 ("peak_cuda_bytes", "peak CUDA memory (MiB)")) if any(a.get(m) for a in aggs)]
+    if not kinds:
+        return None
+    others = [k for k in vkeys if k != key]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 3.8), squeeze=False)
+    for ax, (metric, heading) in zip(axes[0], kinds):
+        lines: dict[str, list[tuple]] = {}
+        for a in aggs:
+            if a.get(metric):
+                lines.setdefault(_series_label(a, others), []).append((a[key], a[metric] / 1024**2))
+        for n, (label, points) in enumerate(lines.items()):
+            points.sort()  # rules that save the same bytes overlap: tell them apart by marker and line
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="os^vDP*X"[n % 8],
+                    linestyle=("-", "--", ":", "-.")[n % 4], label=label)
+        ax.set(xlabel=key, ylabel=heading)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"memory against {key}")
+    fig.tight_layout()
+    return fig

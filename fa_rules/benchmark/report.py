@@ -1,0 +1,263 @@
+"""Outputs: results.json / .csv, the Markdown report, the comparison tables, the machine record."""
+
+from __future__ import annotations
+
+import csv
+import datetime
+import io
+import json
+import os
+import platform
+from pathlib import Path
+from typing import Callable
+
+from fa_rules.core.checkpoint import atomic_write_text, write_json
+from fa_rules.core.config import TrainConfig
+from fa_rules.benchmark.aggregate import add_ratios, aggregate
+from fa_rules.benchmark.cells import plan_cells
+from fa_rules.benchmark.plots import make_plots
+from fa_rules.benchmark.suite import (
+    _ROW_HEAD, _ROW_TAIL, MACHINE_JSON, REPORT_MD, RESULTS_CSV, RESULTS_JSON, Suite,
+)
+
+def _csv_text(rows: list[dict], vkeys) -> str:
+    columns = [*_ROW_HEAD, *vkeys, *(c for c in _ROW_TAIL if c not in vkeys)]
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, columns, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: ";".join(f"{x:.4g}" for x in v) if isinstance(v, list) else v
+                         for k, v in r.items() if v is not None})
+    return buffer.getvalue()
+
+
+def machine_description() -> str:
+    import torch
+
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count()
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    parts = [f"{cores} CPU cores ({cpu})", f"torch {torch.__version__}", f"torch threads: {torch.get_num_threads()}",
+             f"python {platform.python_version()}", platform.system()]
+    if torch.cuda.is_available():
+        parts.insert(1, f"GPU {torch.cuda.get_device_name(0)}")
+    return ", ".join(parts)
+
+
+def record_machine(out_dir: Path) -> None:
+    """Add this machine and today's date to DIR/machine.json (kept across resumed runs)."""
+    path = Path(out_dir) / MACHINE_JSON
+    info = json.loads(path.read_text()) if path.is_file() else {"machines": [], "first_run": None}
+    desc = machine_description()
+    if desc not in info["machines"]:
+        info["machines"].append(desc)
+    today = datetime.date.today().isoformat()
+    info["first_run"] = info["first_run"] or today
+    info["last_run"] = today
+    write_json(path, info)
+
+
+def _machine_info(out_dir: Path) -> dict | None:
+    path = Path(out_dir) / MACHINE_JSON
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_outputs(suite: Suite, out_dir: Path, rows: list[dict], plots: bool = True,
+                  command: str | None = None) -> list[str]:
+    """results.json, results.csv, report.md (and the plots) from `rows`; returns plot file names."""
+    vkeys = list(suite.vary)
+    rows = add_ratios(rows, suite.reference, vkeys)
+    write_json(out_dir / RESULTS_JSON, rows)
+    atomic_write_text(out_dir / RESULTS_CSV, _csv_text(rows, vkeys))
+    plot_files = []
+    if plots:
+        try:
+            plot_files = make_plots(out_dir, rows, vkeys)
+        except ImportError:  # matplotlib is a dependency; a missing plot never loses results
+            plot_files = []
+    else:  # keep the names of plots drawn earlier, so the report mentions them
+        plot_files = sorted(p.name for p in out_dir.glob("*.png"))
+    report = render_report(suite, rows, plot_files, command=command, machine=_machine_info(out_dir))
+    atomic_write_text(out_dir / REPORT_MD, report)
+    return plot_files
+
+
+def write_report_copy(suite: Suite, out_dir: Path, path: Path, command: str | None = None) -> None:
+    """The report of `out_dir` written to `path` too (plots listed by name, not embedded)."""
+    rows = json.loads((Path(out_dir) / RESULTS_JSON).read_text())
+    plots = sorted(p.name for p in Path(out_dir).glob("*.png"))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, render_report(suite, rows, plots, command=command, machine=_machine_info(out_dir),
+                                          embed_plots=False))
+
+
+def _pm(mean, std, n, fmt) -> str:
+    if mean is None:
+        return ""
+    text = fmt(mean)
+    return f"{text} ± {fmt(std)}" if n and n > 1 else text
+
+
+def _column_specs(aggs: list[dict], suite: Suite) -> list[tuple[str, str, Callable]]:
+    """(metric, heading, formatter) for the metrics some group has."""
+    mib = 1024 ** 2
+    ref = suite.reference or "reference"
+    specs = [
+        ("test_error", "test error %", lambda v: f"{100 * v:.2f}"),
+        ("test_recon_mse", "recon MSE", lambda v: f"{v:.4g}"),
+        ("fid", "FID", lambda v: f"{v:.2f}"),
+        ("probe_accuracy", "probe acc %", lambda v: f"{100 * v:.2f}"),
+        ("alignment_angle_deg", "angle to BP °", lambda v: f"{v:.1f}"),
+        ("step_time_s", "step ms", lambda v: f"{1e3 * v:.2f}"),
+        ("step_time_ratio", f"step × {ref}", lambda v: f"{v:.2f}"),
+        ("peak_saved_bytes", "saved MiB", lambda v: f"{v / mib:.2f}"),
+        ("peak_saved_ratio", f"saved × {ref}", lambda v: f"{v:.2f}"),
+        ("peak_cuda_bytes", "CUDA MiB", lambda v: f"{v / mib:.1f}"),
+        ("peak_cuda_ratio", f"CUDA × {ref}", lambda v: f"{v:.2f}"),
+        ("params", "params", lambda v: f"{v:,.0f}"),
+        ("params_total", "params, all groups", lambda v: f"{v:,.0f}"),
+        ("time_per_sample_s", "ms / sample", lambda v: f"{1e3 * v:.3f}"),
+    ]
+    shown = [s for s in specs if any(a.get(s[0]) is not None for a in aggs) or s[0] in suite.anchors]
+    if "params_total" not in suite.anchors and all(a.get("params_total") == a.get("params") for a in aggs):
+        shown = [s for s in shown if s[0] != "params_total"]  # no rule owns extra parameter groups
+    return shown
+
+
+def comparison_cells(suite: Suite, rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """Heading and text cells of the comparison: mean ± std over seeds, anchors beside our numbers."""
+    vkeys = list(suite.vary)
+    rows = add_ratios(rows, suite.reference, vkeys)
+    aggs = aggregate(rows, vkeys)
+    specs = _column_specs(aggs, suite)
+    head = ["rule", *vkeys]
+    for metric, heading, _ in specs:
+        head.append(heading)
+        if metric in suite.anchors:
+            head.append(f"{heading} (anchor)")
+    head += ["seeds ok", "notes"]
+    body = []
+    by_label = {e.label: e for e in suite.rules}
+    for a in aggs:
+        cells = [a["rule"], *(str(a.get(k)) for k in vkeys)]
+        for metric, _, fmt in specs:
+            exact = metric in ("params", "params_total")  # the same for every seed
+            cells.append(_pm(a.get(metric), a.get(metric + "_std"), 1 if exact else a.get(metric + "_n"), fmt))
+            if metric in suite.anchors:
+                v = suite.anchors[metric]["values"].get(a["rule"])
+                cells.append(fmt(v) if v is not None else "")
+        notes = list(a["errors"])
+        entry = by_label.get(a["rule"])
+        if entry is not None and (entry.options or entry.overrides or entry.name != entry.label):
+            bits = [f"rule {entry.name}"] if entry.name != entry.label else []
+            bits += [f"{k}={v}" for k, v in {**entry.options, **entry.overrides}.items()]
+            notes.insert(0, ", ".join(bits))
+        cells += [f"{a['ok']}/{a['seeds']}", "; ".join(notes)]
+        body.append(cells)
+    return head, body
+
+
+def comparison_table(suite: Suite, rows: list[dict]) -> str:
+    """The comparison as a markdown table."""
+    head, body = comparison_cells(suite, rows)
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |" for cells in body]
+    return "\n".join(lines)
+
+
+def comparison_rich(suite: Suite, rows: list[dict]):
+    """The comparison as a Rich table (for the terminal)."""
+    from rich.table import Table
+
+    head, body = comparison_cells(suite, rows)
+    table = Table(title=f"benchmark {suite.name}")
+    for h in head:
+        table.add_column(h, no_wrap=h == "rule")
+    for cells in body:
+        table.add_row(*cells)
+    return table
+
+
+def _settings_line(suite: Suite) -> str:
+    s = {**TrainConfig().to_dict(), **suite.settings}
+    model_options = ", ".join(f"{k}={v}" for k, v in s.get("model_options", {}).items())
+    opt = f"{s['optimizer']} lr {s['lr']}" + (f" momentum {s['momentum']}" if s["optimizer"] == "sgd" else "")
+    if s["weight_decay"]:
+        opt += f" weight decay {s['weight_decay']}"
+    text = (f"dataset `{s['dataset']}`, model `{s['model']}`" + (f" ({model_options})" if model_options else "")
+            + f", epochs {s['epochs']}, batch size {s['batch_size']}, {opt}, "
+            f"seeds {', '.join(map(str, suite.seeds))}, device {s['device']}")
+    if suite.vary:
+        text += "; varied: " + "; ".join(f"{k} in {v}" for k, v in suite.vary.items())
+    return text
+
+
+def render_report(suite: Suite, rows: list[dict], plot_files: list[str], command: str | None = None,
+                  machine: dict | None = None, embed_plots: bool = True) -> str:
+    total = sum(r.get("train_time_s") or 0.0 for r in rows)
+    if machine is None:
+        today = datetime.date.today().isoformat()
+        machine = {"machines": [machine_description()], "first_run": today, "last_run": today}
+    dates = machine["first_run"] if machine["first_run"] == machine["last_run"] else \
+        f"{machine['first_run']} to {machine['last_run']}"
+    out = [f"# Benchmark: {suite.name}", ""]
+    if suite.description:
+        out += [suite.description, ""]
+    out += [
+        f"- machine{'s' if len(machine['machines']) > 1 else ''}: {'; '.join(machine['machines'])}",
+        f"- run: {dates}; cells finished: {len(rows)} of {len(plan_cells(suite))}; "
+        f"time in cells: {total / 60:.1f} min",
+        f"- settings: {_settings_line(suite)}",
+        "- every rule of a seed starts from the same initial weights, sees the same data order and "
+        "uses the same optimiser settings",
+    ]
+    if suite.source:
+        out.append(f"- suite file: `{suite.source}`" + (" (quick form)" if suite.quick else ""))
+    if command:
+        out.append(f"- command: `{command}`")
+    if suite.reference:
+        out.append(f"- ratios (×): per seed against `{suite.reference}` with the same seed and settings, "
+                   "then mean ± std over seeds")
+    else:
+        out.append("- ratios: none (the suite has no reference rule)")
+    out += ["", "Mean ± std over seeds. Test error = 1 − test accuracy; the angle is the mean over blocks of "
+            "the angle between the rule's update and the backprop gradient on a fixed batch; step time is the "
+            "median per training step; saved MiB is the peak of tensors saved for backward in one step.", ""]
+    out += [comparison_table(suite, rows), ""]
+    for metric, anchor in suite.anchors.items():
+        note = f" {anchor['note']}" if anchor.get("note") else ""
+        out.append(f"Anchors for {metric}: {anchor['source']}.{note}")
+    if suite.anchors:
+        out.append("")
+    problems = [r for r in rows if r.get("status") != "ok"]
+    noted = [r for r in rows if r.get("notes")]
+    if problems or noted:
+        out += ["## Failures and notes", ""]
+        for r in problems:
+            out.append(f"- `{r['rule']}` seed {r['seed']}{_point_text(r, suite)}: {r['status']}: {r['error']}")
+        for r in noted:
+            out.append(f"- `{r['rule']}` seed {r['seed']}{_point_text(r, suite)}: {r['notes']}")
+        out.append("")
+    if plot_files:
+        out += ["## Plots", ""]
+        for name in plot_files:
+            out.append(f"![{name}]({name})" if embed_plots else f"- `{name}` (in the output directory)")
+        out.append("")
+    out += ["Every row (one per rule, seed and setting) is in `results.json` and `results.csv`; each cell's run "
+            "directory is under `runs/`.", ""]
+    return "\n".join(out)
+
+
+def _point_text(r: dict, suite: Suite) -> str:
+    extra = [f"{k}={r.get(k)}" for k in suite.vary]
+    return f" ({', '.join(extra)})" if extra else ""

@@ -1,0 +1,193 @@
+"""Cells and the runner: one training run per (rule, seed, varied settings), resumable."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+from fa_rules.core.checkpoint import write_json
+from fa_rules.core.errors import UserError
+from fa_rules.core.trainer import CONFIG_FILE, Diverged
+from fa_rules.benchmark.cells import Cell, plan_cells
+from fa_rules.benchmark.report import record_machine, write_outputs
+from fa_rules.benchmark.suite import CELL_FILE, ROW_FILE, RUNS_DIR, SUITE_JSON, Suite
+from fa_rules.measures.run import measure_fid, measure_probe, time_per_sample
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    msg = text[0] if text else ""
+    return msg if isinstance(e, (UserError, Diverged)) else f"{type(e).__name__}: {msg}".rstrip(": ")
+
+
+def _base_row(cell: Cell, run_dir: Path, root: Path) -> dict:
+    row = {"rule": cell.entry.label, "rule_name": cell.entry.name, "seed": cell.seed, **cell.point,
+           "status": None, "error": None, "notes": None, "dataset": cell.config.dataset,
+           "model": cell.config.model, "epochs": cell.config.epochs}
+    row["run_dir"] = run_dir.relative_to(root).as_posix() if run_dir.is_relative_to(root) else str(run_dir)
+    return row
+
+
+def _from_summary(summary: dict) -> dict:
+    out = {k: summary.get(k) for k in ("task", "test_accuracy", "test_loss", "test_recon_mse", "fid",
+                                        "probe_accuracy", "step_time_s", "peak_saved_bytes", "peak_cuda_bytes",
+                                        "params", "epochs")}
+    out["model"] = summary.get("model")
+    if out["test_accuracy"] is not None:
+        out["test_error"] = 1.0 - out["test_accuracy"]
+    out["params_total"] = sum(summary.get("params_by_group", {}).values()) or summary.get("params")
+    angles = summary.get("alignment_angle_deg")
+    if angles:
+        out["alignment_angle_per_block_deg"] = list(angles)
+        out["alignment_angle_deg"] = statistics.fmean(angles)
+    out["train_loss"] = summary.get("train_loss")
+    return {k: v for k, v in out.items() if v is not None}
+
+
+
+def _extras(trainer, run_dir: Path, measure: dict, row: dict) -> None:
+    """Measurements beyond the trainer's summary; a failing one leaves a note, not a failed cell."""
+    notes = []
+
+    def attempt(what, fn):
+        try:
+            return fn()
+        except KeyboardInterrupt:
+            raise
+        except ImportError as e:
+            notes.append(f"{what}: not available in this installation ({e.name or e})")
+        except Exception as e:
+            notes.append(f"{what}: {_first_line(e)}")
+        return None
+
+    generative = trainer.rule.sample is not None
+    if generative:
+        row["time_per_sample_s"] = attempt(
+            "time per sample", lambda: time_per_sample(trainer, measure["sample_batch"], measure["sample_repeats"]))
+    if measure["fid"] and generative and row.get("fid") is None:
+        row["fid"] = attempt("fid", lambda: measure_fid(trainer, measure["fid_samples"]))
+    if measure["probe"] and row.get("probe_accuracy") is None:
+        row["probe_accuracy"] = attempt("probe", lambda: measure_probe(trainer))
+    for key in ("time_per_sample_s", "fid", "probe_accuracy"):
+        if row.get(key) is None:
+            row.pop(key, None)
+    row["notes"] = "; ".join(notes) or None
+
+
+def run_cell(cell: Cell, run_dir: Path, root: Path, measure: dict, on_epoch: Callable | None = None) -> dict:
+    """Train one cell (or continue its interrupted run) and return its row; never raises for a rule's
+    failure or divergence (the row says why). KeyboardInterrupt passes through."""
+    from fa_rules.runs import new_trainer, resume_trainer
+
+    row = _base_row(cell, run_dir, root)
+    start = time.perf_counter()
+    trainer, earlier = None, 0.0
+    try:
+        if (run_dir / CONFIG_FILE).is_file():  # interrupted earlier: continue from the last epoch
+            trainer = resume_trainer(run_dir, cell.config.epochs, progress=False)
+            earlier = sum(h.get("epoch_time_s") or 0.0 for h in trainer.history)  # time spent before
+        else:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            trainer = new_trainer(copy.deepcopy(cell.config), run_dir, progress=False)
+        if on_epoch is not None:
+            save = trainer.save
+
+            def save_and_report():  # the trainer saves once per epoch: report progress there
+                save()
+                on_epoch(trainer.epoch, trainer.history[-1])
+
+            trainer.save = save_and_report
+        summary = trainer.run()
+    except KeyboardInterrupt:
+        raise
+    except Diverged as e:
+        row.update(status="diverged", error=_first_line(e))
+        if trainer is not None and trainer.history:
+            row["train_loss"] = trainer.history[-1].get("train_loss")
+    except Exception as e:  # a broken or unknown rule must not stop the suite
+        row.update(status="failed", error=_first_line(e))
+    else:
+        row.update(_from_summary(summary))
+        row["status"] = "ok"
+        _extras(trainer, run_dir, measure, row)
+    row["train_time_s"] = earlier + time.perf_counter() - start
+    return row
+
+
+def check_cell_dir(run_dir: Path, cell: Cell) -> None:
+    """A cell directory from an earlier run must hold this cell's settings (else a one-line error)."""
+    cell_file = run_dir / CELL_FILE
+    if not cell_file.is_file():
+        return
+    stored = json.loads(cell_file.read_text())
+    wanted = cell.config.to_dict()
+    for k in sorted(set(stored) | set(wanted)):
+        if k != "data_dir" and stored.get(k) != wanted.get(k):
+            raise UserError(
+                f"{run_dir} was run with {k}={stored.get(k)!r}, this suite asks for {wanted.get(k)!r}; "
+                f"use another --out (or delete {run_dir})")
+
+
+def _load_cell(run_dir: Path, cell: Cell, root: Path) -> dict | None:
+    """The finished row of a cell; None if it must run, continue, or be retried after a failure."""
+    row_file = run_dir / ROW_FILE
+    if not row_file.is_file():
+        return None
+    row = json.loads(row_file.read_text())
+    if row.get("status") == "failed":  # retried: the rule may have been installed or fixed since
+        shutil.rmtree(run_dir)
+        return None
+    row["run_dir"] = run_dir.relative_to(root).as_posix()
+    return row
+
+
+Event = Callable[[str, int, dict], None]  # (kind, cell index, payload)
+
+
+def run_suite(suite: Suite, out_dir: Path, on_event: Event | None = None, command: str | None = None) -> list[dict]:
+    """Run (or finish) every cell of `suite` into `out_dir`; write results, report and plots.
+
+    Events: ("skip", i, row), ("start", i, {}), ("epoch", i, record), ("done", i, row).
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cells = plan_cells(suite)
+    write_json(out_dir / SUITE_JSON, {**suite.to_dict(), "cells": len(cells)})
+    emit = on_event or (lambda *a: None)
+    rows: dict[int, dict] = {}
+    recorded = False
+
+    def save_all(plots: bool) -> None:
+        ordered = [rows[i] for i in sorted(rows)]
+        write_outputs(suite, out_dir, ordered, plots=plots, command=command)
+
+    for cell in cells:  # before anything runs or is rewritten
+        check_cell_dir(out_dir / RUNS_DIR / cell.dirname, cell)
+    try:
+        for i, cell in enumerate(cells):
+            run_dir = out_dir / RUNS_DIR / cell.dirname
+            row = _load_cell(run_dir, cell, out_dir)
+            if row is not None:
+                rows[i] = row
+                emit("skip", i, row)
+                continue
+            if not recorded:  # the report names the machine(s) that trained the cells, not the renderer
+                record_machine(out_dir)
+                recorded = True
+            run_dir.mkdir(parents=True, exist_ok=True)
+            write_json(run_dir / CELL_FILE, cell.config.to_dict())
+            emit("start", i, {})
+            row = run_cell(cell, run_dir, out_dir, suite.measure,
+                           on_epoch=lambda epoch, record, _i=i: emit("epoch", _i, record))
+            write_json(run_dir / ROW_FILE, row)
+            rows[i] = row
+            emit("done", i, row)
+            save_all(plots=False)
+    finally:  # also on Ctrl-C: every finished row is kept, plots drawn
+        if rows:
+            save_all(plots=True)
+    return [rows[i] for i in sorted(rows)]

@@ -1,0 +1,318 @@
+"""Suites: parse and check a TOML suite (or the flags of `fa-rules benchmark`)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fa_rules.core.errors import UserError
+from fa_rules.core.config import TrainConfig
+
+RESULTS_JSON, RESULTS_CSV, REPORT_MD, SUITE_JSON = "results.json", "results.csv", "report.md", "suite.json"
+RUNS_DIR, ROW_FILE, CELL_FILE, MACHINE_JSON = "runs", "row.json", "cell.json", "machine.json"
+
+# TrainConfig fields a suite may set in [settings] (rule and seed come from the suite itself)
+_SETTING_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"rule", "seed", "rule_options"}
+_PER_RULE_KEYS = {"name", "label", "options", "model", "model_options", "group_lr", "latent_dim"}
+_TOP_KEYS = {"name", "description", "rules", "seeds", "reference", "settings", "vary", "measure", "anchors", "quick"}
+_QUICK_KEYS = {"rules", "seeds", "settings", "vary", "measure", "description"}
+MEASURE_DEFAULTS = {"probe": False, "fid": True, "fid_samples": 10000, "sample_batch": 1, "sample_repeats": 20}
+_LABEL = re.compile(r"^[A-Za-z0-9_.+-]+$")
+
+# row metrics that aggregate as mean +- std over seeds, in report order
+METRICS = (
+    "test_accuracy", "test_error", "test_loss", "test_recon_mse", "fid", "probe_accuracy",
+    "alignment_angle_deg", "step_time_s", "step_time_ratio", "peak_saved_bytes", "peak_saved_ratio",
+    "peak_cuda_bytes", "peak_cuda_ratio", "params", "params_total", "time_per_sample_s", "train_loss",
+    "train_time_s",
+)
+# metrics a suite may give published anchors for (each has a column in the comparison)
+ANCHORABLE = ("test_error", "test_recon_mse", "fid", "probe_accuracy", "alignment_angle_deg", "step_time_s",
+              "peak_saved_bytes", "peak_cuda_bytes", "params", "params_total", "time_per_sample_s")
+RATIOS = {"step_time_s": "step_time_ratio", "peak_saved_bytes": "peak_saved_ratio", "peak_cuda_bytes": "peak_cuda_ratio"}
+_ROW_HEAD = ("rule", "rule_name", "seed")
+_ROW_TAIL = ("status", "error", "notes", "task", "dataset", "model", "epochs", *METRICS,
+             "alignment_angle_per_block_deg", "run_dir")
+
+
+@dataclass(frozen=True)
+class RuleEntry:
+    """One rule of a suite: registered name, unique label, rule options and per-rule settings."""
+
+    name: str
+    label: str
+    options: dict = field(default_factory=dict)
+    overrides: dict = field(default_factory=dict)  # model, model_options, group_lr, latent_dim
+
+
+@dataclass
+class Suite:
+    name: str
+    rules: list[RuleEntry]
+    seeds: list[int]
+    settings: dict
+    vary: dict[str, list] = field(default_factory=dict)
+    reference: str | None = "backprop"
+    measure: dict = field(default_factory=lambda: dict(MEASURE_DEFAULTS))
+    anchors: dict[str, dict] = field(default_factory=dict)  # metric -> {"source": str, "values": {label: v}}
+    description: str = ""
+    source: str | None = None  # the suite file, if any
+    quick: bool = False
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _err(where: str, message: str) -> UserError:
+    return UserError(f"{where}: {message}")
+
+
+def _read_toml(path: Path) -> dict:
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # python 3.10
+        try:
+            import tomli as tomllib
+        except ModuleNotFoundError:
+            raise UserError("reading suite files needs python >= 3.11 or the 'tomli' package") from None
+    if not path.is_file():
+        raise UserError(f"suite file {path} does not exist")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise _err(str(path), f"not valid TOML ({e})") from None
+
+
+def _merge(base: dict, over: dict) -> dict:
+    """`over` merged into a copy of `base`, tables recursively."""
+    out = copy.deepcopy(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else copy.deepcopy(v)
+    return out
+
+
+def _seeds(value, where: str) -> list[int]:
+    if isinstance(value, bool):
+        raise _err(where, "seeds must be a count or a list of integers")
+    if isinstance(value, int):
+        if value < 1:
+            raise _err(where, f"seeds must be >= 1, got {value}")
+        return list(range(value))
+    if isinstance(value, list) and value and all(isinstance(s, int) and not isinstance(s, bool) for s in value):
+        if len(set(value)) != len(value):
+            raise _err(where, f"seeds repeat: {value}")
+        return list(value)
+    raise _err(where, f"seeds must be a count or a non-empty list of integers, got {value!r}")
+
+
+def _rule_entries(value, where: str) -> list[RuleEntry]:
+    if not isinstance(value, list) or not value:
+        raise _err(where, "'rules' must be a non-empty list of rule names or tables")
+    entries = []
+    for item in value:
+        if isinstance(item, str):
+            item = {"name": item}
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str) or not item["name"]:
+            raise _err(where, f"a rule must be a name or a table with 'name', got {item!r}")
+        unknown = set(item) - _PER_RULE_KEYS
+        if unknown:
+            key = sorted(unknown)[0]
+            why = (" (optimiser settings are shared by every rule; set it in [settings])"
+                   if key in _SETTING_FIELDS else "")
+            raise _err(where, f"rule '{item['name']}' has unknown key '{key}'{why}; "
+                              f"allowed: {', '.join(sorted(_PER_RULE_KEYS))}")
+        label = item.get("label", item["name"])
+        if not isinstance(label, str) or not _LABEL.match(label):
+            raise _err(where, f"rule label {label!r} must be letters, digits and _ . + - only")
+        for key in ("options", "model_options", "group_lr"):
+            if key in item and not isinstance(item[key], dict):
+                raise _err(where, f"rule '{label}': '{key}' must be a table")
+        if "model" in item.get("group_lr", {}):
+            raise _err(where, f"rule '{label}': group_lr may not set the 'model' group (shared by every rule)")
+        overrides = {k: item[k] for k in ("model", "model_options", "group_lr", "latent_dim") if k in item}
+        entries.append(RuleEntry(item["name"], label, dict(item.get("options", {})), overrides))
+    labels = [e.label for e in entries]
+    dup = sorted({lab for lab in labels if labels.count(lab) > 1})
+    if dup:
+        raise _err(where, f"rule label '{dup[0]}' appears twice; give one of them a distinct 'label'")
+    return entries
+
+
+def _model_options(model: str) -> dict:
+    from fa_rules.plugins.manager import get_registry
+
+    return get_registry().model(model).options
+
+
+def _check_type(key: str, value, where: str) -> None:
+    default = getattr(TrainConfig(), key)
+    ok = {
+        bool: lambda v: isinstance(v, bool),
+        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+        str: lambda v: isinstance(v, str),
+        dict: lambda v: isinstance(v, dict),
+    }
+    if default is None:  # data_dir
+        good = value is None or isinstance(value, str)
+        kind = "a string"
+    else:
+        good = ok[type(default)](value)
+        kind = {int: "an integer", float: "a number", str: "a string", dict: "a table", bool: "true or false"}[type(default)]
+    if not good:
+        raise _err(where, f"setting '{key}' must be {kind}, got {value!r}")
+
+
+def _split_settings(raw: dict, where: str) -> dict:
+    """[settings] -> TrainConfig keyword arguments; keys that are no field must be model options."""
+    if not isinstance(raw, dict):
+        raise _err(where, "[settings] must be a table")
+    settings = {k: v for k, v in raw.items() if k in _SETTING_FIELDS}
+    for k, v in settings.items():
+        _check_type(k, v, where)
+    extra = {k: v for k, v in raw.items() if k not in _SETTING_FIELDS}
+    model = settings.get("model", TrainConfig().model)
+    known = _model_options(model)
+    for k in extra:
+        if k not in known:
+            raise _err(where, f"unknown setting '{k}' (neither a training setting nor an option of model "
+                              f"'{model}': {', '.join(sorted(known)) or 'none'})")
+    if extra:
+        settings["model_options"] = {**settings.get("model_options", {}), **extra}
+    return settings
+
+
+def _vary(raw: dict, settings: dict, where: str) -> dict[str, list]:
+    if not isinstance(raw, dict):
+        raise _err(where, "[vary] must be a table of lists")
+    model = settings.get("model", TrainConfig().model)
+    known = _model_options(model)
+    out = {}
+    for k, values in raw.items():
+        if not isinstance(values, list) or not values:
+            raise _err(where, f"[vary] {k} must be a non-empty list")
+        if k in _SETTING_FIELDS and k not in ("model_options", "group_lr"):
+            for v in values:
+                _check_type(k, v, where)
+        elif k not in known:
+            raise _err(where, f"[vary] '{k}' is neither a training setting nor an option of model '{model}'")
+        if len(set(map(repr, values))) != len(values):
+            raise _err(where, f"[vary] {k} repeats a value: {values}")
+        out[k] = list(values)
+    return out
+
+
+def _anchors(raw: dict, labels: list[str], where: str) -> dict[str, dict]:
+    if not isinstance(raw, dict):
+        raise _err(where, "[anchors] must hold tables [anchors.<metric>]")
+    out = {}
+    for metric, table in raw.items():
+        if metric not in ANCHORABLE:
+            raise _err(where, f"[anchors.{metric}]: unknown metric (use one of {', '.join(ANCHORABLE)})")
+        if not isinstance(table, dict):
+            raise _err(where, f"[anchors.{metric}] must be a table of label = value")
+        values = {}
+        for label, v in table.items():
+            if label in ("source", "note"):
+                continue
+            if label not in labels:
+                raise _err(where, f"[anchors.{metric}] names '{label}', which is no rule label of the suite")
+            if not isinstance(v, (int, float)) or isinstance(v, bool):
+                raise _err(where, f"[anchors.{metric}] {label} must be a number, got {v!r}")
+            values[label] = float(v)
+        out[metric] = {"source": str(table.get("source", "")), "note": str(table.get("note", "")), "values": values}
+    return out
+
+
+def _measure(raw: dict, where: str) -> dict:
+    if not isinstance(raw, dict):
+        raise _err(where, "[measure] must be a table")
+    out = dict(MEASURE_DEFAULTS)
+    for k, v in raw.items():
+        if k not in MEASURE_DEFAULTS:
+            raise _err(where, f"[measure] has no setting '{k}' (known: {', '.join(MEASURE_DEFAULTS)})")
+        if type(v) is not type(MEASURE_DEFAULTS[k]) or (isinstance(v, int) and not isinstance(v, bool) and v < 1):
+            raise _err(where, f"[measure] {k} must be like {MEASURE_DEFAULTS[k]!r}, got {v!r}")
+        out[k] = v
+    return out
+
+
+def suite_from_dict(data: dict, where: str = "suite", quick: bool = False, default_name: str = "suite") -> Suite:
+    """Validate a parsed suite (see the module docstring); every mistake is one UserError line."""
+    unknown = set(data) - _TOP_KEYS
+    if unknown:
+        raise _err(where, f"unknown key '{sorted(unknown)[0]}' (known: {', '.join(sorted(_TOP_KEYS))})")
+    quick_part = data.get("quick", {})
+    if not isinstance(quick_part, dict) or set(quick_part) - _QUICK_KEYS:
+        raise _err(where, f"[quick] may only hold {', '.join(sorted(_QUICK_KEYS))}")
+    if quick:
+        data = _merge({k: v for k, v in data.items() if k != "quick"}, quick_part)
+    if "rules" not in data:
+        raise _err(where, "no 'rules' given")
+    name = data.get("name", default_name)
+    if not isinstance(name, str) or not _LABEL.match(name):
+        raise _err(where, f"suite name {name!r} must be letters, digits and _ . + - only")
+    rules = _rule_entries(data["rules"], where)
+    settings = _split_settings(data.get("settings", {}), where)
+    labels = [e.label for e in rules]
+    reference = data.get("reference", "backprop")
+    if not isinstance(reference, str):
+        raise _err(where, "reference must be a rule label")
+    if reference not in labels:
+        if "reference" in data:
+            raise _err(where, f"reference '{reference}' is no rule label of the suite ({', '.join(labels)})")
+        reference = None  # no backprop in the suite: ratios stay empty
+    return Suite(
+        name=name + ("-quick" if quick else ""),
+        rules=rules,
+        seeds=_seeds(data.get("seeds", 1), where),
+        settings=settings,
+        vary=_vary(data.get("vary", {}), settings, where),
+        reference=reference,
+        measure=_measure(data.get("measure", {}), where),
+        anchors=_anchors(data.get("anchors", {}), labels, where),
+        description=str(data.get("description", "")).strip(),
+        quick=quick,
+    )
+
+
+def safe_name(text: str) -> str:
+    """`text` with every character a suite name or label may not hold replaced by `_`."""
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", text)
+
+
+def load_suite(path: Path, quick: bool = False) -> Suite:
+    path = Path(path)
+    suite = suite_from_dict(_read_toml(path), str(path), quick=quick, default_name=path.stem)
+    suite.source = path.as_posix()
+    return suite
+
+
+def select_rules(suite: Suite, labels: list[str]) -> Suite:
+    """The suite restricted to some of its rule labels (in the suite's order)."""
+    known = [e.label for e in suite.rules]
+    for lab in labels:
+        if lab not in known:
+            raise UserError(f"--rules names '{lab}', which is not in suite '{suite.name}' ({', '.join(known)})")
+    suite = copy.deepcopy(suite)
+    suite.rules = [e for e in suite.rules if e.label in labels]
+    if suite.reference not in labels:
+        suite.reference = None
+    suite.anchors = {m: {**a, "values": {k: v for k, v in a["values"].items() if k in labels}}
+                     for m, a in suite.anchors.items()}
+    return suite
+
+
+def override_settings(suite: Suite, settings: dict, seeds: list[int] | None = None) -> Suite:
+    """Command-line settings (flat: training settings and model options) over a suite's."""
+    suite = copy.deepcopy(suite)
+    flat = {k: v for k, v in suite.settings.items() if k != "model_options"}
+    flat.update(suite.settings.get("model_options", {}))
+    flat.update(settings)
+    suite.settings = _split_settings(flat, "command line")
+    if seeds is not None:
+        suite.seeds = _seeds(seeds, "command line")
+    return suite

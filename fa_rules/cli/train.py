@@ -1,0 +1,96 @@
+"""`fa-rules train`: train a model with a rule into a run directory (thin; the work is in fa_rules.runs)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.table import Table
+
+from fa_rules.cli.common import out, parse_pairs, parse_value, registry
+from fa_rules.core.errors import UserError
+
+
+def train(
+    rule: str = typer.Option("backprop", "--rule", "-r", help="Credit-assignment rule (see `fa-rules rules`)."),
+    dataset: str = typer.Option("digits", "--dataset", "-d", help="Dataset (see `fa-rules datasets`)."),
+    model: str = typer.Option("mlp", "--model", "-m", help="Model family (see `fa-rules models`)."),
+    depth: Optional[int] = typer.Option(None, help="mlp: number of hidden blocks."),
+    width: Optional[int] = typer.Option(None, help="mlp: units per hidden block."),
+    activation: Optional[str] = typer.Option(None, help="tanh, relu, leaky_relu or asinh."),
+    latent_dim: int = typer.Option(32, help="Latent size for reconstruct / generate rules."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs in total (default 20; with --resume: continue to this)."),
+    batch_size: int = typer.Option(64, help="Examples per training step."),
+    lr: float = typer.Option(1e-3, help="Learning rate of every parameter group."),
+    group_lr: list[str] = typer.Option([], "--group-lr", help="GROUP=LR for one parameter group (repeatable)."),
+    optimizer: str = typer.Option("adam", help="adam or sgd."),
+    momentum: float = typer.Option(0.9, help="sgd momentum."),
+    weight_decay: float = typer.Option(0.0, help="Weight decay of the optimiser."),
+    lr_schedule: str = typer.Option(
+        "constant", help="constant, or cosine: every group's rate decays to 0 over the run's --epochs."
+    ),
+    opt: list[str] = typer.Option([], "--opt", "-o", help="KEY=VALUE rule setting (repeatable; see `fa-rules rules`)."),
+    seed: int = typer.Option(0, help="Seed for initialisation, rule randomness and data order."),
+    device: str = typer.Option("auto", help="auto (CUDA when present), cpu, cuda or cuda:N."),
+    data_dir: Optional[str] = typer.Option(None, help="Where datasets live (else $FA_RULES_DATA_DIR or ~/.cache/fa-rules/data)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run directory (default: a new one under runs/)."),
+    resume: Optional[Path] = typer.Option(None, help="Continue the run in this directory."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+    fid: int = typer.Option(0, "--fid", help="Generative rules: FID of N samples vs N test images at the end (0: none)."),
+    fid_weights: Optional[Path] = typer.Option(
+        None, "--fid-weights", help="Inception weights for --fid (else $FA_RULES_FID_WEIGHTS or torch hub's cache)."
+    ),
+):
+    """Train a model with a credit-assignment rule; writes a run directory."""
+    from fa_rules.core.config import TrainConfig
+    from fa_rules.runs import new_trainer, resume_trainer
+
+    plugins = registry()
+    if fid:  # missing Inception weights fail before a run directory is made
+        from fa_rules.measures.fid import resolve_weights
+
+        resolve_weights(fid_weights)
+    if resume is not None:
+        trainer = resume_trainer(resume, epochs, progress=not quiet)
+    else:
+        rule_spec = plugins.rule(rule)
+        model_spec = plugins.model(model)
+        model_options = {k: v for k, v in (("depth", depth), ("width", width), ("activation", activation)) if v is not None}
+        unknown = set(model_options) - set(model_spec.options)
+        if unknown:
+            raise UserError(f"model '{model}' has no setting --{', --'.join(sorted(unknown))}")
+        rule_options = {
+            k: parse_value(v, rule_spec.options.get(k, ""), f"--opt {k}") for k, v in parse_pairs(opt, "--opt").items()
+        }
+        config = TrainConfig(
+            rule=rule, dataset=dataset, model=model, rule_options=rule_options, model_options=model_options,
+            latent_dim=latent_dim, epochs=20 if epochs is None else epochs, batch_size=batch_size, lr=lr,
+            group_lr={k: parse_value(v, 0.0, f"--group-lr {k}") for k, v in parse_pairs(group_lr, "--group-lr").items()},
+            optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, lr_schedule=lr_schedule, seed=seed,
+            device=device, data_dir=data_dir,
+        )
+        trainer = new_trainer(config, out_dir, progress=not quiet)
+    if fid:  # FID at the end of training: checked first, computed after the run (plugins.experiment)
+        from fa_rules.runs import add_fid, check_fid_request
+
+        check_fid_request(trainer, fid, fid_weights)
+    summary = trainer.run()
+    if fid:
+        summary = add_fid(trainer, fid, fid_weights)
+    if trainer.is_main:  # under torchrun, one summary table, not one per process
+        _print_summary(summary, trainer.out_dir)
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def _print_summary(summary: dict, run_dir: Path) -> None:
+    table = Table(title=f"run {run_dir}", show_header=False)
+    for key in sorted(summary):
+        if not isinstance(summary[key], (dict, list)):
+            table.add_row(key, _fmt(summary[key]))
+    out.print(table)
