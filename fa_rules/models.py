@@ -6,7 +6,12 @@ for a generator. With `heads` (name -> width) the body ends in a hidden block an
 linear map from it.
 
 The paper networks follow the appendix of "Feature alignment as a generative process" (Tables
-7-12): 3x3 convolutions, stride 1 / 2 instead of pooling, LeakyReLU.
+7-12): 3x3 convolutions, stride 1 / 2 instead of pooling, LeakyReLU. Each takes a
+`width_multiplier` (default 1.0, the paper's sizes) that scales every convolution's channel count
+and the hidden Linear width (rounded, at least 1), and nothing else: kernel sizes, strides,
+padding, the number of layers, batch norm, the image channels in and out, the latent size and the
+heads stay as the tables give them. At 0.25 a network has about 1/16 of the paper's parameters
+(most weights connect two scaled widths).
 """
 
 from __future__ import annotations
@@ -79,11 +84,18 @@ def lenet(in_shape, out_shape, heads=None, activation: str = "relu") -> Network:
     return Network(blocks, head_blocks, family="lenet", in_shape=in_shape, out_shape=out_shape)
 
 
+def scaled(width: int, multiplier: float) -> int:
+    """A paper width under a width multiplier: rounded, never below 1."""
+    if not (isinstance(multiplier, (int, float)) and multiplier > 0 and multiplier == multiplier and multiplier != float("inf")):
+        raise UserError(f"width_multiplier must be a finite number > 0, got {multiplier!r}")
+    return max(1, round(width * multiplier))
+
+
 # (conv channels with stride 1 then 2 per stage, hidden Linear width) per input size: Tables 7-9
 _PAPER_ENCODERS = {28: ((32, 64), 4096), 32: ((32, 64, 128), 2048), 64: ((32, 64, 128, 256), 4096)}
 
 
-def _paper_convs(in_shape, activation: str, batch_norm: bool) -> list[Block]:
+def _paper_convs(in_shape, activation: str, batch_norm: bool, multiplier: float) -> list[Block]:
     c, h, w = in_shape
     if h != w or h not in _PAPER_ENCODERS:
         raise UserError(
@@ -91,7 +103,7 @@ def _paper_convs(in_shape, activation: str, batch_norm: bool) -> list[Block]:
         )
     stages, _ = _PAPER_ENCODERS[h]
     blocks = []
-    for ch in stages:
+    for ch in (scaled(ch, multiplier) for ch in stages):
         blocks.append(Block(nn.Conv2d(c, ch, 3, 1, 1), make_activation(activation)))
         post = nn.BatchNorm2d(ch, track_running_stats=False) if batch_norm else None
         blocks.append(Block(nn.Conv2d(ch, ch, 3, 2, 1), make_activation(activation), post))
@@ -99,22 +111,24 @@ def _paper_convs(in_shape, activation: str, batch_norm: bool) -> list[Block]:
     return blocks
 
 
-def paper_encoder(in_shape, out_shape, heads=None, activation: str = "leaky_relu") -> Network:
+def paper_encoder(in_shape, out_shape, heads=None, activation: str = "leaky_relu",
+                  width_multiplier: float = 1.0) -> Network:
     """Encoder of Tables 7 (28x28), 8 (32x32) and 9 (64x64): convs, Linear(hidden), Linear(Z)."""
-    blocks = _paper_convs(in_shape, activation, batch_norm=False)
-    hidden = _PAPER_ENCODERS[in_shape[1]][1]
+    blocks = _paper_convs(in_shape, activation, batch_norm=False, multiplier=width_multiplier)
+    hidden = scaled(_PAPER_ENCODERS[in_shape[1]][1], width_multiplier)
     blocks, head_blocks = _dense_tail(blocks, in_shape, [hidden], out_shape, activation, heads)
     return Network(blocks, head_blocks, family="paper_encoder", in_shape=in_shape, out_shape=out_shape)
 
 
-def paper_discriminator(in_shape, out_shape=(1,), heads=None, activation: str = "leaky_relu") -> Network:
+def paper_discriminator(in_shape, out_shape=(1,), heads=None, activation: str = "leaky_relu",
+                        width_multiplier: float = 1.0) -> Network:
     """Discriminator of Table 10: the encoder with batch norm after each stride-2 conv, Linear(1).
 
     Batch norm always uses batch statistics (no running buffers), which keeps the network a pure
     function of its parameters.
     """
-    blocks = _paper_convs(in_shape, activation, batch_norm=True)
-    hidden = _PAPER_ENCODERS[in_shape[1]][1]
+    blocks = _paper_convs(in_shape, activation, batch_norm=True, multiplier=width_multiplier)
+    hidden = scaled(_PAPER_ENCODERS[in_shape[1]][1], width_multiplier)
     blocks, head_blocks = _dense_tail(blocks, in_shape, [hidden], out_shape, activation, heads)
     return Network(blocks, head_blocks, family="paper_discriminator", in_shape=in_shape, out_shape=out_shape)
 
@@ -124,24 +138,24 @@ def _bn(ch: int, on: bool):
 
 
 def fa_generator(in_shape, out_shape=None, heads=None, activation: str = "leaky_relu",
-                 batch_norm: bool = True) -> Network:
+                 batch_norm: bool = True, width_multiplier: float = 1.0) -> Network:
     """Generator of Table 11 (image -> image refinement for VFA-GAN): three 7x7 convs.
 
     The table prints padding 1, which would shrink every image by 4 pixels per conv; we pad by 3 so
     the output has the input's size. Batch norm after the hidden convs follows the paper's text
     ("only the generator utilizes batch normalization after each convolution"); it is an option.
     """
-    c = in_shape[0]
+    c, hidden = in_shape[0], scaled(128, width_multiplier)
     blocks = [
-        Block(nn.Conv2d(c, 128, 7, 1, 3), make_activation(activation), _bn(128, batch_norm)),
-        Block(nn.Conv2d(128, 128, 7, 1, 3), make_activation(activation), _bn(128, batch_norm)),
-        Block(nn.Conv2d(128, c, 7, 1, 3), make_activation("sigmoid")),
+        Block(nn.Conv2d(c, hidden, 7, 1, 3), make_activation(activation), _bn(hidden, batch_norm)),
+        Block(nn.Conv2d(hidden, hidden, 7, 1, 3), make_activation(activation), _bn(hidden, batch_norm)),
+        Block(nn.Conv2d(hidden, c, 7, 1, 3), make_activation("sigmoid")),
     ]
     return Network(blocks, {}, family="fa_generator", in_shape=in_shape, out_shape=in_shape)
 
 
 def gan_generator(in_shape, out_shape, heads=None, activation: str = "leaky_relu",
-                  batch_norm: bool = True) -> Network:
+                  batch_norm: bool = True, width_multiplier: float = 1.0) -> Network:
     """Generator of Table 12 (latent -> image): Linear to 256 x s x s, transposed convs, conv, sigmoid.
 
     64x64 images get the table's four upsampling stages; 32x32 and 28x28 drop the last pairs as the
@@ -155,9 +169,10 @@ def gan_generator(in_shape, out_shape, heads=None, activation: str = "leaky_relu
     if stages == 0 or h != w:
         raise UserError(f"gan_generator cannot build {h}x{w} images")
     s = h // 2**stages
-    channels = [256, 128, 64, 32][:stages]
-    blocks = [Block(nn.Linear(z, 256 * s * s), make_activation(activation))]
-    prev = 256
+    first = scaled(256, width_multiplier)
+    channels = [scaled(ch, width_multiplier) for ch in (256, 128, 64, 32)][:stages]
+    blocks = [Block(nn.Linear(z, first * s * s), make_activation(activation))]
+    prev = first
     for i, ch in enumerate(channels):
         if i > 0:  # the stride-1 transposed conv that changes width before each later upsampling
             blocks.append(Block(nn.ConvTranspose2d(prev, ch, 3, 1, 1), make_activation(activation), _bn(ch, batch_norm),
@@ -165,7 +180,7 @@ def gan_generator(in_shape, out_shape, heads=None, activation: str = "leaky_relu
             prev = ch
         up = nn.ConvTranspose2d(prev, ch, 3, 2, 1, output_padding=1)
         blocks.append(Block(up, make_activation(activation), _bn(ch, batch_norm),
-                            in_shape=(256, s, s) if i == 0 else None))
+                            in_shape=(first, s, s) if i == 0 else None))
         prev = ch
     blocks.append(Block(nn.Conv2d(prev, c, 3, 1, 1), make_activation("sigmoid")))
     return Network(blocks, {}, family="gan_generator", in_shape=in_shape, out_shape=out_shape)

@@ -19,6 +19,9 @@ def train(
     depth: Optional[int] = typer.Option(None, help="mlp: number of hidden blocks."),
     width: Optional[int] = typer.Option(None, help="mlp: units per hidden block."),
     activation: Optional[str] = typer.Option(None, help="tanh, relu, leaky_relu or asinh."),
+    model_opt: list[str] = typer.Option(
+        [], "--model-opt", help="KEY=VALUE model setting, e.g. width_multiplier=0.25 (repeatable; see `fa-rules models`)."
+    ),
     latent_dim: int = typer.Option(32, help="Latent size for reconstruct / generate rules."),
     epochs: Optional[int] = typer.Option(None, help="Epochs in total (default 20; with --resume: continue to this)."),
     batch_size: int = typer.Option(64, help="Examples per training step."),
@@ -60,6 +63,11 @@ def train(
         unknown = set(model_options) - set(model_spec.options)
         if unknown:
             raise UserError(f"model '{model}' has no setting --{', --'.join(sorted(unknown))}")
+        for key, text in parse_pairs(model_opt, "--model-opt").items():
+            if key not in model_spec.options:
+                known = ", ".join(sorted(model_spec.options)) or "none"
+                raise UserError(f"model '{model}' has no setting '{key}' (settings: {known})")
+            model_options[key] = parse_value(text, model_spec.options[key], f"--model-opt {key}")
         rule_options = {
             k: parse_value(v, rule_spec.options.get(k, ""), f"--opt {k}") for k, v in parse_pairs(opt, "--opt").items()
         }

@@ -104,6 +104,7 @@ class Network(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.heads = nn.ModuleDict(heads or {})
         self.family = family
+        self.options: dict[str, Any] = {}  # the model settings it was built with (set by ModelSpec.make)
         self.in_shape = tuple(in_shape)
         self.out_shape = tuple(out_shape) if out_shape is not None else None
         # global key -> key local to its block/head, computed once (cheap per-block calls later)
@@ -202,4 +203,7 @@ class ModelSpec:
                 f"model '{self.name}' has no option {', '.join(sorted(unknown))} "
                 f"(options: {', '.join(sorted(self.options)) or 'none'})"
             )
-        return self.build(tuple(in_shape), tuple(out_shape), heads, **{**self.options, **overrides})
+        options = {**self.options, **overrides}
+        network = self.build(tuple(in_shape), tuple(out_shape), heads, **options)
+        network.options = options  # what it was built with (rules size their own networks from it)
+        return network

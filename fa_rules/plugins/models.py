@@ -13,13 +13,13 @@ def register_models(register):
                        {"activation": "relu"}))
     register(ModelSpec("paper_encoder", zoo.paper_encoder,
                        "feature alignment encoder (appendix Tables 7-9; 28, 32 or 64 px)",
-                       {"activation": "leaky_relu"}, example_shape=(1, 28, 28)))
+                       {"activation": "leaky_relu", "width_multiplier": 1.0}, example_shape=(1, 28, 28)))
     register(ModelSpec("paper_discriminator", zoo.paper_discriminator,
                        "least-squares GAN discriminator (appendix Table 10)",
-                       {"activation": "leaky_relu"}, example_shape=(1, 28, 28)))
+                       {"activation": "leaky_relu", "width_multiplier": 1.0}, example_shape=(1, 28, 28)))
     register(ModelSpec("fa_generator", zoo.fa_generator,
                        "image refinement generator for VFA-GAN (appendix Table 11)",
-                       {"activation": "leaky_relu", "batch_norm": True}, example_shape=(1, 28, 28)))
+                       {"activation": "leaky_relu", "batch_norm": True, "width_multiplier": 1.0}, example_shape=(1, 28, 28)))
     register(ModelSpec("gan_generator", zoo.gan_generator,
                        "latent-to-image generator for GAN / VAE baselines (appendix Table 12)",
-                       {"activation": "leaky_relu", "batch_norm": True}, example_shape=(1, 28, 28)))
+                       {"activation": "leaky_relu", "batch_norm": True, "width_multiplier": 1.0}, example_shape=(1, 28, 28)))

@@ -164,7 +164,8 @@ def build_aux(kind: str, encoder: Network, latent: int | None = None) -> AuxNet:
     """The architecture (on the meta device: no memory, no RNG) of an auxiliary network.
 
     kind: `decoder` (latent -> image, the VAE's), `generator` (latent -> image, the GAN's; both
-    Table 12), `refiner` (image -> image, Table 11) or `discriminator` (image -> 1, Table 10). For
+    Table 12), `refiner` (image -> image, Table 11) or `discriminator` (image -> 1, Table 10), at
+    the encoder's `width_multiplier` (`fa_rules.models`). For
     `mlp` encoders: MLPs with the encoder's hidden widths and activation; the two generators keep
     the tables' batch norm after every hidden layer (without it a refiner fed the low-variance r_hat
     collapses to one output), with running statistics for evaluation; the decoder and the
@@ -173,13 +174,14 @@ def build_aux(kind: str, encoder: Network, latent: int | None = None) -> AuxNet:
     image = tuple(encoder.in_shape)
     paper = uses_paper_networks(encoder)
     with torch.device("meta"):
-        if paper:
+        if paper:  # the paper's tables at the encoder's width multiplier
+            m = encoder.options.get("width_multiplier", 1.0)
             if kind in ("decoder", "generator"):
-                return AuxNet(zoo.gan_generator((latent,), image))
+                return AuxNet(zoo.gan_generator((latent,), image, width_multiplier=m))
             if kind == "refiner":
-                return AuxNet(zoo.fa_generator(image))
+                return AuxNet(zoo.fa_generator(image, width_multiplier=m))
             if kind == "discriminator":
-                return AuxNet(zoo.paper_discriminator(image, (1,)))
+                return AuxNet(zoo.paper_discriminator(image, (1,), width_multiplier=m))
         else:
             widths = hidden_widths(encoder)
             act = _activation_name(encoder.blocks[0].activation) if encoder.num_blocks else "leaky_relu"
