@@ -75,6 +75,10 @@ def test_generative_rules_size_their_own_networks_from_the_encoders_multiplier()
     encoder = registry.model("paper_encoder").make((1, 28, 28), (16,), vae.heads(16, 10), width_multiplier=0.5)
     params, _ = vae.init(encoder, {"model": encoder.init_params()}, torch.Generator().manual_seed(0))
     assert params["decoder"]["blocks.0.layer.weight"].shape == (128 * 7 * 7, 16)  # Table 12 at 0.5
+    ae = registry.rule("ae").make()
+    encoder = registry.model("paper_encoder").make((1, 28, 28), (16,), width_multiplier=0.5)
+    params, _ = ae.init(encoder, {"model": encoder.init_params()}, torch.Generator().manual_seed(0))
+    assert params["decoder"]["blocks.0.layer.weight"].shape == (128 * 7 * 7, 16)
 
 
 def _write_cifar10(root, n=8):

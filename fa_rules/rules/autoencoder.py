@@ -42,8 +42,9 @@ def build_decoder(encoder: Network) -> Network:
         activation = _activation_name(encoder.blocks[0].activation) if hidden else "identity"
         return zoo.mlp((latent,), encoder.in_shape, depth=len(hidden), width=hidden[0] if hidden else 1,
                        activation=activation, out_activation="sigmoid")
-    if encoder.family == "paper_encoder":
-        return zoo.gan_generator((latent,), encoder.in_shape)
+    if encoder.family == "paper_encoder":  # Table 12 at the encoder's width multiplier
+        return zoo.gan_generator((latent,), encoder.in_shape,
+                                 width_multiplier=encoder.options.get("width_multiplier", 1.0))
     raise UserError(f"the autoencoder has no decoder for model family '{encoder.family}' (use mlp or paper_encoder)")
 
 

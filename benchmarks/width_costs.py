@@ -1,0 +1,74 @@
+"""Step time of the generative rules on the feature alignment paper's networks at several width
+multipliers, as ratios to each rule's width-1 step, measured interleaved in one process.
+
+Every (rule, width) pair gets its own trainer (same seed, same batches); the pairs take their steps
+in turn, round after round, so that all of them see the same machine state. Prints one table:
+median seconds per step and the ratio to the same rule at width 1, and an estimate of the hours a
+suite of `--epochs` epochs x `--seeds` seeds would train (steps only, no evaluation or FID).
+
+    python benchmarks/width_costs.py --widths 1,0.5,0.25 --rounds 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+from fa_rules.core.config import TrainConfig
+from fa_rules.core.trainer import Trainer
+from fa_rules.runs import resolve
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rules", default="ae,vae,gan,vfa,vfa_gan")
+    parser.add_argument("--widths", default="1,0.5,0.25")
+    parser.add_argument("--dataset", default="fashion_mnist")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--latent-dim", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=6, help="timed steps per pair (after one warm-up round)")
+    parser.add_argument("--epochs", type=int, default=20, help="for the time estimate")
+    parser.add_argument("--seeds", type=int, default=3, help="for the time estimate")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+
+    rules = [r.strip() for r in args.rules.split(",") if r.strip()]
+    widths = [float(w) for w in args.widths.split(",")]
+    trainers = {}
+    for rule_name in rules:
+        for width in widths:
+            config = TrainConfig(rule=rule_name, dataset=args.dataset, model="paper_encoder",
+                                 model_options={"width_multiplier": width}, latent_dim=args.latent_dim,
+                                 batch_size=args.batch_size, device=args.device)
+            rule, dataset, build_network = resolve(config)
+            trainers[rule_name, width] = Trainer(config, rule, build_network, dataset, out_dir="unused", progress=False)
+    first = next(iter(trainers.values()))
+    n = first.data.train_x.shape[0]
+    steps_per_epoch = -(-n // args.batch_size)
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    times = {key: [] for key in trainers}
+    for round_ in range(args.rounds + 1):  # round 0 warms up every pair
+        index = order[(round_ * args.batch_size) % (n - args.batch_size):][: args.batch_size]
+        for key, trainer in trainers.items():
+            trainer.train_step(trainer.make_batch(index.to(trainer.device), round_))
+            if round_ > 0:
+                times[key].append(trainer.step_times[-1])
+
+    print(f"dataset={args.dataset} batch={args.batch_size} device={first.device} "
+          f"threads={torch.get_num_threads()} rounds={args.rounds}")
+    print(f"{'rule':10s} {'width':>6s} {'params':>10s} {'s/step':>8s} {'x width 1':>9s} "
+          f"{'hours: ' + str(args.epochs) + ' ep x ' + str(args.seeds) + ' seeds':>24s}")
+    for rule_name in rules:
+        base = statistics.median(times[rule_name, widths[0]])
+        for width in widths:
+            trainer = trainers[rule_name, width]
+            median = statistics.median(times[rule_name, width])
+            params = sum(t.numel() for group in trainer.params.values() for t in group.values())
+            hours = median * steps_per_epoch * args.epochs * args.seeds / 3600
+            print(f"{rule_name:10s} {width:6.3g} {params:10d} {median:8.3f} {median / base:9.3f} {hours:24.2f}")
+
+
+if __name__ == "__main__":
+    main()
