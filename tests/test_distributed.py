@@ -35,7 +35,7 @@ RULES = {
     "local_fa": [],
 }
 # dtp trains its decoders inside its step; it matches the one-process run because it averages each
-# decoder gradient and its batch normaliser with `average_across_processes` (see the README).
+# decoder gradient and its batch normaliser with `average_across_processes` (see docs/distributed.md).
 TORCHRUN = shutil.which("torchrun")
 # 1 s between torchrun's health checks leaves the survivor time to report a lost peer itself
 LAUNCH = [TORCHRUN, "--nproc_per_node", "2", "--monitor-interval", "1"]

@@ -127,7 +127,7 @@ def reconstruction_loss(x: torch.Tensor, r_hat: torch.Tensor) -> torch.Tensor:
 def orthogonal_init(params: dict[str, torch.Tensor], generator: torch.Generator) -> dict[str, torch.Tensor]:
     """A copy of `params` with every weight of two or more dimensions orthogonally initialised.
 
-    Section 4 of the paper (after Saxe et al. 2014): conv kernels are orthogonal as (out, in*k*k)
+    Section 4 of the paper (after Saxe et al. 2014): conv kernels are orthogonal as `(out, in * k * k)`
     matrices. Biases and one-dimensional parameters are copied unchanged.
     """
     out = {}

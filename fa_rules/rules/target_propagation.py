@@ -71,7 +71,7 @@ layer is trained by its true local gradient, as in Lee et al. With `dtp1_output`
 update instead, as in the seed paper's algorithm (sec. 9, "for all l").
 
 Choices where the papers leave room or disagree, each a setting (measured on digits with the
-default tanh MLP 64-256-256-10; see the README section):
+default tanh MLP 64-256-256-10; see docs/rules/target-propagation.md):
 
 - `space`: "post" (Lee et al.'s targets on block outputs) is the default of all three rules. The
   seed paper's form ("pre") is required by `dtp1`, because its closed form needs a block that is
