@@ -145,3 +145,21 @@ def test_model_opt_unknown_or_mistyped_is_one_line(tmp_path):
                                           "--out", str(tmp_path / "x"), *args])
         assert isinstance(result.exception, UserError) and message in str(result.exception)
         assert not (tmp_path / "x").exists()
+
+
+def test_gpu_job_parses_its_suites_and_refuses_a_machine_without_cuda():
+    import subprocess
+    from pathlib import Path
+
+    from fa_rules import benchmark as bench
+
+    root = Path(__file__).resolve().parents[1]
+    for name in ("paper_table2_mnist", "paper_table2_cifar10"):
+        suite = bench.load_suite(root / "benchmarks" / f"{name}.toml")
+        assert len(bench.plan_cells(suite)) == 15 and suite.anchors["fid"]["values"]["vfa_gan"] > 0
+        assert len(bench.plan_cells(bench.load_suite(root / "benchmarks" / f"{name}.toml", quick=True))) == 5
+    script = root / "benchmarks" / "gpu" / "paper_table2.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    if not torch.cuda.is_available():  # here: the job must stop at once, with one line, before any run
+        result = subprocess.run(["bash", str(script), "--quick"], capture_output=True, text=True, cwd=root)
+        assert result.returncode == 2 and result.stderr.strip().count("\n") == 0 and "no CUDA GPU" in result.stderr
