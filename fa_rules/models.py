@@ -84,6 +84,35 @@ def lenet(in_shape, out_shape, heads=None, activation: str = "relu") -> Network:
     return Network(blocks, head_blocks, family="lenet", in_shape=in_shape, out_shape=out_shape)
 
 
+class ResizedConv2d(nn.Conv2d):
+    """A Conv2d that first resizes its input bilinearly to `size` x `size` (still affine in the
+    input, so the feedback rules treat it as any convolution)."""
+
+    def __init__(self, *args, size: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.size = size
+
+    def forward(self, x):
+        import torch.nn.functional as F
+
+        x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return super().forward(x)
+
+
+def biotorch_lenet(in_shape, out_shape, heads=None, activation: str = "relu") -> Network:
+    """BioTorch's `le_net_mnist`: inputs resized to 32x32, conv5(6)-pool-conv5(16)-pool-conv5(120)
+    (no padding), fc84, out; the network behind BioTorch's MNIST and Fashion-MNIST benchmarks."""
+    if len(in_shape) != 3:
+        raise UserError(f"biotorch_lenet needs image inputs (C, H, W), got shape {tuple(in_shape)}")
+    blocks = [
+        Block(ResizedConv2d(in_shape[0], 6, 5, size=32), make_activation(activation), nn.MaxPool2d(2)),
+        Block(nn.Conv2d(6, 16, 5), make_activation(activation), nn.MaxPool2d(2)),
+        Block(nn.Conv2d(16, 120, 5), make_activation(activation)),
+    ]
+    blocks, head_blocks = _dense_tail(blocks, in_shape, [84], out_shape, activation, heads)
+    return Network(blocks, head_blocks, family="biotorch_lenet", in_shape=in_shape, out_shape=out_shape)
+
+
 def scaled(width: int, multiplier: float) -> int:
     """A paper width under a width multiplier: rounded, never below 1."""
     if not (isinstance(multiplier, (int, float)) and multiplier > 0 and multiplier == multiplier and multiplier != float("inf")):

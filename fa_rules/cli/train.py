@@ -31,7 +31,7 @@ def train(
     momentum: float = typer.Option(0.9, help="sgd momentum."),
     weight_decay: float = typer.Option(0.0, help="Weight decay of the optimiser."),
     lr_schedule: str = typer.Option(
-        "constant", help="constant, or cosine: every group's rate decays to 0 over the run's --epochs."
+        "constant", help="constant; cosine: every group's rate decays to 0 over the run's --epochs; step: divided by 10 at half and three quarters of them."
     ),
     opt: list[str] = typer.Option([], "--opt", "-o", help="KEY=VALUE rule setting (repeatable; see `fa-rules rules`)."),
     seed: int = typer.Option(0, help="Seed for initialisation, rule randomness and data order."),

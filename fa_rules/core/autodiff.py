@@ -137,7 +137,10 @@ class SavedTensorsProbe:
             self.current += storage.nbytes()
             self.peak = max(self.peak, self.current)
         self._refs[key] = self._refs.get(key, 0) + 1
-        handle = _Saved(t)
+        # detached: a node that saves its own output would otherwise hold itself through the
+        # handle's tensor (a cycle through C++ that Python's gc cannot see), and never be freed;
+        # autograd restores the saved tensor's graph metadata on unpack
+        handle = _Saved(t.detach())
         weakref.finalize(handle, self._release, key, storage.nbytes())
         return handle
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 OPTIMIZERS = ("adam", "sgd")
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine", "step")
 
 
 

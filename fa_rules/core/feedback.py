@@ -24,9 +24,20 @@ Three ways of routing the output error `e = dL/d(logits)` are built on it:
   its output (direct feedback alignment);
 - `indirect_feedback_gradients`: the first hidden block receives the projected error, which then
   travels forward through the forward weights to the later hidden blocks (indirect feedback
-  alignment).
+  alignment);
+- `target_projection_gradients`: every hidden block receives the one-hot *target* projected to
+  its output, block by block as the forward pass reaches it, so no block's graph outlives the
+  block (direct random target projection).
 
-In all three the output block receives its true local gradient `e h^T`. Layers must be affine in
+In all four the output block receives its true local gradient `e h^T`. A direct projection is
+either a dense matrix (block output numel, classes) or, for a block whose next layer is a Conv2d,
+a convolution kernel (classes, block channels, *next kernel*): the error broadcast over the next
+layer's output positions is sent back through a transposed convolution with the next layer's
+geometry (BioTorch's structured DFA feedback, `conv_projection_shape`).
+
+For learned feedback: `reverse_feedback_gradients` runs the network backwards from the target
+with the feedback tensors (the bidirectional FA reverse pass) and `mirror_gradients` correlates
+noise sent through each layer with the layer's response (the weight mirror). Layers must be affine in
 their input with `weight` as the only multiplicative parameter (Linear, Conv, ConvTranspose);
 `check_feedback_network` says so clearly for anything else. `draw_feedback` draws random feedback
 tensors from an explicit generator.
@@ -79,21 +90,22 @@ def _fans(shape: tuple[int, ...]) -> tuple[int, int]:
 def draw_feedback(shape, init: str, scale: float, generator: torch.Generator,
                   like: torch.Tensor | None = None) -> torch.Tensor:
     """A random tensor of `shape` laid out like a weight `(out, in, *kernel)`, drawn on the CPU from
-    `generator`, then moved to `like`'s device and dtype.
+    `generator` (on the generator's device), then moved to `like`'s device and dtype.
 
     `uniform`: U(-s/sqrt(fan_in), s/sqrt(fan_in)), the distribution of PyTorch's default Linear and
     Conv weights; `gaussian`: N(0, s^2/fan_in); `xavier`: U(+-s sqrt(6/(fan_in + fan_out))).
     """
     shape = tuple(int(d) for d in shape)
     fan_in, fan_out = _fans(shape)
+    on = generator.device  # a step's generator lives on the batch's device
     if init == "uniform":
         bound = scale / math.sqrt(fan_in)
-        t = (torch.rand(shape, generator=generator) * 2 - 1) * bound
+        t = (torch.rand(shape, generator=generator, device=on) * 2 - 1) * bound
     elif init == "gaussian":
-        t = torch.randn(shape, generator=generator) * (scale / math.sqrt(fan_in))
+        t = torch.randn(shape, generator=generator, device=on) * (scale / math.sqrt(fan_in))
     elif init == "xavier":
         bound = scale * math.sqrt(6.0 / (fan_in + fan_out))
-        t = (torch.rand(shape, generator=generator) * 2 - 1) * bound
+        t = (torch.rand(shape, generator=generator, device=on) * 2 - 1) * bound
     else:
         raise UserError(f"unknown feedback init '{init}' (use {', '.join(FEEDBACK_INITS)})")
     if like is not None:
@@ -178,8 +190,41 @@ def output_error(logits: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, t
     return grad_and_value(lambda z: classification_loss(z, y))(logits)
 
 
-def _project(e: torch.Tensor, projection: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
-    """`projection @ e` for each example, shaped like a block output (`projection`: (numel, classes))."""
+def xavier_std(shape) -> float:
+    """`sqrt(2 / (fan_in + fan_out))` of a weight shape: the standard deviation of Xavier's init."""
+    fan_in, fan_out = _fans(tuple(shape))
+    return math.sqrt(2.0 / (fan_in + fan_out))
+
+
+def conv_projection_shape(network: Network, i: int, classes: int) -> tuple[int, ...] | None:
+    """Shape (classes, block i's channels, *kernel) of a structured projection to block `i`'s
+    output, or None when block `i + 1`'s layer is not a plain Conv2d reading that output."""
+    if i + 1 >= network.num_blocks:
+        return None
+    nxt = network.blocks[i + 1]
+    if not isinstance(nxt.layer, nn.Conv2d) or nxt.layer.groups != 1 or nxt.in_shape is not None:
+        return None
+    return (classes, nxt.layer.in_channels, *nxt.layer.kernel_size)
+
+
+def _conv_project(e: torch.Tensor, kernel: torch.Tensor, layer: nn.Conv2d, shape) -> torch.Tensor:
+    """The error broadcast over the positions of `layer`'s output, sent back to its input (block
+    output `shape`) by the transposed convolution with `kernel` and `layer`'s geometry."""
+    c, h, w = shape
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = layer.kernel_size, layer.stride, layer.padding, layer.dilation
+    out_h = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    out_w = (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    tiled = e[:, :, None, None].expand(e.shape[0], e.shape[1], out_h, out_w)
+    return torch.nn.grad.conv2d_input((e.shape[0], c, h, w), kernel, tiled, stride=layer.stride,
+                                      padding=layer.padding, dilation=layer.dilation)
+
+
+def _project(e: torch.Tensor, projection: torch.Tensor, shape: tuple[int, ...], network: Network | None = None,
+             i: int | None = None) -> torch.Tensor:
+    """`projection @ e` for each example, shaped like a block output (`projection`: (numel, classes)),
+    or the structured projection through block `i + 1`'s convolution geometry for a 4-d kernel."""
+    if projection.dim() == 4:
+        return _conv_project(e, projection, network.blocks[i + 1].layer, shape)
     return (e @ projection.T).reshape(e.shape[0], *shape)
 
 
@@ -203,9 +248,10 @@ def chained_feedback_gradients(network: Network, model_params: Params, x: torch.
 
 
 def direct_feedback_gradients(network: Network, model_params: Params, x: torch.Tensor, y: torch.Tensor,
-                              projections: Mapping[int, torch.Tensor]):
+                              projections: Mapping[int, torch.Tensor], outputs: list | None = None):
     """`(grads, loss)` where hidden block `i` receives `projections[i] @ e` at its output (a matrix
-    of shape (block output numel, classes)); the output block receives `e`."""
+    of shape (block output numel, classes), or a conv kernel: see the module docstring); the output
+    block receives `e`. Block outputs are appended to `outputs` when it is given."""
     last = network.num_blocks - 1
     pullbacks, shapes = [], []
     h = x
@@ -213,11 +259,40 @@ def direct_feedback_gradients(network: Network, model_params: Params, x: torch.T
         h, pb = block_pullback(network, i, model_params, h, input_grad=False)
         pullbacks.append(pb)
         shapes.append(tuple(h.shape[1:]))
+        if outputs is not None:
+            outputs.append(h)
     e, loss = output_error(h, y)
     grads: Params = {}
     for i, pb in enumerate(pullbacks):
-        g = e if i == last else _project(e, projections[i], shapes[i])
+        g = e if i == last else _project(e, projections[i], shapes[i], network, i)
         grads.update(pb(g)[0])
+    return grads, loss
+
+
+def one_hot(y: torch.Tensor, classes: int, like: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.one_hot(y, classes).to(like.dtype)
+
+
+def target_projection_gradients(network: Network, model_params: Params, x: torch.Tensor, y: torch.Tensor,
+                                projections: Mapping[int, torch.Tensor]):
+    """`(grads, loss)` where hidden block `i` receives `projections[i] @ y*` at its output, `y*` the
+    one-hot target. Each block's local gradient is taken as soon as the forward pass has run it,
+    and its pullback is dropped before the next block runs, so the graph never spans two blocks
+    (no backward pass); the output block receives `e`."""
+    last = network.num_blocks - 1
+    grads: Params = {}
+    target = None
+    h = x
+    for i in range(network.num_blocks):
+        h, pb = block_pullback(network, i, model_params, h, input_grad=False)
+        if i == last:
+            e, loss = output_error(h, y)
+            grads.update(pb(e)[0])
+        else:
+            if target is None:
+                target = one_hot(y, projections[i].shape[0] if projections[i].dim() == 4 else projections[i].shape[1], h)
+            grads.update(pb(_project(target, projections[i], tuple(h.shape[1:]), network, i))[0])
+        del pb  # frees the block's saved tensors before the next block runs
     return grads, loss
 
 
@@ -259,3 +334,122 @@ def indirect_feedback_gradients(network: Network, model_params: Params, x: torch
         post = lambda z, _b=block, _l=local: functional_call(_b.post, _sub(_l, "post"), (z,))
         t = torch.func.jvp(post, (act(pre[i]),), (delta,))[1]
     return grads, loss
+
+
+# -- learned feedback: the reverse pass and the weight mirror -----------------------------------------
+def _layer_without_bias(block, local: Params, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """`block`'s layer with `weight` and no bias: the linear part of an affine layer."""
+    layer = {k: weight if k == "weight" else torch.zeros_like(v) for k, v in _sub(local, "layer").items()}
+    return functional_call(block.layer, layer, (_reshape(block, x),))
+
+
+def _layer_adjoint(block, local: Params, weight: torch.Tensor, g: torch.Tensor, in_like: torch.Tensor):
+    """The transpose of the layer's linear part with `weight`, applied to `g` (shaped like the
+    layer output): `weight^T g` for Linear, the transposed convolution for a convolution."""
+    _, fn = vjp(lambda x: _layer_without_bias(block, local, weight, x), torch.zeros_like(in_like))
+    return fn(g)[0]
+
+
+def _weight_gradient(block, local: Params, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """d<g, layer(x; B, 0)>/dB: the layer's weight gradient for input `x` and output cotangent `g`."""
+    weight = _sub(local, "layer")["weight"]
+    _, fn = vjp(lambda w: _layer_without_bias(block, local, w, x), weight)
+    return fn(g)[0]
+
+
+def _forward_trace(network: Network, model_params: Params, x: torch.Tensor):
+    """Per block: its input and `activation(a)` (where `post` linearises), without a graph."""
+    inputs, acts = [], []
+    h = x
+    with torch.no_grad():
+        for i in range(network.num_blocks):
+            block, local = network.blocks[i], network.block_params(i, model_params)
+            inputs.append(h)
+            a = functional_call(block.layer, _sub(local, "layer"), (_reshape(block, h),))
+            z = functional_call(block.activation, _sub(local, "activation"), (a,))
+            acts.append(z)
+            h = functional_call(block.post, _sub(local, "post"), (z,))
+    return inputs, acts
+
+
+def reverse_feedback_gradients(network: Network, model_params: Params, feedback: Mapping[int, torch.Tensor],
+                               x: torch.Tensor, y: torch.Tensor, classes: int):
+    """`(feedback grads, reverse loss)` of the reverse pass of bidirectional feedback alignment.
+
+    The network runs backwards from the one-hot target `y*`: block `l`'s signal `g_l` (shaped like
+    its output) goes through the adjoint of its `post` (pooling routes by the forward pass's
+    selection) and the adjoint of its layer with `B_l` (`B_l^T`; a transposed convolution), then
+    through block `l-1`'s activation: `g_{l-1} = f_{l-1}(B_l^T P_l^T g_l)`, `g_{L-1} = y*`, and the
+    input reconstruction is `x^ = B_0^T P_0^T g_0` (no activation, no reverse biases). Loss
+    `0.5 * |x^ - x|^2`, summed over features, mean over the batch. It is trained like feedback
+    alignment in reverse: the reverse error reaching `g_l` is sent through the *forward* weight
+    `W_l` (`P_l W_l delta` in place of `P_l B_l delta`), and each `B_l` gets its true local gradient.
+    Returns gradients for every block `0..L-1` (keys `blocks.l.layer.weight`).
+    """
+    last = network.num_blocks - 1
+    inputs, acts = _forward_trace(network, model_params, x)
+    locals_ = [network.block_params(i, model_params) for i in range(network.num_blocks)]
+    posts = []  # (vjp of post at the forward activation) per block
+    for i, block in enumerate(network.blocks):
+        _, fn = vjp(lambda z, _b=block, _l=locals_[i]: functional_call(_b.post, _sub(_l, "post"), (z,)), acts[i])
+        posts.append(fn)
+    # reverse pass, from the target down to the input
+    g = one_hot(y, classes, x)
+    u, pre = [None] * (last + 1), [None] * (last + 1)  # u_l = P_l^T g_l; pre[l-1] = B_l^T u_l
+    for l in range(last, -1, -1):
+        block = network.blocks[l]
+        u[l] = posts[l](g)[0]
+        r = _layer_adjoint(block, locals_[l], feedback[l], u[l], _reshape(block, inputs[l]))
+        if l == 0:
+            x_hat = r.reshape(x.shape)
+        else:
+            r = r.reshape(inputs[l].shape)
+            pre[l - 1] = r
+            prev = network.blocks[l - 1]
+            g = functional_call(prev.activation, _sub(locals_[l - 1], "activation"), (r,))
+    n = x.shape[0]
+    loss = 0.5 * ((x_hat - x) ** 2).sum() / n
+    # reverse errors, from the input back up, through the forward weights
+    delta = (x_hat - x) / n
+    grads: Params = {}
+    for l in range(last + 1):
+        block = network.blocks[l]
+        d_in = _reshape(block, delta.reshape(inputs[l].shape))
+        grads[weight_key(l)] = _weight_gradient(block, locals_[l], d_in, u[l])
+        if l == last:
+            break
+        t = _layer_without_bias(block, locals_[l], locals_[l]["layer.weight"], d_in)
+        post = lambda z, _b=block, _l=locals_[l]: functional_call(_b.post, _sub(_l, "post"), (z,))
+        t = torch.func.jvp(post, (acts[l],), (t,))[1]
+        act = lambda a, _b=network.blocks[l], _l=locals_[l]: functional_call(_b.activation, _sub(_l, "activation"), (a,))
+        _, act_fn = vjp(act, pre[l])
+        delta = act_fn(t)[0]  # elementwise activations: f'(pre) * t
+    return grads, loss
+
+
+def mirror_gradients(network: Network, model_params: Params, blocks, noise: Mapping[int, torch.Tensor],
+                     feedback: Mapping[int, torch.Tensor], decay: float, response: str = "linear"):
+    """Weight-mirror pseudo-gradients for the feedback tensors of `blocks`.
+
+    Block `l`'s layer is driven by `noise[l]` (shaped like its input) and responds with
+    `r = layer(xi; W_l, 0)` (`response="linear"`) or `r = f(layer(xi; W_l, b_l))` (`"forward"`).
+    The mirror update is `dB_l = xi r^T` in the paper's layout (`r xi^T` for our `B_l` shaped like
+    `W_l`; for a convolution the same correlation summed over positions), averaged over examples and
+    output positions, minus `decay * B_l`; returned with the sign of a gradient, to be descended.
+    """
+    grads: Params = {}
+    for l in blocks:
+        block, local = network.blocks[l], network.block_params(l, model_params)
+        xi = _reshape(block, noise[l])
+        with torch.no_grad():
+            if response == "linear":
+                r = _layer_without_bias(block, local, local["layer.weight"], xi)
+            elif response == "forward":
+                a = functional_call(block.layer, _sub(local, "layer"), (xi,))
+                r = functional_call(block.activation, _sub(local, "activation"), (a,))
+            else:
+                raise UserError(f"unknown mirror response '{response}' (use linear or forward)")
+        count = r.numel() // r.shape[1]  # examples x output positions
+        correlation = _weight_gradient(block, local, xi, r) / count
+        grads[weight_key(l)] = decay * feedback[l] - correlation
+    return grads

@@ -69,11 +69,14 @@ def step_seed(seed: int, step: int, rank: int = 0) -> int:
 
 def lr_factor(schedule: str, step: int, total_steps: int) -> float:
     """Multiplier of every group's learning rate at a global step. A function of the step alone,
-    so a resumed run follows the schedule exactly. "cosine" decays to 0 over the whole run."""
+    so a resumed run follows the schedule exactly. "cosine" decays to 0 over the whole run; "step"
+    divides by 10 at half and at three quarters of the run (BioTorch's epochs 50 and 75 of 100)."""
     if schedule == "constant" or total_steps <= 0:
         return 1.0
     if schedule == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / total_steps))
+    if schedule == "step":
+        return 0.1 ** sum(step >= total_steps * m for m in (0.5, 0.75))
     raise UserError(f"unknown lr schedule '{schedule}' (use {' or '.join(LR_SCHEDULES)})")
 
 

@@ -33,6 +33,7 @@ BUILTIN_DISTRIBUTION = "fa-rules"
 BUILTIN_PLUGINS = (
     "fa_rules.rules.backprop",
     "fa_rules.rules.feedback_alignment",
+    "fa_rules.rules.learned_feedback",
     "fa_rules.rules.feature_alignment",
     "fa_rules.rules.local_feature_alignment",
     "fa_rules.rules.autoencoder",

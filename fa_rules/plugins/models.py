@@ -11,6 +11,9 @@ def register_models(register):
                        {"depth": 2, "width": 256, "activation": "tanh"}))
     register(ModelSpec("lenet", zoo.lenet, "LeNet-5 style CNN: conv-pool-conv-pool-fc120-fc84",
                        {"activation": "relu"}))
+    register(ModelSpec("biotorch_lenet", zoo.biotorch_lenet,
+                       "BioTorch's LeNet: inputs resized to 32x32, three unpadded convs (6, 16, 120), fc84",
+                       {"activation": "relu"}))
     register(ModelSpec("paper_encoder", zoo.paper_encoder,
                        "feature alignment encoder (appendix Tables 7-9; 28, 32 or 64 px)",
                        {"activation": "leaky_relu", "width_multiplier": 1.0}, example_shape=(1, 28, 28)))

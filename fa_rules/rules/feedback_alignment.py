@@ -23,6 +23,30 @@ Every rule updates `W_l` by `delta_a_l h_{l-1}^T` and differs only in `delta_a_l
   `W_l - B_l` shrinks by `(1 - lr decay)` per plain SGD step and the feedback comes to align with
   the forward weights. `B` is the parameter group `feedback`, which the engine optimises.
 
+- `brsf` and `frsf` (Moskovitz, Litwin-Kumar & Abbott 2018, "Feedback alignment in deep
+  convolutional networks", arXiv:1812.06488): sign-concordant feedback `B_l = |R_l| * sign(W_l)`,
+  the forward weights' signs with random magnitudes `|R_l|` (`R_l` drawn as FA's feedback). brSF
+  ("batchwise random magnitude") draws `R_l` anew for every batch, from the step's generator;
+  frSF ("fixed random magnitude") draws it once. The signs follow `W_l` every step.
+- `direct_random_target_projection` / `drtp` (Frenkel, Lefebvre & Bol 2021, "Learning without
+  feedback: fixed random learning signals allow for feedforward training of deep neural
+  networks", Front. Neurosci. 15:629892, Eq. 6-7): DFA with the one-hot target `y*` in place of
+  the error, `delta_a_l = (D_l y*) * f'(a_l)`, the sign the authors' reference code uses (the
+  update descends `delta_a_l h_{l-1}^T`). The target is known before the forward pass, so each
+  hidden block is updated as soon as it has run: no backward pass, and no graph spans two blocks
+  (`fa_rules.core.feedback.target_projection_gradients`).
+
+Sign symmetry's magnitude: ours (`magnitude=mean_abs`) is `scale * mean|W_l|`, recomputed from
+the current weights every step; BioTorch's `usf` (`magnitude=xavier`) is the constant
+`scale * sqrt(2 / (fan_in + fan_out))`, the standard deviation of Xavier's init, fixed by the shape.
+
+DFA's `projection=conv` is BioTorch's structured feedback for conv blocks: where the next block's
+layer is a Conv2d, `D_l` is a kernel (classes, channels, kh, kw) and block `l`'s output receives the
+error broadcast over the next layer's output positions, sent back by the transposed convolution
+with the next layer's stride and padding (so the signal is the same at every interior position and
+differs only near the borders). Other hidden blocks keep the dense `D_l` (`projection=dense`,
+shape (block output numel, classes)).
+
 Here `B_l` has the shape of `W_l` (so `B_l^T` stands where backprop has `W_l^T`; the notes write
 its transpose), and for a convolution `B_l^T` is the transposed convolution with `B_l`: the
 mechanism is one `vjp` per block with the feedback tensor substituted for the weight
@@ -42,7 +66,11 @@ by IFA.
 Settings (`--opt key=value`): `init` (uniform: the forward weights' default distribution
 U(+-1/sqrt(fan_in)); gaussian; xavier), `scale` (multiplies the feedback), `feedback_seed` (-1: draw
 from the run's seeded generator; otherwise a generator of its own with this seed, so the same
-seed gives the same feedback whatever the run seed), `decay` (Kolen-Pollack).
+seed gives the same feedback whatever the run seed), `decay` (Kolen-Pollack), `magnitude` (sign
+symmetry), `projection` (DFA, DRTP: dense or conv).
+
+The learned-feedback rules of the family (bidirectional FA and DFA, the weight mirror) are in
+`fa_rules.rules.learned_feedback`.
 """
 
 from __future__ import annotations
@@ -52,14 +80,18 @@ import math
 import torch
 
 from fa_rules.core import Rule, RuleSpec, hookimpl
+from fa_rules.core.errors import UserError
 from fa_rules.core.feedback import (
     block_output_shapes,
     chained_feedback_gradients,
     check_feedback_network,
+    conv_projection_shape,
     direct_feedback_gradients,
     draw_feedback,
     indirect_feedback_gradients,
+    target_projection_gradients,
     weight_key,
+    xavier_std,
 )
 
 RANDOM_OPTIONS = {"init": "uniform", "scale": 1.0, "feedback_seed": -1}
@@ -79,14 +111,25 @@ def _random_weight_feedback(network, model, generator, init, scale, feedback_see
     return out
 
 
-def _random_projections(network, model, blocks, generator, init, scale, feedback_seed) -> dict:
-    """`D_l` of shape (numel of block l's output, classes) for each block index in `blocks`."""
+PROJECTIONS = ("dense", "conv")
+
+
+def _random_projections(network, model, blocks, generator, init, scale, feedback_seed,
+                        projection: str = "dense") -> dict:
+    """`D_l` of shape (numel of block l's output, classes) for each block index in `blocks`; with
+    `projection="conv"`, a kernel (classes, channels, *kernel) where the next layer is a Conv2d."""
+    if projection not in PROJECTIONS:
+        raise UserError(f"unknown projection '{projection}' (use {' or '.join(PROJECTIONS)})")
     gen = _generator(generator, feedback_seed)
     shapes = block_output_shapes(network, model)
     classes = shapes[-1][0]
     like = next(iter(model.values()))
-    return {f"blocks.{i}": draw_feedback((math.prod(shapes[i]), classes), init, scale, gen, like=like)
-            for i in blocks}
+    out = {}
+    for i in blocks:
+        kernel = conv_projection_shape(network, i, classes) if projection == "conv" else None
+        shape = kernel if kernel is not None else (math.prod(shapes[i]), classes)
+        out[f"blocks.{i}"] = draw_feedback(shape, init, scale, gen, like=like)
+    return out
 
 
 def _by_block(network, tensors: dict) -> dict:
@@ -116,14 +159,16 @@ def feedback_alignment(init: str = "uniform", scale: float = 1.0, feedback_seed:
 
 
 # -- direct feedback alignment -----------------------------------------------------------------------
-def direct_feedback_alignment(init: str = "uniform", scale: float = 1.0, feedback_seed: int = -1) -> Rule:
-    """The output error projected by a fixed random matrix straight to every hidden block."""
+def direct_feedback_alignment(init: str = "uniform", scale: float = 1.0, feedback_seed: int = -1,
+                              projection: str = "dense") -> Rule:
+    """The output error projected by a fixed random matrix (or conv kernel) straight to every
+    hidden block."""
 
     def init_fn(network, params, generator):
         check_feedback_network(network, "direct_feedback_alignment")
         hidden = range(network.num_blocks - 1)
         return params, {"projections": _random_projections(network, params["model"], hidden, generator, init,
-                                                           scale, feedback_seed)}
+                                                           scale, feedback_seed, projection)}
 
     def step(network, params, state, batch):
         model = params["model"]
@@ -155,22 +200,89 @@ def indirect_feedback_alignment(init: str = "uniform", scale: float = 1.0, feedb
 
 
 # -- sign symmetry -----------------------------------------------------------------------------------
-def sign_feedback(weight: torch.Tensor, scale: float) -> torch.Tensor:
-    """`scale * mean|W| * sign(W)`: the forward weights' signs at their mean magnitude."""
-    return torch.sign(weight) * (weight.abs().mean() * scale)
+MAGNITUDES = ("mean_abs", "xavier")
 
 
-def sign_symmetry(scale: float = 1.0) -> Rule:
+def sign_feedback(weight: torch.Tensor, scale: float, magnitude: str = "mean_abs") -> torch.Tensor:
+    """The forward weights' signs at one magnitude: `scale * mean|W|` (ours, recomputed from the
+    weights) or `scale * sqrt(2 / (fan_in + fan_out))` (BioTorch's usf, fixed by the shape)."""
+    if magnitude == "mean_abs":
+        return torch.sign(weight) * (weight.abs().mean() * scale)
+    if magnitude == "xavier":
+        return torch.sign(weight) * (scale * xavier_std(weight.shape))
+    raise UserError(f"unknown sign-symmetry magnitude '{magnitude}' (use {' or '.join(MAGNITUDES)})")
+
+
+def sign_symmetry(scale: float = 1.0, magnitude: str = "mean_abs") -> Rule:
     """Feedback tensors that share the forward weights' signs, recomputed every step."""
 
     def init_fn(network, params, generator):
         check_feedback_network(network, "sign_symmetry")
+        sign_feedback(params["model"][weight_key(0)], scale, magnitude)  # an unknown magnitude fails here
         return params, {}
 
     def step(network, params, state, batch):
         model = params["model"]
-        feedback = {i: sign_feedback(model[weight_key(i)], scale) for i in range(1, network.num_blocks)}
+        feedback = {i: sign_feedback(model[weight_key(i)], scale, magnitude) for i in range(1, network.num_blocks)}
         grads, loss = chained_feedback_gradients(network, model, batch.x, batch.y, feedback)
+        return {"model": _ordered(model, grads)}, state, {"loss": loss}
+
+    return Rule(init=init_fn, step=step, task="classify")
+
+
+# -- sign-concordant feedback with random magnitudes ------------------------------------------------
+def random_magnitude_sign_feedback(frsf: bool, init: str = "uniform", scale: float = 1.0,
+                                   feedback_seed: int = -1) -> Rule:
+    """`B_l = |R_l| * sign(W_l)`; `R_l` fixed (frSF) or drawn anew every batch (brSF)."""
+    name = "frsf" if frsf else "brsf"
+
+    def init_fn(network, params, generator):
+        check_feedback_network(network, name)
+        if not frsf:
+            _random_weight_feedback(network, params["model"], generator, init, scale, 0)  # checks `init`
+            return params, {}
+        magnitudes = _random_weight_feedback(network, params["model"], generator, init, scale, feedback_seed)
+        return params, {"magnitudes": {k: m.abs() for k, m in magnitudes.items()}}
+
+    def step(network, params, state, batch):
+        model = params["model"]
+        if frsf:
+            magnitudes = state["magnitudes"]
+        else:
+            magnitudes = {k: m.abs() for k, m in
+                          _random_weight_feedback(network, model, batch.generator(), init, scale, -1).items()}
+        feedback = {network.block_of(k): m * torch.sign(model[k]) for k, m in magnitudes.items()}
+        grads, loss = chained_feedback_gradients(network, model, batch.x, batch.y, feedback)
+        return {"model": _ordered(model, grads)}, state, {"loss": loss}
+
+    return Rule(init=init_fn, step=step, task="classify")
+
+
+def brsf(init: str = "uniform", scale: float = 1.0) -> Rule:
+    """Sign-concordant feedback with batchwise random magnitudes."""
+    return random_magnitude_sign_feedback(False, init, scale)
+
+
+def frsf(init: str = "uniform", scale: float = 1.0, feedback_seed: int = -1) -> Rule:
+    """Sign-concordant feedback with fixed random magnitudes."""
+    return random_magnitude_sign_feedback(True, init, scale, feedback_seed)
+
+
+# -- direct random target projection ---------------------------------------------------------------
+def direct_random_target_projection(init: str = "uniform", scale: float = 1.0, feedback_seed: int = -1,
+                                    projection: str = "dense") -> Rule:
+    """The one-hot target projected by a fixed random matrix to every hidden block; no backward pass."""
+
+    def init_fn(network, params, generator):
+        check_feedback_network(network, "direct_random_target_projection")
+        hidden = range(network.num_blocks - 1)
+        return params, {"projections": _random_projections(network, params["model"], hidden, generator, init,
+                                                           scale, feedback_seed, projection)}
+
+    def step(network, params, state, batch):
+        model = params["model"]
+        projections = {int(k.split(".")[1]): d for k, d in state["projections"].items()}
+        grads, loss = target_projection_gradients(network, model, batch.x, batch.y, projections)
         return {"model": _ordered(model, grads)}, state, {"loss": loss}
 
     return Rule(init=init_fn, step=step, task="classify")
@@ -201,12 +313,20 @@ def register_rules(register):
                       "fixed random feedback weights (Lillicrap et al. 2016)", options=dict(RANDOM_OPTIONS)))
     register(RuleSpec("direct_feedback_alignment", direct_feedback_alignment,
                       "output error projected to every hidden block (Nøkland 2016)",
-                      options=dict(RANDOM_OPTIONS), aliases=("dfa",)))
+                      options={**RANDOM_OPTIONS, "projection": "dense"}, aliases=("dfa",)))
     register(RuleSpec("indirect_feedback_alignment", indirect_feedback_alignment,
                       "error projected to the first hidden block, then sent forward (Nøkland 2016)",
                       options=dict(RANDOM_OPTIONS), aliases=("ifa",)))
     register(RuleSpec("sign_symmetry", sign_symmetry,
-                      "feedback = sign of the forward weights (Liao, Leibo & Poggio 2016)", options={"scale": 1.0}))
+                      "feedback = sign of the forward weights (Liao, Leibo & Poggio 2016)",
+                      options={"scale": 1.0, "magnitude": "mean_abs"}))
+    register(RuleSpec("brsf", brsf, "feedback = sign of the forward weights, random magnitudes drawn every batch "
+                      "(Moskovitz et al. 2018)", options={"init": "uniform", "scale": 1.0}))
+    register(RuleSpec("frsf", frsf, "feedback = sign of the forward weights, fixed random magnitudes "
+                      "(Moskovitz et al. 2018)", options=dict(RANDOM_OPTIONS)))
+    register(RuleSpec("direct_random_target_projection", direct_random_target_projection,
+                      "one-hot target projected to every hidden block, no backward pass (Frenkel et al. 2021)",
+                      options={**RANDOM_OPTIONS, "projection": "dense"}, aliases=("drtp",)))
     register(RuleSpec("kolen_pollack", kolen_pollack,
                       "learned feedback, same update as the forward weights plus decay (Akrout et al. 2019)",
                       options={**RANDOM_OPTIONS, "decay": 1e-3}))
