@@ -24,9 +24,11 @@ class Dataset:
 
     @property
     def in_shape(self) -> tuple[int, ...]:
+        """The shape of one example (C, H, W)."""
         return tuple(self.train_x.shape[1:])
 
     def to(self, device) -> "Dataset":
+        """The same dataset with every tensor on `device`."""
         return Dataset(
             self.name,
             self.train_x.to(device),

@@ -81,6 +81,7 @@ class Block(nn.Module):
         self.in_shape = tuple(in_shape) if in_shape is not None else None
 
     def forward(self, x: torch.Tensor, pre_activation: bool = False) -> torch.Tensor:
+        """The block's output; with `pre_activation`, the layer's output before the activation."""
         if self.in_shape is not None:
             x = x.reshape(x.shape[0], *self.in_shape)
         a = self.layer(x)
@@ -118,6 +119,7 @@ class Network(nn.Module):
 
     # -- module forward (used through functional_call) ------------------------------------------
     def forward(self, x: torch.Tensor, all_activations: bool = False):
+        """The network's output (a dict of heads, if any); with `all_activations`, `(block outputs, output)`."""
         hs = []
         for block in self.blocks:
             x = block(x)
@@ -137,6 +139,7 @@ class Network(nn.Module):
 
     @property
     def num_blocks(self) -> int:
+        """How many blocks the body has (heads not counted)."""
         return len(self.blocks)
 
     def _check_keys(self, params: Params) -> None:
@@ -169,6 +172,7 @@ class Network(nn.Module):
         return functional_call(self.blocks[i], local_params, (x,), {"pre_activation": pre_activation})
 
     def head_apply(self, name: str, params: Params, h: torch.Tensor) -> torch.Tensor:
+        """Head `name` applied to the last block's output `h`, with the head's parameters taken from `params`."""
         local = {lk: params[k] for k, lk in self.head_keys[name].items()}
         return functional_call(self.heads[name], local, (h,))
 
@@ -197,6 +201,7 @@ class ModelSpec:
     example_shape: tuple[int, ...] = (1, 8, 8)
 
     def make(self, in_shape, out_shape, heads=None, **overrides) -> Network:
+        """The network for these shapes with the family's settings, `overrides` replacing defaults (unknown ones are a UserError)."""
         unknown = set(overrides) - set(self.options)
         if unknown:
             raise UserError(
