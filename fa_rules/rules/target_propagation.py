@@ -116,7 +116,9 @@ except ImportError:  # an engine without distributed training
     def average_across_processes(tree):
         return tree
 
-OBJECTIVES = ("autoencoder", "reverse")
+OBJECTIVES = ("autoencoder", "reverse", "ldrl")
+FIRST_TARGETS = ("output", "penultimate")
+DECODER_ORDERS = ("before", "after")
 OUTPUT_INITS = ("difference", "decoder")
 INFLUENCE = ("none", "example", "batch")
 
@@ -138,12 +140,15 @@ class Settings:
     dtp1: bool = False
     dtp1_output: bool = False
     influence_scaling: str = "none"
+    first_target: str = "output"
+    decoder_order: str = "before"
 
     def check(self) -> "Settings":
         if not self.beta > 0:
             raise UserError(f"beta must be > 0 (got {self.beta})")
         for name, allowed in (("space", SPACES), ("feedback_objective", OBJECTIVES),
-                              ("output_init", OUTPUT_INITS), ("influence_scaling", INFLUENCE)):
+                              ("output_init", OUTPUT_INITS), ("influence_scaling", INFLUENCE),
+                              ("first_target", FIRST_TARGETS), ("decoder_order", DECODER_ORDERS)):
             if getattr(self, name) not in allowed:
                 raise UserError(f"{name} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
         for name in ("feedback_iters", "input_iters", "output_iters"):
@@ -151,6 +156,8 @@ class Settings:
                 raise UserError(f"{name} must be >= 0 (got {getattr(self, name)})")
         if self.feedback_lr < 0 or self.feedback_noise < 0:
             raise UserError("feedback_lr and feedback_noise must be >= 0")
+        if self.feedback_objective == "ldrl" and not self.feedback_noise > 0:
+            raise UserError("feedback_objective=ldrl needs feedback_noise > 0 (it measures Jacobians with noise)")
         if (self.dtp1 or self.dtp1_output) and self.space != "pre":
             raise UserError("dtp1 is the update for f(h) = W sigma(h): it needs space=pre")
         return self
@@ -167,6 +174,13 @@ def decoders(network, space: str) -> list[Decoder | None]:
         shapes = value_shapes(network)
         per_network[space] = [None] + [decoder_for(network, i, space, shapes) for i in range(1, network.num_blocks)]
     return per_network[space]
+
+
+def decoder_blocks(network, s: "Settings") -> list[int]:
+    """Blocks whose decoder carries a target down: 1..L-1, or 1..L-2 when the first target is set
+    on the last hidden value directly (`first_target=penultimate`: no decoder on the output block)."""
+    top = network.num_blocks - (2 if s.first_target == "penultimate" else 1)
+    return list(range(1, top + 1))
 
 
 def block_params(network, model, i: int) -> dict:
@@ -195,6 +209,40 @@ def reconstruction_loss(network, model, i, decoder, dec_params, x, objective, sp
     return 0.5 * err.pow(2).flatten(1).sum(1).mean() / scale
 
 
+def difference_reconstruction_loss(decoder, dec_params, code, code_moved, input_noise, output_noise, sigma):
+    """Ernoult et al. 2022's local difference reconstruction loss (L-DRL) of one decoder, halved:
+    `1/2 E[-2 eps^T (g(f(h + eps)) - g(f(h))) + ||g(f(h) + eta) - g(f(h))||^2] / sigma^2`, with
+    `code = f(h)`, `code_moved = f(h + eps)` (constants), `eps`, `eta ~ N(0, sigma^2)`. To second
+    order in the noise it is `1/2 ||J_g - J_f^T||_F^2` up to a constant, so it drives the decoder's
+    Jacobian to the transpose of the block's: DTP's targets then become backprop's."""
+    g_code = decoder(dec_params, code)
+    recon = (decoder(dec_params, code_moved) - g_code) * input_noise
+    spread = (decoder(dec_params, code + output_noise) - g_code).pow(2)
+    per_example = -2 * recon.flatten(1).sum(1) + spread.flatten(1).sum(1)
+    return 0.5 * per_example.mean() / sigma**2
+
+
+def _train_ldrl(network, model, params, values, s, blocks, decs, generator):
+    for _ in range(s.feedback_iters):
+        inputs = {}
+        for i in blocks:
+            h = values[i]
+            bp = block_params(network, model, i)
+            eps = s.feedback_noise * torch.randn(h.shape, generator=generator, device=h.device, dtype=h.dtype)
+            code = values[i + 1]
+            moved = encode(network, i, bp, h + eps, s.space).detach()
+            eta = s.feedback_noise * torch.randn(code.shape, generator=generator, device=h.device, dtype=h.dtype)
+            inputs[i] = (code, moved, eps, eta)
+
+        def loss_fn(ps, _inputs=inputs):
+            return sum(difference_reconstruction_loss(decs[i], ps[str(i)], *args, s.feedback_noise)
+                       for i, args in _inputs.items())
+
+        g = average_across_processes(grad(loss_fn)(params))
+        params = {b: {k: v - s.feedback_lr * g[b][k] for k, v in p.items()} for b, p in params.items()}
+    return params
+
+
 def train_feedback(network, model, feedback, values, s: Settings, generator):
     """`feedback_iters` SGD steps on every decoder's reconstruction loss; returns new parameters.
     Each decoder's loss involves only its own parameters, so one `grad` call over their sum gives
@@ -203,8 +251,10 @@ def train_feedback(network, model, feedback, values, s: Settings, generator):
     would take on the whole batch."""
     decs = decoders(network, s.space)
     autoencoder = s.feedback_objective == "autoencoder"
-    blocks = list(range(1, network.num_blocks))
+    blocks = decoder_blocks(network, s)
     params = {str(i): feedback[str(i)] for i in blocks}
+    if s.feedback_objective == "ldrl":
+        return _train_ldrl(network, model, params, values, s, blocks, decs, generator)
     for _ in range(s.feedback_iters):
         inputs = {}
         for i in blocks:  # noisy inputs, codes and normalisers: constants of the loss below
@@ -272,13 +322,32 @@ def carry_down(network, model, i, decoder, dec_params, tau, values, s: Settings)
     return x
 
 
+def penultimate_delta(network, model, values, y, space) -> torch.Tensor:
+    """Per-example gradient of the cross-entropy with respect to the last hidden value h_{L-1}."""
+    last = network.num_blocks - 1
+    bp = block_params(network, model, last)
+
+    def loss_fn(h):
+        top = encode(network, last, bp, h, space)
+        out = activate(network, last, top) if space == "pre" else top
+        return classification_loss(out, y) * h.shape[0]
+
+    return grad(loss_fn)(values[-2])
+
+
 def compute_targets(network, model, feedback, values, y, s: Settings) -> list[torch.Tensor | None]:
-    """`[None, tau_1, ..., tau_L]` aligned with `values` (the input gets no target)."""
+    """`[None, tau_1, ..., tau_L]` aligned with `values` (the input gets no target). The output
+    target always trains the output block (its local loss gradient is its true gradient); with
+    `first_target=penultimate` the last hidden value's target is computed exactly, as in Lee et
+    al.'s Algorithm 1, and decoders carry targets down from there."""
     decs = decoders(network, s.space)
     top = values[-1] - s.beta * output_delta(network, values, y, s.space)
     targets = [None] * len(values)
     targets[-1] = top.detach()
-    for i in range(network.num_blocks - 1, 0, -1):
+    blocks = decoder_blocks(network, s)
+    if s.first_target == "penultimate" and network.num_blocks > 1:
+        targets[-2] = (values[-2] - s.beta * penultimate_delta(network, model, values, y, s.space)).detach()
+    for i in reversed(blocks):
         targets[i] = carry_down(network, model, i, decs[i], feedback[str(i)], targets[i + 1], values, s).detach()
     return targets
 
@@ -362,9 +431,9 @@ def _build(s: Settings) -> Rule:
         _check_network(network)
         reference = next(iter(params["model"].values()))
         feedback = {}
-        for i, dec in enumerate(decoders(network, s.space)):
-            if dec is not None:
-                feedback[str(i)] = dec.init(generator, device=reference.device, dtype=reference.dtype)
+        decs = decoders(network, s.space)
+        for i in decoder_blocks(network, s):
+            feedback[str(i)] = decs[i].init(generator, device=reference.device, dtype=reference.dtype)
         if s.dtp1 or s.dtp1_output:
             for i, block in enumerate(network.blocks):
                 if not isinstance(block.layer, nn.Linear):
@@ -377,8 +446,12 @@ def _build(s: Settings) -> Rule:
         # an outer no_grad), and recording one for every decoder call would double the step's cost.
         with torch.no_grad():
             values = forward_values(network, model, batch.x, s.space)
-            feedback = train_feedback(network, model, state["feedback"], values, s, batch.generator())
+            trained = train_feedback(network, model, state["feedback"], values, s, batch.generator())
+            # before: targets from decoders fitted to the current weights (seed paper, sec. 9);
+            # after: from the decoders of the previous step, then fitted (Lee et al., Algorithm 1)
+            feedback = trained if s.decoder_order == "before" else state["feedback"]
             targets = compute_targets(network, model, feedback, values, batch.y, s)
+            feedback = trained
             updates = forward_updates(network, model, targets, values, s)
             loss = classification_loss(_output(network, values, s.space), batch.y)
         return {"model": updates}, {**state, "feedback": feedback}, {"loss": loss}
@@ -390,7 +463,7 @@ def _build(s: Settings) -> Rule:
         targets = compute_targets(network, model, feedback, values, batch.y, s)
         decs = decoders(network, s.space)
         recon, reverse, inversion = [], [], []
-        for i in range(1, network.num_blocks):
+        for i in decoder_blocks(network, s):
             bp = block_params(network, model, i)
             back = decs[i](feedback[str(i)], values[i + 1])
             recon.append(float((back - values[i]).pow(2).mean()))
@@ -416,10 +489,22 @@ def target_prop(
 def dtp(
     beta: float = 0.5, space: str = "post", feedback_lr: float = 1.0, feedback_iters: int = 1,
     feedback_noise: float = 0.3, feedback_objective: str = "autoencoder", feedback_normalise: bool = True,
+    first_target: str = "output", decoder_order: str = "before",
 ) -> Rule:
     """Difference target propagation (Lee et al. 2015): tau_{l-1} = h_{l-1} + g_l(tau_l) - g_l(h_l)."""
     return _build(Settings(beta, space, feedback_lr, feedback_iters, feedback_noise, feedback_objective,
-                           feedback_normalise, output_init="difference"))
+                           feedback_normalise, output_init="difference", first_target=first_target,
+                           decoder_order=decoder_order))
+
+
+def l_drl(
+    beta: float = 0.5, space: str = "post", feedback_lr: float = 0.5, feedback_iters: int = 1,
+    feedback_noise: float = 0.1, first_target: str = "output", decoder_order: str = "before",
+) -> Rule:
+    """DTP whose decoders learn backprop's targets with the local difference reconstruction loss
+    (Ernoult et al. 2022)."""
+    return _build(Settings(beta, space, feedback_lr, feedback_iters, feedback_noise, "ldrl", False,
+                           output_init="difference", first_target=first_target, decoder_order=decoder_order))
 
 
 def iterative_dtp(
@@ -440,6 +525,7 @@ def register_rules(register):
         ("target_prop", target_prop, "target propagation through learned layer inverses (Bengio 2014)"),
         ("dtp", dtp, "difference target propagation (Lee et al. 2015)"),
         ("iterative_dtp", iterative_dtp, "DTP with iterated inverses, DTP1 update, influence scaling (Bengio 2020)"),
+        ("l_drl", l_drl, "DTP with decoders trained by the local difference reconstruction loss (Ernoult et al. 2022)"),
     ):
         options = {k: p.default for k, p in inspect.signature(build).parameters.items()}
         register(RuleSpec(name, build, summary, options=options, models=("mlp",),
