@@ -22,8 +22,9 @@ A step:
 4. Feedback weights `Q` (`feedback`):
    - `fixed`: `Q_i = W_{i+1}^T ... W_out^T`, `Q_out = I`, from the initial forward weights and
      kept (in the rule's state): the paper's fixed-feedback variants ("DFC (fixed)"), which equal
-     `J^T` (Condition 2) for a linear network at initialisation.
-   - `learned` (default): the parameter group `feedback`, optimised by the engine. Each step first
+     `J^T` (Condition 2) for a linear network at initialisation. The default: on digits it reached
+     0.958 (learned: 0.947, with a late loss jump) at half the cost.
+   - `learned`: the parameter group `feedback`, optimised by the engine. Each step first
      runs the feedback learning phase (sec. 5): `feedback_steps` Euler steps with white noise of
      scale `feedback_noise` in the feedback compartment (time constant `feedback_tau_a`), output
      target = the feedforward output (the controller only fights the noise), its own leak
@@ -43,6 +44,15 @@ Eq. 4), `network_residual` (`||v - W r - b - Q u|| / ||Q u||`, Eq. 1), their max
 the controller reached; about `alpha ||u|| / ||e_0||` at the steady state). A run whose
 `train_steady_state_residual` is not small stopped short of the steady state the update assumes:
 raise `steps` or `dt`.
+
+Defaults (`steps=40, dt=0.1, tau_v=0.1, tau_u=1, k_p=0, alpha=0.01, target_stepsize=0.1`) are
+chosen so the dynamics end at a steady state on our MLPs (digits: `train_steady_state_residual`
+about 3e-4). `dt = tau_v` makes each Euler step settle the network given `u` (forward Euler with
+rate 1), which is allowed and stable; the network then answers the controller within the step,
+and a proportional gain only slows the integral part (the loop's rate is `(mu + alpha) / (1 + k_p
+mu)` for an eigenvalue `mu` of `J Q`; measured on digits after 3 epochs with 80 steps of 0.05:
+residual 3e-4 with `k_p = 0`, 1e-2 with `k_p = 0.5`); `k_p = 2` with `dt = tau_v` oscillates and
+diverges, which the residual metrics show at once.
 
 Cost: each step simulates `steps` Euler steps (default 40), each a full forward pass plus one
 `L x n_out` feedback product per block, and the learned variant as many again with noise:
@@ -199,7 +209,7 @@ def _build(s: Settings) -> Rule:
 
 def dfc(
     steps: int = 40, dt: float = 0.1, tau_v: float = 0.1, tau_u: float = 1.0, k_p: float = 0.0,
-    alpha: float = 0.01, target_stepsize: float = 0.1, feedback: str = "learned",
+    alpha: float = 0.01, target_stepsize: float = 0.1, feedback: str = "fixed",
     feedback_init: str = "product", difference: str = "voltage", update: str = "steady_state",
     feedback_steps: int = 40, feedback_dt: float = 0.05, feedback_noise: float = 0.1,
     feedback_alpha: float = 1.0, feedback_k_p: float = 0.0, feedback_tau_a: float = 0.2,

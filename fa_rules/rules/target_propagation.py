@@ -1,4 +1,4 @@
-"""Target propagation: `target_prop`, `dtp` and `iterative_dtp`.
+"""Target propagation: `target_prop`, `dtp`, `iterative_dtp` and `l_drl`.
 
 Papers (see `papers/` beside the design guide):
 
@@ -18,6 +18,22 @@ Papers (see `papers/` beside the design guide):
   per-layer influence scaling `||tau_L - h_L||^2 / ||tau_l - h_l||^2` (sec. 8); decoders trained
   first, then targets, then forward weights (sec. 9, algorithm); the regular auto-encoder objective
   `g o f ~ I` as the first choice, the reverse one `f o g ~ I` as the alternative (sec. 10.2).
+- Ernoult, Normandin, Moudgil, Spinney, Belilovsky, Rish, Richards & Bengio (2022), "Towards
+  scaling difference target propagation by learning backprop targets", ICML: the local difference
+  reconstruction loss (L-DRL) `E[-2 eps^T (g(f(h + eps)) - g(f(h))) + ||g(f(h) + eta) - g(f(h))||^2]`,
+  `eps, eta ~ N(0, sigma^2)`, whose minimiser has `J_g = J_f^T` (to second order it is
+  `sigma^2 ||J_g - J_f^T||_F^2` + const), so that DTP's difference targets become backprop's
+  (`l_drl`: `dtp` with `feedback_objective=ldrl`, loss divided by `sigma^2`, no input
+  normalisation).
+
+Lee et al.'s Algorithm 1 differs from the seed paper's in two places, both settings of `dtp` and
+`l_drl`: `first_target=penultimate` sets the first target on the last hidden value,
+`h_{L-1} - beta dl/dh_{L-1}` computed exactly through the output block, and gives the output block no
+decoder (the default `output` sets it on the logits and carries it down through an output decoder);
+`decoder_order=after` computes the targets with the decoders as they were (fitted one step earlier)
+and trains them afterwards, where the default `before` trains them first (seed paper, sec. 9). In a
+pure rule "after" is exactly this: the decoders trained in step t fit the weights of step t and are
+used by the targets of step t + 1. Both defaults are the ones the measurements below argue for.
 
 How a step runs (all three rules share it; they differ only in how a target is carried down):
 
@@ -29,8 +45,8 @@ How a step runs (all three rules share it; they differ only in how a target is c
    in the rule's `state["feedback"]`, not in an engine parameter group, because the papers train
    them with their own learning rate and several iterations per step: `feedback_iters` plain SGD
    steps (default 1: one decoder step per batch) of size `feedback_lr` on the reconstruction loss
-   (`feedback_objective`: "autoencoder", `g(f(h + eps)) ~ h + eps`, or "reverse",
-   `f(g(h + eps)) ~ h + eps`), fresh noise of scale
+   (`feedback_objective`: "autoencoder", `g(f(h + eps)) ~ h + eps`, "reverse",
+   `f(g(h + eps)) ~ h + eps`, or "ldrl", Ernoult et al.'s L-DRL above), fresh noise of scale
    `feedback_noise` each iteration, gradients by `fa_rules.core.grad` with respect to the decoder
    only. With `feedback_normalise` (default) each decoder's loss is divided by the mean squared norm
    of its input (+1 for the bias), a normalised LMS step whose size does not depend on the scale of
