@@ -201,9 +201,8 @@ def rule_settings(spec, **overrides) -> dfc.Settings:
 @pytest.mark.parametrize("feedback", ["learned", "fixed"])
 def test_dfc_is_conformant(feedback):
     spec = get_registry().rule("dfc")
-    if feedback == "fixed":
-        spec = type(spec)(spec.name, spec.build, spec.summary, {**spec.options, "feedback": "fixed"}, spec.models,
-                          model_defaults=spec.model_defaults)
+    spec = type(spec)(spec.name, spec.build, spec.summary, {**spec.options, "feedback": feedback}, spec.models,
+                      model_defaults=spec.model_defaults)
     assert_conformant(spec)
 
 
@@ -212,7 +211,7 @@ def test_bad_settings_are_clear_errors():
     with pytest.raises(UserError, match="overshoots"):
         spec.make(dt=0.5, tau_v=0.1)
     with pytest.raises(UserError, match="feedback_noise"):
-        spec.make(feedback_noise=0.0)
+        spec.make(feedback="learned", feedback_noise=0.0)
     with pytest.raises(UserError, match="difference"):
         spec.make(difference="both")
 
@@ -224,6 +223,7 @@ def test_cli_trains_dfc_on_digits_and_logs_the_steady_state_residual(tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["test_accuracy"] >= 0.8
+    assert summary["params_by_group"] == {"model": summary["params"]}  # fixed Q: no feedback group
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(r["train_steady_state_residual"] < 1e-2 for r in rows)
     assert all(0 < r["train_output_error_ratio"] < 0.1 for r in rows)

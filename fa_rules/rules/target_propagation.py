@@ -24,7 +24,9 @@ Papers (see `papers/` beside the design guide):
   `eps, eta ~ N(0, sigma^2)`, whose minimiser has `J_g = J_f^T` (to second order it is
   `sigma^2 ||J_g - J_f^T||_F^2` + const), so that DTP's difference targets become backprop's
   (`l_drl`: `dtp` with `feedback_objective=ldrl`, loss divided by `sigma^2`, no input
-  normalisation).
+  normalisation). Its `feedback_lr` defaults to 0.05: one batch of 64 noise samples estimates a
+  256 x 256 Jacobian with rank 64, so a large step tracks the sampling noise (digits, 5 epochs:
+  hidden angles to backprop 90/93 degrees at 0.5, 32/26 at 0.05).
 
 Lee et al.'s Algorithm 1 differs from the seed paper's in two places, both settings of `dtp` and
 `l_drl`: `first_target=penultimate` sets the first target on the last hidden value,
@@ -514,7 +516,7 @@ def dtp(
 
 
 def l_drl(
-    beta: float = 0.5, space: str = "post", feedback_lr: float = 0.5, feedback_iters: int = 1,
+    beta: float = 0.5, space: str = "post", feedback_lr: float = 0.05, feedback_iters: int = 1,
     feedback_noise: float = 0.1, first_target: str = "output", decoder_order: str = "before",
 ) -> Rule:
     """DTP whose decoders learn backprop's targets with the local difference reconstruction loss
