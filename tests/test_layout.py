@@ -83,3 +83,33 @@ def test_public_face_resolves_every_name():
     for name in fa_rules.__all__:
         assert getattr(fa_rules, name) is not None, name
     from fa_rules import Network, Rule, RuleSpec, load_run, train  # noqa: F401  the documented spelling
+
+
+def test_every_fa_rules_import_names_a_module_or_name_that_exists():
+    """Function-level imports run only when their function does: a stale path after a move would
+    fail late, in a user's run. Check every one of them now."""
+    import importlib
+
+    missing = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and node.module.startswith("fa_rules"):
+                try:
+                    module = importlib.import_module(node.module)
+                except ModuleNotFoundError:
+                    missing.append(f"{path.relative_to(PACKAGE)}: {node.module}")
+                    continue
+                for alias in node.names:
+                    if not hasattr(module, alias.name):
+                        try:
+                            importlib.import_module(f"{node.module}.{alias.name}")
+                        except ModuleNotFoundError:
+                            missing.append(f"{path.relative_to(PACKAGE)}: {node.module}.{alias.name}")
+            elif isinstance(node, ast.Import):
+                for alias in node.names:
+                    if alias.name.startswith("fa_rules"):
+                        try:
+                            importlib.import_module(alias.name)
+                        except ModuleNotFoundError:
+                            missing.append(f"{path.relative_to(PACKAGE)}: {alias.name}")
+    assert not missing, missing

@@ -79,7 +79,7 @@ def train(
             device=device, data_dir=data_dir,
         )
         trainer = new_trainer(config, out_dir, progress=not quiet)
-    if fid:  # FID at the end of training: checked first, computed after the run (plugins.experiment)
+    if fid:  # FID at the end of training: checked first, computed after the run (fa_rules.runs)
         from fa_rules.runs import add_fid, check_fid_request
 
         check_fid_request(trainer, fid, fid_weights)

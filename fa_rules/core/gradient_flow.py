@@ -102,8 +102,13 @@ def gradient_flow(
     steps: int = 1,
     step_size: float = 1.0,
     weight: Any = None,
+    constant: float = 0.5,
 ) -> torch.Tensor:
-    """`steps` Euler steps r <- r - step_size * d/dr [1/2 ||target - f(r)||^2] from `r0` (Eq. 2).
+    """`steps` Euler steps r <- r - step_size * d/dr [c ||target - f(r)||^2] from `r0` (Eq. 2), with
+    `c = constant`: 1/2 as in the appendix (Eq. 11-13, the default), 1 as Algorithm 1 prints it.
+    At the same step size the two flows differ by a factor 2 in every step (c = 1 at tau equals
+    c = 1/2 at 2 tau); the paper's tau = 1 and its stability bound w^2 < 2 (Eq. 9, 19) belong to
+    c = 1/2: one step from zero gives r = 2 c tau W^T W x, the Appendix A case for c = 1/2.
 
     Differentiable in everything `f` and `target` depend on (call it inside `fa_rules.core.grad`
     to train through the flow). Outside any transform it simply returns r_hat.
@@ -113,9 +118,10 @@ def gradient_flow(
         return alignment_distance(target, f(r), weight)
 
     step = grad(distance)
+    size = step_size * constant / 0.5  # `distance` carries the 1/2
     r = r0
     for _ in range(steps):
-        r = r - step_size * step(r)
+        r = r - size * step(r)
     return r
 
 

@@ -38,6 +38,8 @@ BUILTIN_PLUGINS = (
     "fa_rules.rules.local_feature_alignment",
     "fa_rules.rules.autoencoder",
     "fa_rules.rules.target_propagation",
+    "fa_rules.rules.direct_target_propagation",
+    "fa_rules.rules.deep_feedback_control",
     "fa_rules.rules.variational_feature_alignment",
     "fa_rules.rules.generative_baselines",
     "fa_rules.plugins.datasets",

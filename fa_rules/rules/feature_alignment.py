@@ -13,6 +13,12 @@ There is no decoder: after training the encoder reconstructs inputs from its lat
 same flow (`reconstruct`). Settings and where they come from:
 
 - `steps=1, tau=1.0`: section 4 ("tau = 1 ... at one-shot T = 1").
+- `flow_constant=0.5`: the constant c of the flow's distance c ||z_x - E(r)||^2. Algorithm 1 prints
+  it without the 1/2 (c = 1); the appendix (Eq. 11, 13) and the stability bound behind the weight
+  clamp (w^2 < 2, Eq. 9 and 19) use 1/2. At tau = 1 these are different flows (c = 1 at tau is
+  c = 1/2 at 2 tau: one zero-start step gives r = 2 c tau W^T W x). The paper's tau = 1 refers to
+  the 1/2 form: with c = 1, tau = 1 and a weight near the clamp sqrt(2) the linear flow's factor
+  1 - 2 c tau w^2 = -3 diverges, while with c = 1/2 it is -1, the edge of stability Eq. 9 is built on.
 - `init="zeros"`: the authors' code starts the flow at zero; the paper's Algorithm 1 draws r from a
   random distribution, `init=uniform` (on [0, 1), the data range) or `init=normal` do that. A random
   start leaves its null-space part in r_hat, so zeros give the cleaner reconstruction.
@@ -56,9 +62,14 @@ def feature_alignment(
     orthogonal: bool = True,
     clamp_weights: bool = True,
     output_weight: torch.Tensor | None = None,
+    flow_constant: float = 0.5,
 ) -> Rule:
     """Algorithm 1. `output_weight` (Python use only) weights the alignment distance per output."""
     check_settings(init, squash, steps, tau)
+    if not flow_constant > 0:
+        from fa_rules.core import UserError
+
+        raise UserError(f"flow_constant must be > 0 (got {flow_constant})")
 
     def init_fn(network, params, generator):
         model = orthogonal_init(params["model"], generator) if orthogonal else params["model"]
@@ -67,7 +78,7 @@ def feature_alignment(
     def invert(network, model, z, r0):
         """r_hat for the latent z: the flow of Eq. 2 through the whole encoder, then the squash."""
         weight = None if output_weight is None else output_weight.to(r0.device)
-        r = gradient_flow(lambda r: network.apply(model, r), z, r0, steps, tau, weight)
+        r = gradient_flow(lambda r: network.apply(model, r), z, r0, steps, tau, weight, flow_constant)
         return squash_output(squash, r)
 
     def step(network, params, state, batch):
@@ -96,6 +107,6 @@ def register_rules(register):
         "feature_alignment", feature_alignment,
         "encoder that reconstructs its input by a gradient flow on its own latent (Algorithm 1)",
         options={"steps": 1, "tau": 1.0, "init": "zeros", "squash": "none", "orthogonal": True,
-                 "clamp_weights": True},
+                 "clamp_weights": True, "flow_constant": 0.5},
         models=("mlp", "lenet", "paper_encoder"),
     ))
