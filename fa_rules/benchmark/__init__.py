@@ -53,22 +53,24 @@ continues an interrupted cell from its last epoch checkpoint and retries failed 
 """
 
 from fa_rules.benchmark.aggregate import add_ratios, aggregate
-from fa_rules.benchmark.cells import Cell, plan_cells
+from fa_rules.benchmark.cells import Cell, check_cells, plan_cells
 from fa_rules.benchmark.live import LiveTable
 from fa_rules.benchmark.report import (
-    comparison_rich, comparison_table, machine_description, record_machine, render_report, write_outputs,
-    write_report_copy,
+    comparison_rich, comparison_table, machine_description, print_whole, record_machine, render_report,
+    write_outputs, write_report_copy,
 )
-from fa_rules.benchmark.runner import check_cell_dir, run_cell, run_suite
+from fa_rules.benchmark.runner import check_cell_dir, output_lock, run_cell, run_suite
 from fa_rules.benchmark.suite import (
-    ANCHORABLE, MEASURE_DEFAULTS, METRICS, REPORT_MD, RESULTS_CSV, RESULTS_JSON, ROW_FILE, RUNS_DIR, SUITE_JSON,
-    RuleEntry, Suite, load_suite, override_settings, safe_name, select_rules, suite_from_dict,
+    ANCHORABLE, LOCK_FILE, MAX_CELLS, MEASURE_DEFAULTS, METRICS, REPORT_MD, RESULTS_CSV, RESULTS_JSON, ROW_FILE,
+    RUNS_DIR, SUITE_JSON, RuleEntry, Suite, cell_count, check_cell_config, load_suite, override_settings, safe_name,
+    select_rules, suite_from_dict,
 )
 
 __all__ = [
-    "ANCHORABLE", "MEASURE_DEFAULTS", "METRICS", "REPORT_MD", "RESULTS_CSV", "RESULTS_JSON", "ROW_FILE", "RUNS_DIR",
-    "SUITE_JSON", "Cell", "LiveTable", "RuleEntry", "Suite", "add_ratios", "aggregate", "check_cell_dir",
-    "comparison_rich", "comparison_table", "load_suite", "machine_description", "override_settings",
-    "plan_cells", "record_machine", "render_report", "run_cell", "run_suite", "safe_name", "select_rules",
+    "ANCHORABLE", "LOCK_FILE", "MAX_CELLS", "MEASURE_DEFAULTS", "METRICS", "REPORT_MD", "RESULTS_CSV", "RESULTS_JSON", "ROW_FILE", "RUNS_DIR",
+    "SUITE_JSON", "Cell", "LiveTable", "RuleEntry", "Suite", "add_ratios", "aggregate", "cell_count", "check_cell_config",
+    "check_cell_dir", "check_cells",
+    "comparison_rich", "comparison_table", "load_suite", "machine_description", "output_lock", "override_settings",
+    "plan_cells", "print_whole", "record_machine", "render_report", "run_cell", "run_suite", "safe_name", "select_rules",
     "suite_from_dict", "write_outputs", "write_report_copy",
 ]
