@@ -47,9 +47,11 @@ the per-rule settings `model`, `model_options`, `group_lr` (groups the rule owns
 Outputs in DIR, rewritten atomically after every cell: `results.json` (a list of rows, one per
 rule and seed and varied setting), `results.csv`, `report.md`; the plots at the end (and on
 Ctrl-C); `suite.json` (the resolved suite) and `machine.json` (the machines and dates that trained
-cells, which the report names). A cell whose rule fails or diverges gets a row with `status` and `error`, and the suite
-goes on. Rerunning the same command skips finished cells (`row.json` in the cell directory),
-continues an interrupted cell from its last epoch checkpoint and retries failed ones.
+cells, which the report names). Unknown names and options, bad settings and suites of more than
+MAX_CELLS cells are refused before any cell trains. A cell whose rule fails or diverges gets a row
+with `status` and `error`, and the suite goes on. Rerunning the same command skips finished cells
+(`row.json` in the cell directory) and continues an interrupted or failed cell from its last epoch
+checkpoint. One process at a time runs in DIR (`DIR/.benchmark.lock`).
 """
 
 from fa_rules.benchmark.aggregate import add_ratios, aggregate
