@@ -173,17 +173,22 @@ def output_lock(out_dir: Path):
     The lock is an flock on the file (released by the kernel when its holder dies, however it
     dies) and the file holds the holder's pid, for the message and for filesystems without flock;
     a lock left by a dead process is taken over."""
-    import fcntl
-
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: the pid alone decides
+        fcntl = None
     path = Path(out_dir) / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror or e}); is {out_dir} writable?") from None
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             locked = True
         except BlockingIOError:
             locked = False
-        except OSError:  # no flock here (some network filesystems): the pid alone decides
+        except (OSError, AttributeError):  # no flock here (some network filesystems): the pid alone decides
             locked = None
         text = os.pread(fd, 64, 0).decode(errors="replace").strip()
         pid = int(text) if text.isdigit() else None
