@@ -37,6 +37,13 @@ def _nan_rule() -> Rule:
     return Rule(init=no_state_init, step=step)
 
 
+def _broken_rule() -> Rule:
+    def step(network, params, state, batch):
+        raise RuntimeError("broken on purpose")
+
+    return Rule(init=no_state_init, step=step)
+
+
 def _interrupted_backprop(after_calls: int):
     """Backprop whose step raises KeyboardInterrupt once, on call number `after_calls` (Ctrl-C)."""
     calls = {"n": 0}
@@ -59,6 +66,7 @@ def _interrupted_backprop(after_calls: int):
 def test_rules(monkeypatch):
     registry = get_registry()
     monkeypatch.setitem(registry.rules, "explodes", RuleSpec("explodes", _nan_rule, "loss is NaN"))
+    monkeypatch.setitem(registry.rules, "broken", RuleSpec("broken", _broken_rule, "raises in every step"))
     # digits, batch 128: 12 steps per epoch plus one memory probe and one alignment step -> call 16
     # is inside epoch 2, after epoch 1's checkpoint
     monkeypatch.setitem(registry.rules, "ctrl_c", RuleSpec("ctrl_c", _interrupted_backprop(16), "backprop, Ctrl-C once"))
@@ -135,7 +143,7 @@ def test_failures_get_rows_suite_goes_on_and_rerun_skips_finished_cells(tmp_path
     suite_file = tmp_path / "tiny.toml"
     suite_file.write_text("""
 name = "tiny"
-rules = ["readout_only", "no_such_rule", "explodes", "backprop"]
+rules = ["readout_only", "broken", "explodes", "backprop"]
 seeds = [3]
 [settings]
 dataset = "digits"
@@ -152,12 +160,12 @@ backprop = 0.5
     out = tmp_path / "out"
     events = []
     rows = bench.run_suite(suite, out, on_event=lambda kind, i, payload: events.append(kind))
-    assert [r["rule"] for r in rows[:4]] == ["backprop", "readout_only", "no_such_rule", "explodes"]  # reference first
+    assert [r["rule"] for r in rows[:4]] == ["backprop", "readout_only", "broken", "explodes"]  # reference first
     assert [r["width"] for r in rows] == [8] * 4 + [16] * 4
     by = {(r["rule"], r["width"]): r for r in _rows(out)}
     assert len(by) == 8
-    unknown = by[("no_such_rule", 8)]
-    assert unknown["status"] == "failed" and "unknown rule 'no_such_rule'" in unknown["error"]
+    broken = by[("broken", 8)]
+    assert broken["status"] == "failed" and broken["error"] == "RuntimeError: broken on purpose"
     assert by[("explodes", 16)]["status"] == "diverged" and "diverged" in by[("explodes", 16)]["error"]
     for width in (8, 16):
         assert by[("backprop", width)]["status"] == "ok" and by[("readout_only", width)]["status"] == "ok"
@@ -166,7 +174,7 @@ backprop = 0.5
     assert events.count("start") == 8 and events.count("done") == 8
     report = (out / "report.md").read_text()
     assert "test error % (anchor)" in report and "| 50.00 |" in report and "made up for the test" in report
-    assert "unknown rule 'no_such_rule'" in report and "## Failures and notes" in report
+    assert "broken on purpose" in report and "## Failures and notes" in report
     assert (out / "memory_vs_width.png").stat().st_size > 1000
 
     # rerun: finished and diverged cells are skipped (their rows untouched), failed ones retried

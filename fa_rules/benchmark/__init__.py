@@ -47,28 +47,32 @@ the per-rule settings `model`, `model_options`, `group_lr` (groups the rule owns
 Outputs in DIR, rewritten atomically after every cell: `results.json` (a list of rows, one per
 rule and seed and varied setting), `results.csv`, `report.md`; the plots at the end (and on
 Ctrl-C); `suite.json` (the resolved suite) and `machine.json` (the machines and dates that trained
-cells, which the report names). A cell whose rule fails or diverges gets a row with `status` and `error`, and the suite
-goes on. Rerunning the same command skips finished cells (`row.json` in the cell directory),
-continues an interrupted cell from its last epoch checkpoint and retries failed ones.
+cells, which the report names). Unknown names and options, bad settings and suites of more than
+MAX_CELLS cells are refused before any cell trains. A cell whose rule fails or diverges gets a row
+with `status` and `error`, and the suite goes on. Rerunning the same command skips finished cells
+(`row.json` in the cell directory) and continues an interrupted or failed cell from its last epoch
+checkpoint. One process at a time runs in DIR (`DIR/.benchmark.lock`).
 """
 
 from fa_rules.benchmark.aggregate import add_ratios, aggregate
-from fa_rules.benchmark.cells import Cell, plan_cells
+from fa_rules.benchmark.cells import Cell, check_cells, plan_cells
 from fa_rules.benchmark.live import LiveTable
 from fa_rules.benchmark.report import (
-    comparison_rich, comparison_table, machine_description, record_machine, render_report, write_outputs,
-    write_report_copy,
+    comparison_rich, comparison_table, machine_description, print_whole, record_machine, render_report,
+    write_outputs, write_report_copy,
 )
-from fa_rules.benchmark.runner import check_cell_dir, run_cell, run_suite
+from fa_rules.benchmark.runner import check_cell_dir, output_lock, run_cell, run_suite
 from fa_rules.benchmark.suite import (
-    ANCHORABLE, MEASURE_DEFAULTS, METRICS, REPORT_MD, RESULTS_CSV, RESULTS_JSON, ROW_FILE, RUNS_DIR, SUITE_JSON,
-    RuleEntry, Suite, load_suite, override_settings, safe_name, select_rules, suite_from_dict,
+    ANCHORABLE, LOCK_FILE, MAX_CELLS, MEASURE_DEFAULTS, METRICS, REPORT_MD, RESULTS_CSV, RESULTS_JSON, ROW_FILE,
+    RUNS_DIR, SUITE_JSON, RuleEntry, Suite, cell_count, check_cell_config, load_suite, override_settings, safe_name,
+    select_rules, suite_from_dict,
 )
 
 __all__ = [
-    "ANCHORABLE", "MEASURE_DEFAULTS", "METRICS", "REPORT_MD", "RESULTS_CSV", "RESULTS_JSON", "ROW_FILE", "RUNS_DIR",
-    "SUITE_JSON", "Cell", "LiveTable", "RuleEntry", "Suite", "add_ratios", "aggregate", "check_cell_dir",
-    "comparison_rich", "comparison_table", "load_suite", "machine_description", "override_settings",
-    "plan_cells", "record_machine", "render_report", "run_cell", "run_suite", "safe_name", "select_rules",
+    "ANCHORABLE", "LOCK_FILE", "MAX_CELLS", "MEASURE_DEFAULTS", "METRICS", "REPORT_MD", "RESULTS_CSV", "RESULTS_JSON", "ROW_FILE", "RUNS_DIR",
+    "SUITE_JSON", "Cell", "LiveTable", "RuleEntry", "Suite", "add_ratios", "aggregate", "cell_count", "check_cell_config",
+    "check_cell_dir", "check_cells",
+    "comparison_rich", "comparison_table", "load_suite", "machine_description", "output_lock", "override_settings",
+    "plan_cells", "print_whole", "record_machine", "render_report", "run_cell", "run_suite", "safe_name", "select_rules",
     "suite_from_dict", "write_outputs", "write_report_copy",
 ]

@@ -8,7 +8,8 @@ import re
 from dataclasses import dataclass
 
 from fa_rules.core.config import TrainConfig
-from fa_rules.benchmark.suite import _SETTING_FIELDS, RuleEntry, Suite
+from fa_rules.core.errors import UserError
+from fa_rules.benchmark.suite import _SETTING_FIELDS, RuleEntry, Suite, check_cell_config, check_size
 
 @dataclass
 class Cell:
@@ -28,7 +29,11 @@ def _slug(v) -> str:
 
 
 def plan_cells(suite: Suite) -> list[Cell]:
-    """Every (varied settings, seed, rule) combination; the reference rule first in each group."""
+    """Every (varied settings, seed, rule) combination; the reference rule first in each group.
+
+    Refuses (one UserError line) a suite with too many cells before listing any, and a cell whose
+    settings are wrong before any cell trains."""
+    check_size(suite)
     rules = sorted(suite.rules, key=lambda e: e.label != suite.reference)
     keys = list(suite.vary)
     cells = []
@@ -52,5 +57,46 @@ def plan_cells(suite: Suite) -> list[Cell]:
                         setattr(config, k, v)
                     else:
                         config.model_options[k] = v
+                # TODO: fa_rules.core.config.check_config(config) once it lands (it raises UserError itself)
+                problem = check_cell_config(config)
+                if problem:
+                    where = "".join(f" {k}={v}" for k, v in point.items())
+                    raise UserError(f"{suite.source or 'suite'}: rule '{entry.label}' seed {seed}{where}: {problem}")
                 cells.append(Cell(entry, seed, point, config))
     return cells
+
+
+def check_cells(cells: list[Cell], where: str = "suite") -> None:
+    """Resolve every cell's rule, rule options, dataset, model and model options against the plugin
+    registry: a misspelt name is one line before any cell trains, not a failed row after hours."""
+    from fa_rules.plugins.manager import get_registry
+
+    registry = get_registry()
+    seen = set()
+    for cell in cells:
+        c = cell.config
+        key = repr((c.rule, c.rule_options, c.dataset, c.model, c.model_options))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            spec = registry.rule(c.rule)
+            registry.dataset(c.dataset)
+            model = registry.model(c.model)
+            if spec.models is not None and c.model not in spec.models:
+                raise UserError(f"rule '{spec.name}' does not support model '{c.model}' "
+                                f"(supported: {', '.join(spec.models)})")
+            unknown = sorted(set(c.model_options) - set(model.options))
+            if unknown:
+                raise UserError(f"model '{c.model}' has no option {', '.join(unknown)} "
+                                f"(options: {', '.join(sorted(model.options)) or 'none'})")
+            try:
+                spec.make(**c.rule_options)  # unknown options and values the rule refuses
+            except UserError:
+                raise
+            except Exception as e:
+                raise UserError(f"rule '{spec.name}' refuses options {c.rule_options}: "
+                                f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from None
+        except UserError as e:
+            label = f"rule '{cell.entry.label}': " if f"'{cell.entry.label}'" not in str(e) else ""
+            raise UserError(f"{where}: {label}{e}") from None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 from fa_rules.benchmark.cells import plan_cells
+from fa_rules.benchmark.report import print_whole
 from fa_rules.benchmark.suite import Suite
 
 class LiveTable:
@@ -12,25 +13,38 @@ class LiveTable:
 
     def __init__(self, suite: Suite, enabled: bool = True):
         from rich.console import Console
-        from rich.live import Live
 
         self.cells = plan_cells(suite)
         self.state = [{"status": "waiting"} for _ in self.cells]
         self.enabled = enabled
         self.started: dict[int, float] = {}
-        self.live = Live(self._table(), console=Console(stderr=True), refresh_per_second=2,
-                         transient=False) if enabled else None
+        self.console = Console(stderr=True)
+        self.live = None  # started at the first event: a refusal before any cell prints one line, no table
 
     def __enter__(self):
-        if self.live is not None:
-            self.live.__enter__()
         return self
 
     def __exit__(self, *exc):
         if self.live is not None:
             self.live.update(self._table(), refresh=True)
             self.live.__exit__(*exc)
+        elif self.enabled and self.started_any and not self.console.is_terminal:
+            print_whole(self.console, self._table())  # a log file gets the final table, uncut
         return False
+
+    @property
+    def started_any(self) -> bool:
+        return any(s["status"] != "waiting" for s in self.state)
+
+    def _show(self) -> None:
+        if not self.enabled or not self.console.is_terminal:
+            return  # off a terminal a live table only repeats itself: the final one is printed on exit
+        if self.live is None:
+            from rich.live import Live
+
+            self.live = Live(self._table(), console=self.console, refresh_per_second=2, transient=False)
+            self.live.__enter__()
+        self.live.update(self._table())
 
     def __call__(self, kind: str, index: int, payload: dict) -> None:
         s = self.state[index]
@@ -45,8 +59,7 @@ class LiveTable:
                      epoch=payload.get("epochs"), metric=_metric_text(payload),
                      step=payload.get("step_time_s"), time=payload.get("train_time_s"),
                      error=payload.get("error"))
-        if self.live is not None:
-            self.live.update(self._table())
+        self._show()
 
     def _table(self):
         from rich.table import Table

@@ -21,7 +21,15 @@ def _read_history(out_dir: Path, row: dict) -> list[dict]:
     path = out_dir / row.get("run_dir", "") / METRICS_FILE
     if not row.get("run_dir") or not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line half-written when the process died: skipped, not fatal
+            continue
+        if isinstance(record, dict) and isinstance(record.get("epoch"), int):
+            records.append(record)
+    return records
 
 
 def make_plots(out_dir: Path, rows: list[dict], vkeys=()) -> list[str]:

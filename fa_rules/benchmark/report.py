@@ -14,10 +14,9 @@ from typing import Callable
 from fa_rules.core.checkpoint import atomic_write_text, write_json
 from fa_rules.core.config import TrainConfig
 from fa_rules.benchmark.aggregate import add_ratios, aggregate
-from fa_rules.benchmark.cells import plan_cells
 from fa_rules.benchmark.plots import make_plots
 from fa_rules.benchmark.suite import (
-    _ROW_HEAD, _ROW_TAIL, MACHINE_JSON, REPORT_MD, RESULTS_CSV, RESULTS_JSON, Suite,
+    _ROW_HEAD, _ROW_TAIL, MACHINE_JSON, REPORT_MD, RESULTS_CSV, RESULTS_JSON, Suite, cell_count,
 )
 
 def _csv_text(rows: list[dict], vkeys) -> str:
@@ -56,7 +55,7 @@ def machine_description() -> str:
 def record_machine(out_dir: Path) -> None:
     """Add this machine and today's date to DIR/machine.json (kept across resumed runs)."""
     path = Path(out_dir) / MACHINE_JSON
-    info = json.loads(path.read_text()) if path.is_file() else {"machines": [], "first_run": None}
+    info = _machine_info(out_dir) or {"machines": [], "first_run": None}  # missing or damaged: rebuilt
     desc = machine_description()
     if desc not in info["machines"]:
         info["machines"].append(desc)
@@ -67,8 +66,15 @@ def record_machine(out_dir: Path) -> None:
 
 
 def _machine_info(out_dir: Path) -> dict | None:
-    path = Path(out_dir) / MACHINE_JSON
-    return json.loads(path.read_text()) if path.is_file() else None
+    """DIR/machine.json, or None when missing or damaged (the report then names this machine)."""
+    try:
+        info = json.loads((Path(out_dir) / MACHINE_JSON).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    ok = (isinstance(info, dict) and isinstance(info.get("machines"), list)
+          and all(isinstance(m, str) for m in info["machines"])
+          and all(isinstance(info.get(k), str) for k in ("first_run", "last_run")))
+    return info if ok else None
 
 
 def write_outputs(suite: Suite, out_dir: Path, rows: list[dict], plots: bool = True,
@@ -188,6 +194,20 @@ def comparison_rich(suite: Suite, rows: list[dict]):
     return table
 
 
+def print_whole(console, table) -> None:
+    """Print a Rich table on `console`; off a terminal (a file, a pipe) at its natural width: Rich
+    would fit it to 80 columns and cut names ("direct_feedb…") and numbers, which cannot be undone."""
+    if console.is_terminal:
+        console.print(table)
+        return
+    from rich.console import Console
+    from rich.measure import Measurement
+
+    width = Measurement.get(console, console.options.update(max_width=100_000), table).maximum
+    Console(file=console.file, width=max(width, 1), soft_wrap=True, no_color=console.no_color,
+            color_system=None).print(table)
+
+
 def _settings_line(suite: Suite) -> str:
     s = {**TrainConfig().to_dict(), **suite.settings}
     model_options = ", ".join(f"{k}={v}" for k, v in s.get("model_options", {}).items())
@@ -215,7 +235,7 @@ def render_report(suite: Suite, rows: list[dict], plot_files: list[str], command
         out += [suite.description, ""]
     out += [
         f"- machine{'s' if len(machine['machines']) > 1 else ''}: {'; '.join(machine['machines'])}",
-        f"- run: {dates}; cells finished: {len(rows)} of {len(plan_cells(suite))}; "
+        f"- run: {dates}; cells finished: {len(rows)} of {cell_count(suite)}; "
         f"time in cells: {total / 60:.1f} min",
         f"- settings: {_settings_line(suite)}",
         "- every rule of a seed starts from the same initial weights, sees the same data order and "

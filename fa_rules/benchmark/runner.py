@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
-import shutil
+import os
 import statistics
 import time
 from pathlib import Path
@@ -13,9 +14,9 @@ from typing import Callable
 from fa_rules.core.checkpoint import write_json
 from fa_rules.core.errors import UserError
 from fa_rules.core.trainer import CONFIG_FILE, Diverged
-from fa_rules.benchmark.cells import Cell, plan_cells
-from fa_rules.benchmark.report import record_machine, write_outputs
-from fa_rules.benchmark.suite import CELL_FILE, ROW_FILE, RUNS_DIR, SUITE_JSON, Suite
+from fa_rules.benchmark.cells import Cell, check_cells, plan_cells
+from fa_rules.benchmark.report import _machine_info, record_machine, write_outputs
+from fa_rules.benchmark.suite import CELL_FILE, LOCK_FILE, MACHINE_JSON, ROW_FILE, RUNS_DIR, SUITE_JSON, Suite
 from fa_rules.measures.run import measure_fid, measure_probe, time_per_sample
 
 def _first_line(e: BaseException) -> str:
@@ -118,12 +119,19 @@ def run_cell(cell: Cell, run_dir: Path, root: Path, measure: dict, on_epoch: Cal
     return row
 
 
+def _read_json(path: Path):
+    """The JSON in `path`, or None when it is missing or damaged (half-written, not JSON)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+
+
 def check_cell_dir(run_dir: Path, cell: Cell) -> None:
     """A cell directory from an earlier run must hold this cell's settings (else a one-line error)."""
-    cell_file = run_dir / CELL_FILE
-    if not cell_file.is_file():
+    stored = _read_json(run_dir / CELL_FILE)
+    if not isinstance(stored, dict):  # none yet, or damaged: rewritten before the cell runs again
         return
-    stored = json.loads(cell_file.read_text())
     wanted = cell.config.to_dict()
     for k in sorted(set(stored) | set(wanted)):
         if k != "data_dir" and stored.get(k) != wanted.get(k):
@@ -133,16 +141,69 @@ def check_cell_dir(run_dir: Path, cell: Cell) -> None:
 
 
 def _load_cell(run_dir: Path, cell: Cell, root: Path) -> dict | None:
-    """The finished row of a cell; None if it must run, continue, or be retried after a failure."""
-    row_file = run_dir / ROW_FILE
-    if not row_file.is_file():
-        return None
-    row = json.loads(row_file.read_text())
-    if row.get("status") == "failed":  # retried: the rule may have been installed or fixed since
-        shutil.rmtree(run_dir)
+    """The finished row of a cell; None if it must run, continue, or be retried after a failure.
+
+    A failed cell keeps its directory: the retry continues from its last epoch checkpoint (a
+    transient error late in a long cell costs one epoch, not the cell). A damaged row.json counts
+    as unfinished: the cell resumes (a finished run only re-evaluates)."""
+    row = _read_json(run_dir / ROW_FILE)
+    if not isinstance(row, dict) or row.get("status") not in ("ok", "diverged") \
+            or row.get("rule") != cell.entry.label or row.get("seed") != cell.seed:
         return None
     row["run_dir"] = run_dir.relative_to(root).as_posix()
     return row
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    except (OverflowError, ValueError):
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def output_lock(out_dir: Path):
+    """Hold DIR/.benchmark.lock while running, so a second process on one --out is refused (one line).
+
+    The lock is an flock on the file (released by the kernel when its holder dies, however it
+    dies) and the file holds the holder's pid, for the message and for filesystems without flock;
+    a lock left by a dead process is taken over."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: the pid alone decides
+        fcntl = None
+    path = Path(out_dir) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror or e}); is {out_dir} writable?") from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except BlockingIOError:
+            locked = False
+        except (OSError, AttributeError):  # no flock here (some network filesystems): the pid alone decides
+            locked = None
+        text = os.pread(fd, 64, 0).decode(errors="replace").strip()
+        pid = int(text) if text.isdigit() else None
+        if locked is False or (pid is not None and pid != os.getpid() and _pid_alive(pid)):
+            who = f"process {pid}" if pid is not None else "another process"
+            raise UserError(f"{out_dir} is in use by another benchmark ({who}); wait for it to finish, "
+                            f"or use another --out")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)  # released: an empty lock file is free (the file itself stays)
+    finally:
+        os.close(fd)  # also drops the flock
 
 
 Event = Callable[[str, int, dict], None]  # (kind, cell index, payload)
@@ -154,8 +215,17 @@ def run_suite(suite: Suite, out_dir: Path, on_event: Event | None = None, comman
     Events: ("skip", i, row), ("start", i, {}), ("epoch", i, record), ("done", i, row).
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    cells = plan_cells(suite)
+    cells = plan_cells(suite)  # every check that needs no directory comes first: nothing is written
+    check_cells(cells, suite.source or "suite")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # a file of that name, no permission
+        raise UserError(f"cannot use {out_dir} as the output directory ({e.strerror or e})") from None
+    with output_lock(out_dir):
+        return _run_cells(suite, cells, out_dir, on_event, command)
+
+
+def _run_cells(suite: Suite, cells: list[Cell], out_dir: Path, on_event: Event | None, command: str | None) -> list[dict]:
     write_json(out_dir / SUITE_JSON, {**suite.to_dict(), "cells": len(cells)})
     emit = on_event or (lambda *a: None)
     rows: dict[int, dict] = {}
@@ -167,6 +237,9 @@ def run_suite(suite: Suite, out_dir: Path, on_event: Event | None = None, comman
 
     for cell in cells:  # before anything runs or is rewritten
         check_cell_dir(out_dir / RUNS_DIR / cell.dirname, cell)
+    if (out_dir / MACHINE_JSON).exists() and _machine_info(out_dir) is None:
+        record_machine(out_dir)  # damaged: rebuilt (naming this machine) rather than crashing the report
+        recorded = True
     try:
         for i, cell in enumerate(cells):
             run_dir = out_dir / RUNS_DIR / cell.dirname

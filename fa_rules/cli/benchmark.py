@@ -72,6 +72,10 @@ def benchmark(
     if report is not None:
         bench.write_report_copy(suite, target, report, command=command)
     failed = [r for r in rows if r.get("status") != "ok"]
-    out.print(bench.comparison_rich(suite, rows))
+    bench.print_whole(out, bench.comparison_rich(suite, rows))
     out.print(f"{len(rows)} rows ({len(failed)} failed or diverged) -> {target}/results.json, results.csv, "
               f"report.md" + (f"; report copied to {report}" if report else ""), markup=False, highlight=False)
+    if failed:  # every output is written; a script (or CI) must still see that the suite is not clean
+        print(f"{len(failed)} of {len(rows)} cells failed or diverged (see {target}/report.md): exit status 1",
+              file=sys.stderr)
+        raise typer.Exit(1)

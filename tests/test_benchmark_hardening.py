@@ -1,0 +1,275 @@
+"""`fa-rules benchmark` at its edges (issue 13): resume of failed cells, the output lock, names and
+settings refused before any cell trains, the cell cap, exit status, damaged files, uncut tables."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fa_rules import benchmark as bench
+from fa_rules.core import Rule, RuleSpec, UserError, no_state_init
+from fa_rules.plugins.manager import get_registry
+from fa_rules.rules.backprop import backprop
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = {"epochs": 1, "depth": 1, "width": 16, "batch_size": 128}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _flaky_backprop(fail_at_call: int):
+    """Backprop whose step raises OSError once, on call `fail_at_call` (a transient I/O error)."""
+    calls = {"n": 0}
+
+    def build() -> Rule:
+        inner = backprop()
+
+        def step(network, params, state, batch):
+            calls["n"] += 1
+            if calls["n"] == fail_at_call:
+                raise OSError(28, "No space left on device")
+            return inner.step(network, params, state, batch)
+
+        return Rule(init=no_state_init, step=step)
+
+    return build
+
+
+@pytest.fixture
+def flaky(monkeypatch):
+    # digits, batch 128: 12 steps per epoch plus one memory probe and one alignment step -> call 16
+    # is inside epoch 2, after epoch 1's checkpoint
+    monkeypatch.setitem(get_registry().rules, "flaky", RuleSpec("flaky", _flaky_backprop(16), "backprop, fails once"))
+
+
+def _cli(*args, cwd=None, env_extra=None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "COLUMNS": "80", **(env_extra or {})}
+    return subprocess.run([sys.executable, "-m", "fa_rules", "benchmark", *args], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=600)
+
+
+def _rows(out: Path) -> list[dict]:
+    return json.loads((out / "results.json").read_text())
+
+
+# 1. a failed cell keeps its checkpoints and resumes from them ------------------------------------------
+
+def test_failed_cell_resumes_from_its_last_checkpoint(tmp_path, flaky):
+    suite = bench.suite_from_dict({"rules": ["backprop", "flaky"], "settings": {**TINY, "epochs": 2}})
+    out = tmp_path / "out"
+    rows = bench.run_suite(suite, out)
+    assert [(r["rule"], r["status"]) for r in rows] == [("backprop", "ok"), ("flaky", "failed")]
+    assert rows[1]["error"] == "OSError: [Errno 28] No space left on device"
+    cell = out / "runs" / "flaky-seed0"
+    assert (cell / "checkpoint.pt").is_file() and len((cell / "metrics.jsonl").read_text().splitlines()) == 1
+
+    events = []
+    rows = bench.run_suite(suite, out, on_event=lambda kind, i, payload: events.append(kind))
+    assert events == ["skip", "start", "epoch", "done"]  # only epoch 2 ran again, from epoch 1's checkpoint
+    bp, resumed = rows
+    assert resumed["status"] == "ok" and resumed["epochs"] == 2
+    assert len((cell / "metrics.jsonl").read_text().splitlines()) == 2
+    # the flaky rule is backprop: continued from its checkpoint it ends exactly where backprop did
+    assert resumed["test_accuracy"] == bp["test_accuracy"] and resumed["test_loss"] == bp["test_loss"]
+
+
+# 2. one process per output directory ------------------------------------------------------------------
+
+def test_a_live_lock_holder_refuses_a_second_runner_and_a_dead_ones_lock_is_taken_over(tmp_path):
+    suite = bench.suite_from_dict({"rules": ["backprop"], "settings": TINY})
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / bench.LOCK_FILE
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(f"{sleeper.pid}\n")
+        with pytest.raises(UserError, match=f"in use by another benchmark \\(process {sleeper.pid}\\)"):
+            bench.run_suite(suite, out)
+        assert not (out / "runs").exists() and not (out / "suite.json").exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    lock.write_text(f"{sleeper.pid}\n")  # its process is gone: a stale lock
+    rows = bench.run_suite(suite, out)
+    assert [r["status"] for r in rows] == ["ok"]
+    assert lock.read_text() == ""  # released
+
+
+def test_a_second_benchmark_process_on_one_out_is_refused_in_one_line(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from fa_rules.benchmark import output_lock\n"
+                               f"with output_lock({str(out)!r}):\n    print('locked', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = _cli("--rules", "backprop", "--epochs", "1", "--width", "16", "-q", "--out", str(out))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: {out} is in use by another benchmark (process {holder.pid}); wait for it to finish, or use another --out"]
+    assert not (out / "runs").exists()
+
+
+# 3. unknown names and options: refused before any cell directory exists ------------------------------
+
+@pytest.mark.parametrize("data, message", [
+    ({"rules": ["backprop", "nosuch"]}, "unknown rule 'nosuch'"),
+    ({"rules": [{"name": "backprop", "options": {"nosuchopt": 1}}]}, "rule 'backprop' has no option nosuchopt"),
+    ({"rules": [{"name": "dtp", "label": "d", "options": {"nosuchopt": 1}}]}, "rule 'd': rule 'dtp' has no option"),
+    ({"rules": ["backprop"], "settings": {"dataset": "nosuchds"}}, "unknown dataset 'nosuchds'"),
+    ({"rules": [{"name": "backprop", "model": "nosuchmodel"}]}, "unknown model 'nosuchmodel'"),
+    ({"rules": [{"name": "backprop", "model_options": {"nosuchopt": 2}}]}, "model 'mlp' has no option nosuchopt"),
+])
+def test_unknown_names_and_options_are_refused_before_any_cell_trains(tmp_path, data, message):
+    suite = bench.suite_from_dict({**data, "settings": {**TINY, **data.get("settings", {})}})
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=message) as info:
+        bench.run_suite(suite, out)
+    assert "\n" not in str(info.value)
+    assert not out.exists()
+
+
+def test_cli_unknown_rule_is_one_line_exit_2_and_no_directory(tmp_path):
+    out = tmp_path / "out"
+    result = _cli("--rules", "backprop,nosuch", "--epochs", "1", "-q", "--out", str(out))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "unknown rule 'nosuch'" in lines[0]
+    assert not out.exists()
+
+
+# 4. untrusted suite files: the cell cap and every cell's settings -------------------------------------
+
+@pytest.mark.parametrize("text, message", [
+    ('seeds = 1000000000', "seeds = 1000000000 is more than the 10000 cells a suite may have"),
+    ('seeds = 10\n[vary]\nwidth = [' + ",".join(map(str, range(1, 31))) + ']\ndepth = ['
+     + ",".join(map(str, range(1, 41))) + ']',
+     "1 rule(s) x 10 seed(s) x 30 values of width x 40 values of depth is 12000 cells, more than the 10000"),
+    ('seeds = [1180591620717411303424]', "seed 1180591620717411303424 is out of range"),
+    ('seeds = [-1]', "seed -1 is out of range"),
+    ('[settings]\nlr = nan', "rule 'backprop' seed 0: lr must be a finite number > 0, got nan"),
+    ('[settings]\nlr = -1.0', "lr must be a finite number > 0"),
+    ('[settings]\nweight_decay = inf', "weight_decay must be a finite number >= 0"),
+    ('[settings]\neval_batch_size = 0', "eval_batch_size must be an integer >= 1, got 0"),
+    ('[settings]\nbatch_size = 0', "batch_size must be an integer >= 1"),
+    ('[settings]\noptimizer = "adamw"', "optimizer must be one of adam, sgd"),
+    ('[vary]\nepochs = [1, 0]', "seed 0 epochs=0: epochs must be an integer >= 1"),
+    ('[[rules]]\nname = "vae"\nlatent_dim = "big"', "latent_dim must be an integer >= 1, got 'big'"),
+    ('[[rules]]\nname = "dtp"\noptions = { noise = nan }', "rule_options noise must be finite"),
+])
+def test_untrusted_suites_are_refused_in_one_line_before_any_allocation(tmp_path, text, message):
+    if "[[rules]]" not in text:
+        text = 'rules = ["backprop"]\n' + text
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    start = time.perf_counter()
+    with pytest.raises(UserError) as info:
+        bench.plan_cells(bench.load_suite(path))
+    assert message in str(info.value) and str(path) in str(info.value) and "\n" not in str(info.value)
+    assert time.perf_counter() - start < 5  # refused from the counts, not after listing a billion seeds
+
+
+def test_command_line_seeds_are_capped_too():
+    suite = bench.suite_from_dict({"rules": ["backprop", "feedback_alignment"]})
+    with pytest.raises(UserError, match="more than the 10000 cells"):
+        bench.override_settings(suite, {}, seeds=10**12)
+    with pytest.raises(UserError, match="2 rule\\(s\\) x 6000 seed\\(s\\) is 12000 cells"):
+        bench.override_settings(suite, {}, seeds=6000)
+    assert bench.cell_count(bench.override_settings(suite, {}, seeds=5000)) == 10000
+
+
+# 5 and 8. exit status 1 after every output; tables off a terminal are not cut ------------------------
+
+def test_failed_cell_exits_1_after_writing_every_output_and_piped_tables_are_whole(tmp_path):
+    (tmp_path / "w.toml").write_text("""
+rules = ["backprop", "direct_feedback_alignment",
+         { name = "backprop", label = "negative_width_backprop", model_options = { width = -1 } }]
+[settings]
+epochs = 1
+depth = 1
+width = 16
+batch_size = 128
+""")
+    result = _cli("w.toml", "--out", "out", cwd=tmp_path)  # stdout and stderr are pipes, COLUMNS=80
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == \
+        "1 of 3 cells failed or diverged (see out/report.md): exit status 1"
+    out = tmp_path / "out"
+    rows = _rows(out)
+    assert [r["status"] for r in rows] == ["ok", "ok", "failed"]
+    for name in ("results.csv", "report.md", "learning_curves.png", "metric_vs_step_time.png", "machine.json"):
+        assert (out / name).is_file(), name
+    assert "negative_width_backprop" in (out / "report.md").read_text()
+    # neither the comparison (stdout) nor the final live table (stderr) cuts or wraps names
+    for text in (result.stdout, result.stderr):
+        assert "…" not in text
+        assert "│ direct_feedback_alignment │" in text and "│ negative_width_backprop   │" in text
+    assert "width >= 1 (got depth=1, width=-1) │" in result.stdout  # the failure note, whole, on one line
+
+
+# 6. damaged files of finished cells --------------------------------------------------------------------
+
+def test_damaged_row_cell_machine_and_metrics_files_neither_crash_nor_drop_rows(tmp_path):
+    suite = bench.suite_from_dict({"rules": ["backprop", "readout_only"], "settings": {**TINY, "epochs": 2}})
+    out = tmp_path / "out"
+    first = bench.run_suite(suite, out)
+    bp_dir, ro_dir = (out / r["run_dir"] for r in first)
+    (bp_dir / "row.json").write_text('{"rule": "backp')  # half-written
+    (bp_dir / "cell.json").write_text("garbage")
+    (out / "machine.json").write_text("[1, 2")
+    with open(ro_dir / "metrics.jsonl", "a") as f:
+        f.write('{"epoch": 3, "test_accu')  # half-written last line of a finished cell
+    (out / "learning_curves.png").unlink()
+
+    events = []
+    rows = bench.run_suite(suite, out, on_event=lambda kind, i, payload: events.append(kind))
+    # backprop's row is rebuilt from its finished run (no epoch trains again), readout_only's is kept
+    assert events == ["start", "done", "skip"]
+    assert [(r["rule"], r["status"]) for r in rows] == [("backprop", "ok"), ("readout_only", "ok")]
+    assert rows[0]["test_accuracy"] == first[0]["test_accuracy"] and rows[0]["epochs"] == 2
+    assert len(_rows(out)) == 2
+    assert json.loads((bp_dir / "row.json").read_text())["status"] == "ok"
+    assert json.loads((bp_dir / "cell.json").read_text()) == bench.plan_cells(suite)[0].config.to_dict()
+    machine = json.loads((out / "machine.json").read_text())
+    assert machine["machines"] == [bench.machine_description()]
+    assert (out / "learning_curves.png").stat().st_size > 1000
+    assert "| readout_only |" in (out / "report.md").read_text()
+
+
+def test_a_damaged_machine_json_does_not_crash_the_report_of_a_finished_suite(tmp_path):
+    suite = bench.suite_from_dict({"rules": ["backprop"], "settings": TINY})
+    out = tmp_path / "out"
+    bench.run_suite(suite, out)
+    (out / "machine.json").write_text('{"machines": "not a list"}')
+    rows = bench.run_suite(suite, out)  # every cell skipped, nothing trains
+    assert [r["status"] for r in rows] == ["ok"]
+    assert json.loads((out / "machine.json").read_text())["machines"] == [bench.machine_description()]
+    assert f"- machine: {bench.machine_description()}" in (out / "report.md").read_text()
+
+
+# 7. SUITE paths that are directories or missing ---------------------------------------------------------
+
+def test_suite_path_that_is_a_directory_or_missing_says_which(tmp_path):
+    with pytest.raises(UserError, match=f"^{tmp_path} is a directory; give a suite file"):
+        bench.load_suite(tmp_path)
+    (tmp_path / "suite.json").write_text("{}")  # a benchmark's output directory
+    with pytest.raises(UserError, match="is a directory \\(a benchmark's output; rerun it with its suite file and --out\\)"):
+        bench.load_suite(tmp_path)
+    with pytest.raises(UserError, match=f"^suite file {tmp_path / 'nope.toml'} does not exist$"):
+        bench.load_suite(tmp_path / "nope.toml")
