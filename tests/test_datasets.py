@@ -111,3 +111,13 @@ def test_celeba_jpegs_cropped_and_resized(tmp_path):
     (folder / "list_eval_partition.txt").write_text("\n".join(lines) + "\n")
     d = ds.load_celeba(str(tmp_path))
     assert d.train_x.shape == (3, 3, 64, 64) and d.test_x.shape == (1, 3, 64, 64) and d.num_classes == 0
+
+
+def test_epoch_order_accepts_every_valid_seed_and_keeps_small_seeds_orders():
+    from fa_rules.core.data import epoch_order
+
+    expected = torch.randperm(50, generator=torch.Generator().manual_seed(7 * 1_000_003 + 2))
+    assert torch.equal(epoch_order(50, 7, 2), expected)
+    big = 2**63 - 1
+    assert sorted(epoch_order(50, big, 3).tolist()) == list(range(50))
+    assert not torch.equal(epoch_order(50, big, 3), epoch_order(50, big, 4))

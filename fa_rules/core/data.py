@@ -48,7 +48,8 @@ def as_float(x: torch.Tensor) -> torch.Tensor:
 
 def epoch_order(num: int, seed: int, epoch: int) -> torch.Tensor:
     """The data order of one epoch: a fixed function of (seed, epoch), so resuming replays it."""
-    g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    # modulo 2**64: large seeds must not overflow the generator (smaller ones keep their order)
+    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % 2**64)
     return torch.randperm(num, generator=g)
 
 
