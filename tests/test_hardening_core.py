@@ -1,0 +1,199 @@
+"""Hardening of the engine's edges (issue 13): checkpoints never run code and are verified before
+use, nothing a user started is lost, rule contract violations and divergence are one line, data
+files are read safely, and the conformance checks report every failure."""
+
+import gzip
+import io
+import json
+import os
+import pickle
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fa_rules import runs
+from fa_rules.core.checkpoint import CheckpointError, load_checkpoint
+from fa_rules.core.config import TrainConfig
+from fa_rules.core.errors import UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_config(**fields) -> TrainConfig:
+    base = dict(epochs=1, batch_size=256, model_options={"width": 8}, device="cpu")
+    return TrainConfig(**{**base, **fields})
+
+
+def train_tiny(run_dir: Path, **fields) -> dict:
+    return runs.train(tiny_config(**fields), run_dir, progress=False)
+
+
+def cli(*args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run([sys.executable, "-m", "fa_rules", *map(str, args)], capture_output=True, text=True,
+                          timeout=300, env=env, cwd=ROOT)
+
+
+def main_in_process(monkeypatch, capsys, *args) -> tuple[int, str]:
+    """`fa-rules ARGS` through the real entry point (its one-line / exit-code handling), in this process."""
+    from fa_rules.cli.app import main
+
+    monkeypatch.setattr(sys, "argv", ["fa-rules", *map(str, args)])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main()
+    return e.value.code, capsys.readouterr().err
+
+
+def assert_one_line(stderr: str, *fragments: str) -> None:
+    assert stderr.count("\n") == 1 and stderr.startswith("error:"), stderr
+    assert "Traceback" not in stderr
+    for fragment in fragments:
+        assert fragment in stderr, (fragment, stderr)
+
+
+# -- 1. checkpoints never run code ----------------------------------------------------------------
+class Payload:
+    """Unpickling this makes the directory `marker`: proof that a load ran the file's code."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.marker,))
+
+
+def test_payload_is_live_under_an_unrestricted_load(tmp_path):
+    # the test's own premise: this file really runs code when unpickled without restriction
+    buffer = io.BytesIO()
+    torch.save({"params": Payload(tmp_path / "ran")}, buffer)
+    buffer.seek(0)
+    torch.load(buffer, weights_only=False)
+    assert (tmp_path / "ran").is_dir()
+
+
+def test_a_malicious_checkpoint_never_runs_in_any_command(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps(tiny_config().to_dict()))
+    marker = tmp_path / "pwned"
+    torch.save({"params": Payload(marker), "state": {}, "epoch": 1}, run / "checkpoint.pt")
+    commands = [("train", "--resume", run, "-q"), ("probe", run), ("reconstruct", run, "--out", tmp_path / "r.png"),
+                ("sample", run, "--out", tmp_path / "s.png"), ("fid", run, "--num", "10")]
+    for command in commands:
+        result = cli(*command)
+        assert not marker.exists(), command
+        assert result.returncode == 2, (command, result.stderr)
+        assert_one_line(result.stderr, str(run / "checkpoint.pt"), "refused", "GLOBAL")
+
+
+def test_a_bare_pickle_checkpoint_is_refused_without_running(tmp_path):
+    marker = tmp_path / "pwned"
+    (tmp_path / "checkpoint.pt").write_bytes(pickle.dumps({"params": Payload(marker)}))
+    with pytest.raises(CheckpointError, match="damaged or not a checkpoint") as e:
+        load_checkpoint(tmp_path / "checkpoint.pt")
+    assert not marker.exists() and "\n" not in str(e.value)
+
+
+# -- 4. nothing lost ------------------------------------------------------------------------------
+def test_flipped_bytes_in_a_checkpoint_are_refused(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    train_tiny(run)
+    data = bytearray((run / "checkpoint.pt").read_bytes())
+    assert len(data) > 4000
+    for i in range(len(data) // 2, len(data) // 2 + 64):  # 64 flipped bytes, as in the issue
+        data[i] ^= 0xFF
+    (run / "checkpoint.pt").write_bytes(bytes(data))
+    code, err = main_in_process(monkeypatch, capsys, "train", "--resume", run, "--epochs", "2", "-q")
+    assert code == 2
+    assert_one_line(err, "checkpoint.pt", "damaged")
+    assert json.loads((run / "summary.json").read_text())["epochs"] == 1  # nothing trained on it
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage" * 10, None])
+def test_empty_garbage_or_foreign_checkpoints_are_one_line(tmp_path, monkeypatch, capsys, content):
+    run = tmp_path / "run"
+    train_tiny(run)
+    if content is None:
+        torch.save({}, run / "checkpoint.pt")  # a valid file, but not a checkpoint
+    else:
+        (run / "checkpoint.pt").write_bytes(content)
+    code, err = main_in_process(monkeypatch, capsys, "train", "--resume", run, "-q")
+    assert code == 2
+    assert_one_line(err, "checkpoint.pt")
+    assert "Aborted" not in err
+
+
+def test_a_checkpoint_that_does_not_match_the_config_is_refused(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    train_tiny(run)
+    config = json.loads((run / "config.json").read_text())
+    config["model_options"]["width"] = 16  # config.json edited after training
+    (run / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CheckpointError, match=r"model/.* is \(8, 64\) torch.float32 there, the configuration builds \(16, 64\)"):
+        runs.resume_trainer(run, progress=False)
+    with pytest.raises(CheckpointError, match="does not match the run's configuration"):
+        runs.load_run(run)
+    summary_before = (run / "summary.json").read_text()
+    code, err = main_in_process(monkeypatch, capsys, "probe", run)
+    assert code == 2
+    assert_one_line(err, "does not match")
+    assert (run / "summary.json").read_text() == summary_before  # no numbers written for it
+
+
+def _failing_checkpoint_fsync(monkeypatch, fail_on: int):
+    """os.fsync raising disk full on the `fail_on`-th checkpoint write (1-based)."""
+    real, calls = os.fsync, []
+
+    def fsync(fd):
+        if ".checkpoint.pt.tmp-" in os.readlink(f"/proc/self/fd/{fd}"):
+            calls.append(fd)
+            if len(calls) == fail_on:
+                raise OSError(28, "No space left on device")
+        return real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="finds the file being written through /proc")
+def test_disk_full_keeps_the_last_checkpoint_leaves_no_debris_and_says_how_to_continue(tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    _failing_checkpoint_fsync(monkeypatch, fail_on=2)
+    code, err = main_in_process(monkeypatch, capsys, "train", "--epochs", "2", "--width", "8", "--batch-size", "256",
+                                "--device", "cpu", "--out", run, "-q")
+    assert code == 2
+    assert_one_line(err, "No space left on device", "checkpoint of epoch 1 is kept", f"--resume {run}")
+    assert not list(run.glob(".*.tmp-*"))  # the half-written temporary file is gone
+    assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 1
+    monkeypatch.undo()
+    trainer = runs.resume_trainer(run, progress=False)
+    trainer.run()
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["epoch"] for line in lines] == [1, 2]
+
+
+def test_stale_temporary_files_are_removed_on_resume(tmp_path):
+    run = tmp_path / "run"
+    train_tiny(run)
+    stale = [run / ".checkpoint.pt.tmp-999999", run / ".metrics.jsonl.tmp-999998"]
+    for path in stale:
+        path.write_bytes(b"\0" * 1000)
+    trainer = runs.resume_trainer(run, epochs=2, progress=False)
+    assert not any(p.exists() for p in stale)
+    trainer.run()
+    assert load_checkpoint(run / "checkpoint.pt")["epoch"] == 2
+
+
+def test_a_metrics_line_lost_after_the_checkpoint_write_is_restored_on_resume(tmp_path):
+    run = tmp_path / "run"
+    train_tiny(run, epochs=2)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2
+    # the process died after the last checkpoint replace, before metrics.jsonl held epoch 2
+    (run / "metrics.jsonl").write_text(lines[0] + "\n")
+    runs.resume_trainer(run, progress=False).run()  # nothing left to train: it only restores
+    assert (run / "metrics.jsonl").read_text().splitlines() == lines
