@@ -197,3 +197,137 @@ def test_a_metrics_line_lost_after_the_checkpoint_write_is_restored_on_resume(tm
     (run / "metrics.jsonl").write_text(lines[0] + "\n")
     runs.resume_trainer(run, progress=False).run()  # nothing left to train: it only restores
     assert (run / "metrics.jsonl").read_text().splitlines() == lines
+
+
+# -- 2. CIFAR-10 batches through a restricted unpickler -------------------------------------------
+def _cifar_set(tmp_path: Path) -> tuple[Path, dict]:
+    from fa_rules.plugins import datasets as ds
+
+    folder = tmp_path / ds.CIFAR_DIR
+    folder.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    batches = {}
+    for i, name in enumerate((*ds.CIFAR_TRAIN, "test_batch")):
+        data = torch.randint(0, 256, (3, 3072), generator=g).to(torch.uint8).numpy()
+        batches[name] = {b"batch_label": b"batch %d" % i, b"data": data, b"labels": [i % 10, 3, 9],
+                         b"filenames": [b"a.png", b"b.png", b"c.png"]}
+        (folder / name).write_bytes(pickle.dumps(batches[name]))
+    return folder, batches
+
+
+def test_cifar10_batches_load_through_the_restricted_unpickler(tmp_path):
+    from fa_rules.plugins import datasets as ds
+
+    _, batches = _cifar_set(tmp_path)
+    d = ds.load_cifar10(str(tmp_path))
+    assert d.train_x.shape == (15, 3, 32, 32) and d.test_x.shape == (3, 3, 32, 32)
+    assert d.train_y.tolist()[:6] == [0, 3, 9, 1, 3, 9]
+    assert torch.equal(d.test_x.reshape(3, -1), torch.from_numpy(batches["test_batch"][b"data"]))
+
+
+def test_a_malicious_cifar10_batch_never_runs(tmp_path, monkeypatch, capsys):
+    import numpy as np
+
+    from fa_rules.plugins import datasets as ds
+
+    folder, _ = _cifar_set(tmp_path)
+    marker = tmp_path / "pwned"
+    (folder / "data_batch_1").write_bytes(pickle.dumps({b"data": Payload(marker), b"labels": [1]}))
+    with pytest.raises(UserError, match=r"data_batch_1 refused: not a CIFAR-10 batch \(it holds global (posix|os)\.mkdir\)"):
+        ds.load_cifar10(str(tmp_path))
+    assert not marker.exists()
+    code, err = main_in_process(monkeypatch, capsys, "train", "--dataset", "cifar10", "--data-dir", tmp_path,
+                                "--epochs", "1", "--out", tmp_path / "run", "-q")
+    assert code == 2 and not marker.exists()
+    assert_one_line(err, str(folder / "data_batch_1"), "refused")
+    # an object array (whose items could be anything) is refused too, as is a truncated file
+    (folder / "data_batch_1").write_bytes(pickle.dumps({b"data": np.array([1, "x"], dtype=object), b"labels": []}))
+    with pytest.raises(UserError, match="dtype object, not uint8"):
+        ds.load_cifar10(str(tmp_path))
+    (folder / "data_batch_1").write_bytes(pickle.dumps({b"data": 1})[:-3])
+    with pytest.raises(UserError, match="data_batch_1 is not a CIFAR-10 batch file"):
+        ds.load_cifar10(str(tmp_path))
+
+
+# -- 3. IDX files ---------------------------------------------------------------------------------
+def idx_bytes(array: torch.Tensor) -> bytes:
+    header = bytes([0, 0, 0x08, array.dim()]) + b"".join(struct.pack(">I", d) for d in array.shape)
+    return header + array.to(torch.uint8).numpy().tobytes()
+
+
+def write_idx_set(folder: Path, n_train=20, n_test=10, labels=None, size=28) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(0)
+    arrays = {
+        "train-images-idx3-ubyte": torch.randint(0, 256, (n_train, size, size), generator=g),
+        "train-labels-idx1-ubyte": torch.arange(n_train) % 10 if labels is None else labels,
+        "t10k-images-idx3-ubyte": torch.randint(0, 256, (n_test, 28, 28), generator=g),
+        "t10k-labels-idx1-ubyte": torch.arange(n_test) % 10,
+    }
+    for name, a in arrays.items():
+        (folder / f"{name}.gz").write_bytes(gzip.compress(idx_bytes(a)))
+    return folder
+
+
+def test_a_gzip_bomb_is_read_only_as_far_as_its_header_promises(tmp_path):
+    import tracemalloc
+
+    from fa_rules.plugins.datasets import read_idx
+
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    header = bytes([0, 0, 0x08, 3]) + struct.pack(">III", 10, 28, 28)  # promises 7840 bytes
+    with gzip.GzipFile(path, "wb", compresslevel=1) as f:  # then 256 MiB of zeros (about 1 MB on disk)
+        f.write(header)
+        zeros = bytes(1 << 20)
+        for _ in range(256):
+            f.write(zeros)
+    assert path.stat().st_size < 4 << 20
+    tracemalloc.start()
+    try:
+        with pytest.raises(UserError, match="holds more data than the 7840 bytes its header promises") as e:
+            read_idx(path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, peak  # reading the whole stream took 256 MiB and more
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("not_gzip", "train-images-idx3-ubyte.gz is not a gzip file"),
+    ("truncated_gz", "train-images-idx3-ubyte.gz is truncated"),
+    ("labels_out_of_range", "train-labels-idx1-ubyte.gz holds label 12, outside the classes 0..9"),
+    ("count_mismatch", "holds 20 images but .*train-labels-idx1-ubyte.gz holds 19 labels"),
+    ("wrong_shape", r"train-images-idx3-ubyte.gz holds items of shape \(32, 32\), expected 28x28"),
+])
+def test_broken_idx_files_are_one_line_naming_the_file(tmp_path, monkeypatch, capsys, case, message):
+    from fa_rules.plugins import datasets as ds
+
+    folder = tmp_path / "MNIST" / "raw"
+    labels = {"labels_out_of_range": torch.arange(20) % 13, "count_mismatch": torch.arange(19) % 10}.get(case)
+    write_idx_set(folder, labels=labels, size=32 if case == "wrong_shape" else 28)
+    images = folder / "train-images-idx3-ubyte.gz"
+    if case == "not_gzip":
+        images.write_bytes(gzip.decompress(images.read_bytes()))
+    elif case == "truncated_gz":
+        images.write_bytes(images.read_bytes()[:-100])
+    with pytest.raises(UserError, match=message) as e:
+        ds.load_mnist(str(tmp_path))
+    assert "\n" not in str(e.value)
+    if case == "truncated_gz":  # click used to turn the escaping EOFError into a bare "Aborted."
+        code, err = main_in_process(monkeypatch, capsys, "train", "--dataset", "mnist", "--data-dir", tmp_path,
+                                    "--epochs", "1", "--out", tmp_path / "run", "-q")
+        assert code == 2 and "Aborted" not in err
+        assert_one_line(err, str(images), "truncated")
+
+
+@pytest.mark.skipif(not Path("/usr/share/datasets/fashion-mnist").is_dir(), reason="Debian's dataset-fashion-mnist")
+def test_an_explicit_data_dir_without_the_files_says_which_files_are_used(tmp_path, capsys):
+    from fa_rules.plugins import datasets as ds
+
+    write_idx_set(tmp_path / "fashion_mnist").joinpath("t10k-labels-idx1-ubyte.gz").unlink()  # incomplete
+    d = ds.load_fashion_mnist(str(tmp_path))
+    assert d.train_x.shape[0] == 60000  # the system copy, not the 20 images here
+    err = capsys.readouterr().err
+    assert err == (f"note: fashion_mnist: no complete IDX files in {tmp_path}; "
+                   f"using those in {ds.DEBIAN_FASHION_MNIST}\n")
