@@ -331,3 +331,220 @@ def test_an_explicit_data_dir_without_the_files_says_which_files_are_used(tmp_pa
     err = capsys.readouterr().err
     assert err == (f"note: fashion_mnist: no complete IDX files in {tmp_path}; "
                    f"using those in {ds.DEBIAN_FASHION_MNIST}\n")
+
+
+# -- 5. divergence and the rule contract at the first step ----------------------------------------
+def _zeros(params):
+    return {g: {k: torch.zeros_like(v) for k, v in t.items()} for g, t in params.items()}
+
+
+def _trainer(tmp_path, step, init=None, name="custom", epochs=1, **kwargs):
+    from fa_rules import models as zoo
+    from fa_rules.core.rule import Rule, no_state_init
+    from fa_rules.core.trainer import Trainer
+    from fa_rules.plugins.datasets import load_digits
+
+    config = tiny_config(rule=name, epochs=epochs)
+    rule = Rule(init=init or no_state_init, step=step)
+    return Trainer(config, rule, lambda: zoo.mlp((1, 8, 8), (10,), width=8), load_digits(), tmp_path, progress=False,
+                   **kwargs)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_a_loss_growing_past_the_divergence_factor_is_recorded_and_keeps_the_last_checkpoint(tmp_path, sign):
+    from fa_rules.core.trainer import Diverged
+
+    def step(network, params, state, batch):  # loss 2**n at the n-th step: finite, but exploding
+        return _zeros(params), {"n": state["n"] + 1}, {"loss": sign * 2.0 ** state["n"]}
+
+    def init(network, params, generator):
+        return params, {"n": 0}
+
+    # 1437 digits / 256 = 6 steps per epoch: epoch means 10.5, 672 (64x), 43008 (4096x > 1000x)
+    trainer = _trainer(tmp_path, step, init, name="exploding", epochs=5)
+    with pytest.raises(Diverged) as e:
+        trainer.run()
+    assert str(e.value) == (f"rule 'exploding' diverged at epoch 3: mean training loss {sign * 43008:.4g} exceeds "
+                            f"1000 times the first epoch's ({sign * 10.5:.4g}); the checkpoint of epoch 2 is kept")
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["status"], summary["diverged_epoch"], summary["epochs"]) == ("diverged", 3, 2)
+    assert summary["train_loss"] == sign * 672.0 and summary["error"] == str(e.value)
+    assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 2
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
+    # the factor is a setting: None (or a large factor) lets the same run finish
+    assert _trainer(tmp_path / "off", step, init, epochs=5, divergence_factor=None).run()["status"] == "ok"
+
+
+def test_a_zero_first_epoch_loss_gives_no_divergence_reference(tmp_path):
+    def step(network, params, state, batch):
+        return _zeros(params), {"n": state["n"] + 1}, {"loss": 0.0 if state["n"] < 6 else 1e6}
+
+    trainer = _trainer(tmp_path, step, lambda n, p, g: (p, {"n": 0}), epochs=2)
+    assert trainer.run()["train_loss"] == 1e6
+
+
+def test_nan_updates_are_refused_before_they_are_applied(tmp_path):
+    from fa_rules.core.trainer import Diverged
+
+    def step(network, params, state, batch):
+        updates = _zeros(params)
+        updates["model"]["blocks.1.layer.bias"][3] = float("nan")
+        return updates, state, {"loss": 1.0}
+
+    trainer = _trainer(tmp_path, step, name="nan_rule")
+    before = {k: v.clone() for k, v in trainer.params["model"].items()}
+    assert "blocks.1.layer.bias" in before
+    with pytest.raises(Diverged) as e:
+        trainer.run()
+    assert str(e.value) == ("rule 'nan_rule' returned a non-finite update for model/blocks.1.layer.bias at epoch 1, "
+                            "step 1 (not applied)")
+    assert all(torch.equal(before[k], v) for k, v in trainer.params["model"].items())  # Adam never saw it
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert (summary["status"], summary["diverged_epoch"], summary["epochs"]) == ("diverged", 1, 0)
+
+
+def _missing_key(params):
+    u = _zeros(params)
+    del u["model"]["blocks.0.layer.weight"]
+    return u
+
+
+def _extra_key(params):
+    u = _zeros(params)
+    u["model"]["nosuch"] = torch.zeros(1)
+    return u
+
+
+def _wrong_shape(params):
+    u = _zeros(params)
+    u["model"]["blocks.0.layer.weight"] = torch.zeros(3, 3)
+    return u
+
+
+def _unknown_group(params):
+    return {**_zeros(params), "feedback": {}}
+
+
+@pytest.mark.parametrize("make, message", [
+    (_missing_key, "rule 'broken': updates of group 'model' lack key(s) blocks.0.layer.weight"),
+    (_extra_key, "rule 'broken': updates of group 'model' have unknown key(s) nosuch"),
+    (_wrong_shape, "rule 'broken': update model/blocks.0.layer.weight is (3, 3) torch.float32 on cpu, parameter is "
+                   "(8, 64) torch.float32 on cpu"),
+    (_unknown_group, "rule 'broken' returned updates for unknown group 'feedback' (its groups: model)"),
+])
+def test_malformed_updates_name_the_rule_group_and_key(tmp_path, make, message):
+    from fa_rules.core.errors import RuleError
+
+    trainer = _trainer(tmp_path, lambda network, params, state, batch: (make(params), state, {"loss": 1.0}),
+                       name="broken")
+    with pytest.raises(RuleError) as e:
+        trainer.run()
+    assert str(e.value) == message
+
+
+def test_a_rule_without_a_loss_metric_fails_at_the_first_step(tmp_path):
+    from fa_rules.core.errors import RuleError
+
+    steps = []
+
+    def step(network, params, state, batch):
+        steps.append(1)
+        return _zeros(params), state, {"accuracy": 0.5}
+
+    with pytest.raises(RuleError, match=r"^rule 'lossless' returned no scalar 'loss' metric \(the contract requires "
+                                        r"one; metrics: accuracy\)$"):
+        _trainer(tmp_path, step, name="lossless").run()
+    assert len(steps) == 2  # the memory probe's throw-away step, then the first training step
+
+
+def test_rule_state_that_a_checkpoint_cannot_hold_fails_at_the_first_step(tmp_path):
+    import numpy as np
+
+    from fa_rules.core.errors import RuleError
+
+    def init(network, params, generator):
+        return params, {"scale": np.float64(1.0), "w": [torch.zeros(2)]}
+
+    step = lambda network, params, state, batch: (_zeros(params), state, {"loss": 1.0})  # noqa: E731
+    with pytest.raises(RuleError, match=r"rule 'numpy_state': state\['scale'\] is a numpy.float64; rule state may "
+                                        r"hold only tensors and plain Python values"):
+        _trainer(tmp_path, step, init, name="numpy_state").run()
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def test_a_rule_contract_error_is_one_line_with_exit_code_2_through_the_cli(tmp_path, monkeypatch, capsys):
+    from fa_rules.core.rule import Rule, RuleSpec, no_state_init
+    from fa_rules.plugins import manager
+
+    def build():
+        return Rule(init=no_state_init, step=lambda network, params, state, batch: (_wrong_shape(params), state,
+                                                                                     {"loss": 1.0}))
+
+    registry = manager.build_registry(autoload=False)
+    registry.rules["broken"] = RuleSpec("broken", build, "returns a wrongly shaped update")
+    monkeypatch.setattr(manager, "get_registry", lambda: registry)
+    monkeypatch.setattr(runs, "get_registry", lambda: registry)
+    code, err = main_in_process(monkeypatch, capsys, "train", "--rule", "broken", "--epochs", "1", "--width", "8",
+                                "--device", "cpu", "--out", tmp_path / "run", "-q")
+    assert code == 2
+    assert_one_line(err, "rule 'broken': update model/blocks.0.layer.weight is (3, 3)")
+
+
+# -- 6. fa_rules.testing reports every failure ----------------------------------------------------
+def _spec(name, step, models=None):
+    from fa_rules.core.rule import Rule, RuleSpec, no_state_init
+
+    return RuleSpec(name, lambda: Rule(init=no_state_init, step=step), "a test rule", models=models)
+
+
+def test_conformance_runs_every_check_and_lists_each_failure_by_name():
+    from fa_rules.testing import assert_conformant
+
+    def step(network, params, state, batch):
+        raise ValueError("no such thing")
+
+    with pytest.raises(AssertionError) as e:  # not the ValueError
+        assert_conformant(_spec("raises", step, models=("mlp",)))
+    message = str(e.value)
+    for check in ("structure", "finite", "state_types", "determinism", "no_mutation", "roundtrip", "learns"):
+        assert f"{check} [mlp]: ValueError: no such thing" in message
+    assert "lenet" not in message  # the rule does not support it
+
+
+def test_nan_updates_are_a_finite_failure_not_determinism_or_roundtrip():
+    from fa_rules.core.rule import Rule, RuleSpec
+    from fa_rules.testing import assert_conformant
+
+    def init(network, params, generator):
+        return params, {"w": torch.randn(3, generator=generator)}
+
+    def step(network, params, state, batch):
+        updates = _zeros(params)
+        first = next(iter(updates["model"]))
+        updates["model"][first] = torch.full_like(updates["model"][first], float("nan"))
+        return updates, {"w": state["w"] * float("nan")}, {"loss": torch.tensor(1.0)}
+
+    spec = RuleSpec("nan_rule", lambda: Rule(init=init, step=step), "NaN updates", models=("mlp",))
+    with pytest.raises(AssertionError) as e:
+        assert_conformant(spec)
+    failed = {part.split(":")[0].strip() for part in str(e.value).split(": ", 1)[1].split("; ")}
+    assert "finite [mlp]" in failed and "determinism [mlp]" not in failed and "roundtrip [mlp]" not in failed
+    assert "update model/blocks.0.layer.weight holds NaN or inf" in str(e.value)
+
+
+def test_conformance_also_checks_a_conv_model_when_the_rule_supports_one():
+    from fa_rules.testing import assert_conformant, models_to_check
+
+    def step(network, params, state, batch):  # right on an MLP, a missing key on a conv model
+        updates = _zeros(params)
+        if batch.x.dim() == 4 and network.family == "lenet":
+            updates["model"].pop(next(iter(updates["model"])))
+        return updates, state, {"loss": torch.tensor(1.0)}
+
+    assert models_to_check(_spec("a", step)) == ["mlp", "lenet"]
+    assert models_to_check(_spec("b", step, models=("mlp", "paper_encoder"))) == ["mlp"]
+    with pytest.raises(AssertionError) as e:
+        assert_conformant(_spec("conv_broken", step))
+    message = str(e.value)
+    assert "structure [lenet]: rule 'conv_broken': updates of group 'model' lack key(s)" in message
+    assert "structure [mlp]" not in message
