@@ -546,5 +546,5 @@ def test_conformance_also_checks_a_conv_model_when_the_rule_supports_one():
     with pytest.raises(AssertionError) as e:
         assert_conformant(_spec("conv_broken", step))
     message = str(e.value)
-    assert "structure [lenet]: rule 'conv_broken': updates of group 'model' lack key(s)" in message
+    assert "structure [lenet]: RuleError: rule 'conv_broken': updates of group 'model' lack key(s)" in message
     assert "structure [mlp]" not in message
