@@ -12,7 +12,7 @@ import datetime
 from pathlib import Path
 
 from fa_rules.core import distributed
-from fa_rules.core.checkpoint import write_json
+from fa_rules.core.checkpoint import remove_stale_tmp_files, write_json
 from fa_rules.core.errors import UserError
 from fa_rules.core.trainer import (
     CHECKPOINT_FILE,
@@ -113,6 +113,8 @@ def resume_trainer(run_dir: Path, epochs: int | None = None, progress: bool = Tr
     ctx = distributed.setup(resolve_device(config.device))
     rule, dataset, build_network = resolve(config)
     trainer = _trainer(config, rule, build_network, dataset, run_dir, progress)
+    # temporary files of writes a killed process never finished: debris (on a full disk, in the way)
+    ctx.on_main(remove_stale_tmp_files, run_dir)
     if (run_dir / CHECKPOINT_FILE).is_file():
         trainer.load(run_dir / CHECKPOINT_FILE)
     if trainer.epoch > config.epochs:
@@ -131,7 +133,7 @@ def load_run(run_dir: Path, trained: bool = True, device: str = "cpu"):
     """
     import torch
 
-    from fa_rules.core.checkpoint import load_checkpoint
+    from fa_rules.core.checkpoint import CheckpointError, check_params, load_checkpoint
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -150,11 +152,11 @@ def load_run(run_dir: Path, trained: bool = True, device: str = "cpu"):
         network, {"model": network.init_params()}, torch.Generator().manual_seed(config.seed + 1)
     )
     if trained:
-        try:
-            ckpt = load_checkpoint(checkpoint, map_location=device)
-            params, state = ckpt["params"], ckpt["state"]
-        except Exception as e:  # a truncated or foreign file: one line, not a traceback
-            raise UserError(f"cannot read {checkpoint}: {type(e).__name__}: {e}") from None
+        ckpt = load_checkpoint(checkpoint, map_location=device)  # verified, and never runs code
+        check_params(checkpoint, ckpt.get("params"), params)  # trained with this config.json
+        if "state" not in ckpt:
+            raise CheckpointError(f"{checkpoint} is not a checkpoint of this run (it holds no rule state)")
+        params, state = ckpt["params"], ckpt["state"]
     params = {g: {k: v.to(device) for k, v in t.items()} for g, t in params.items()}
     return config, rule, network, params, state, dataset
 

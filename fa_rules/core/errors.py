@@ -17,3 +17,7 @@ def unknown_name_error(kind: str, name: str, known: list[str]) -> UserError:
     else:
         hint = f"known: {', '.join(sorted(known))}"
     return UserError(f"unknown {kind} '{name}' ({hint})")
+
+
+class RuleError(UserError):
+    """A rule broke its contract (a plugin's bug, not the engine's): one line naming the rule."""

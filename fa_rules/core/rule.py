@@ -5,15 +5,20 @@ Modelled on optax's `GradientTransformation(init, update)`:
 - `init(network, params, generator) -> (params, state)`: `params` arrives as `{"model": {...}}`
   and leaves with any parameter groups the rule owns and wants the engine to optimise added
   (e.g. `"feedback"`, `"generator"`, `"discriminator"`). `state` holds everything else the rule
-  owns (fixed random feedback matrices, counters): a pytree of tensors and plain Python values.
-  All randomness comes from `generator`.
+  owns (fixed random feedback matrices, counters). State may hold only tensors and plain Python
+  values: None, bool, int, float, str, and lists, tuples and dicts (str or int keys) of these.
+  Checkpoints are loaded with `torch.load(..., weights_only=True)`, which admits nothing else, so
+  that loading a checkpoint never runs code; the engine checks this at the first step
+  (`check_state`), as does `fa_rules.testing`. All randomness comes from `generator`.
 - `step(network, params, state, batch) -> (updates, state, metrics)`: pure. `updates` maps group
   name -> `{key: pseudo-gradient}` with exactly the keys, shapes, dtypes and device of that group's
   parameters. A group missing from `updates` is not stepped. The engine applies updates with one
   ordinary `torch.optim` optimiser per group, so no optimiser logic lives in rules. Randomness
   inside a step comes from `batch.generator()`, which the engine seeds from (run seed, step, rank):
   a step is a deterministic function of its inputs, and resuming is exact.
-- `metrics`: scalar tensors or floats; `loss` is shown on the progress bar.
+- `metrics`: scalar tensors or floats. `loss` is required: it is shown on the progress bar, logged
+  as `train_loss` and watched for divergence (a step without it is an error at the first step).
+  Updates must be finite: a non-finite update is refused before it is applied.
 
 A rule also says what it trains for (`task`), and, where its task needs them, how it reconstructs
 inputs and draws samples. Parameter constraints (e.g. the weight clamp) are pure maps the engine
@@ -74,6 +79,45 @@ class Rule:
     def __post_init__(self):
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+
+
+PLAIN_TYPES = (type(None), bool, int, float, str)
+
+
+def state_problem(state: Any, where: str = "state") -> str | None:
+    """Where `state` holds something other than tensors and plain Python values, or None.
+
+    Types are matched exactly: e.g. numpy.float64 subclasses float but pickles as a numpy object."""
+    kind = type(state)
+    if kind in PLAIN_TYPES or kind in (torch.Tensor, torch.nn.Parameter):
+        return None
+    if kind in (list, tuple):
+        for i, item in enumerate(state):
+            problem = state_problem(item, f"{where}[{i}]")
+            if problem:
+                return problem
+        return None
+    if kind is dict:
+        for key, item in state.items():
+            if type(key) not in (str, int):
+                return f"{where} has a key of type {type(key).__qualname__}"
+            problem = state_problem(item, f"{where}[{key!r}]")
+            if problem:
+                return problem
+        return None
+    return f"{where} is a {kind.__module__}.{kind.__qualname__}"
+
+
+def check_state(rule_name: str, state: Any) -> None:
+    """Raise a one-line RuleError if a rule's state would not load back from a checkpoint."""
+    from fa_rules.core.errors import RuleError
+
+    problem = state_problem(state)
+    if problem:
+        raise RuleError(
+            f"rule '{rule_name}': {problem}; rule state may hold only tensors and plain Python values "
+            f"(None, bool, int, float, str, and lists, tuples and dicts of these)"
+        )
 
 
 def no_state_init(network: Network, params: Groups, generator: torch.Generator):

@@ -4,8 +4,9 @@ Run directory layout:
   config.json      the resolved configuration (what `--resume` reads back)
   metrics.jsonl    one JSON object per finished epoch: train_loss, the epoch means of the rule's
                    other scalar step metrics as train_<name>, test metrics
-  summary.json     final metrics and measurements
-  checkpoint.pt    written atomically after every epoch
+  summary.json     final metrics and measurements; `status` is "ok", or "diverged" with the epoch
+                   (`diverged_epoch`) and the reason (`error`)
+  checkpoint.pt    written atomically after every epoch (after metrics.jsonl); verified before use
   curves.png       training loss and the task metric against epoch (drawn by `fa_rules.runs`)
 
 Under torchrun (see `fa_rules.core.distributed`) every process runs this same loop data-parallel:
@@ -30,12 +31,19 @@ import torch
 from fa_rules.core import distributed
 from fa_rules.core.config import LR_SCHEDULES, OPTIMIZERS, TrainConfig
 from fa_rules.core.autodiff import SavedTensorsProbe
-from fa_rules.core.checkpoint import load_checkpoint, save_checkpoint, write_json, write_jsonl
+from fa_rules.core.checkpoint import (
+    CheckpointError,
+    check_params,
+    load_checkpoint,
+    save_checkpoint,
+    write_json,
+    write_jsonl,
+)
 from fa_rules.core.data import Dataset, as_float, epoch_order
-from fa_rules.core.errors import UserError
+from fa_rules.core.errors import RuleError, UserError
 from fa_rules.core.metrics import alignment_angles, evaluate_classifier, evaluate_reconstruction
 from fa_rules.core.network import Network, count_params
-from fa_rules.core.rule import Batch, Groups, Rule
+from fa_rules.core.rule import Batch, Groups, Rule, check_state
 
 CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, CHECKPOINT_FILE = (
     "config.json",
@@ -43,8 +51,13 @@ CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, CHECKPOINT_FILE = (
     "summary.json",
     "checkpoint.pt",
 )
+# An epoch whose mean training loss exceeds this factor times the first epoch's (in magnitude) has
+# diverged; None: only a non-finite loss or update counts.
+DIVERGENCE_FACTOR = 1e3
+
+
 class Diverged(RuntimeError):
-    """The training loss became NaN or infinite."""
+    """Training diverged: a non-finite loss or update, or a loss that grew past the divergence factor."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -104,19 +117,44 @@ def make_optimizers(config: TrainConfig, params: Groups) -> dict[str, torch.opti
 
 
 def check_updates(rule_name: str, updates: Groups, params: Groups) -> None:
-    """Fail loudly (naming the rule) when a rule's updates do not mirror its parameters."""
+    """Fail with one line naming the rule, group and key when updates do not mirror the parameters."""
+    if not isinstance(updates, dict):
+        raise RuleError(f"rule '{rule_name}': updates must be a dict of groups, got {type(updates).__name__}")
     for group, tensors in updates.items():
         if group not in params:
-            raise ValueError(f"rule '{rule_name}' returned updates for unknown group '{group}'")
-        if set(tensors) != set(params[group]):
-            raise ValueError(f"rule '{rule_name}': updates of group '{group}' do not match its parameters")
+            raise RuleError(
+                f"rule '{rule_name}' returned updates for unknown group '{group}' "
+                f"(its groups: {', '.join(sorted(params))})"
+            )
+        if not isinstance(tensors, dict):
+            raise RuleError(f"rule '{rule_name}': updates of group '{group}' must be a dict, got {type(tensors).__name__}")
+        missing = sorted(set(params[group]) - set(tensors))
+        if missing:
+            raise RuleError(f"rule '{rule_name}': updates of group '{group}' lack key(s) {', '.join(missing)}")
+        extra = sorted(map(str, set(tensors) - set(params[group])))
+        if extra:
+            raise RuleError(f"rule '{rule_name}': updates of group '{group}' have unknown key(s) {', '.join(extra)}")
         for key, u in tensors.items():
             p = params[group][key]
+            if not isinstance(u, torch.Tensor):
+                raise RuleError(f"rule '{rule_name}': update {group}/{key} is a {type(u).__name__}, not a tensor")
             if u.shape != p.shape or u.dtype != p.dtype or u.device != p.device:
-                raise ValueError(
+                raise RuleError(
                     f"rule '{rule_name}': update {group}/{key} is {tuple(u.shape)} {u.dtype} on {u.device}, "
                     f"parameter is {tuple(p.shape)} {p.dtype} on {p.device}"
                 )
+
+
+@torch.no_grad()
+def nonfinite_update(updates: Groups) -> tuple[str, str] | None:
+    """(group, key) of the first update holding NaN or inf, else None (one device sync in all)."""
+    keys = [(g, k) for g, tensors in updates.items() for k in tensors]
+    if not keys:
+        return None
+    finite = torch.stack([torch.isfinite(updates[g][k]).all() for g, k in keys])
+    if bool(finite.all()):
+        return None
+    return keys[int((~finite).nonzero()[0])]
 
 
 @torch.no_grad()
@@ -160,8 +198,10 @@ class Trainer:
         dataset: Dataset,
         out_dir: Path,
         progress: bool = True,
+        divergence_factor: float | None = DIVERGENCE_FACTOR,
     ):
         self.config = config
+        self.divergence_factor = divergence_factor
         self.rule = rule
         self.out_dir = Path(out_dir)
         # one process unless launched by torchrun; then this process's rank and device
@@ -217,20 +257,26 @@ class Trainer:
         return self.dist.is_main
 
     def load(self, path: Path) -> None:
-        ckpt = load_checkpoint(path, map_location=self.device)
-        with torch.no_grad():
-            for group, tensors in ckpt["params"].items():
-                for key, value in tensors.items():
-                    self.params[group][key].copy_(value)
-        for group, opt in self.optimizers.items():
-            opt.load_state_dict(ckpt["optimizers"][group])
-        self.state = ckpt["state"]
-        self.epoch = ckpt["epoch"]
-        self.global_step = ckpt["global_step"]
-        self.history = ckpt["history"]
-        self.step_times = ckpt["step_times"]
-        self.peak_saved_bytes = ckpt["peak_saved_bytes"]
-        self.peak_cuda_bytes = ckpt["peak_cuda_bytes"]
+        ckpt = load_checkpoint(path, map_location=self.device)  # verified, and never runs code
+        check_params(path, ckpt.get("params"), self.params)
+        try:
+            with torch.no_grad():
+                for group, tensors in ckpt["params"].items():
+                    for key, value in tensors.items():
+                        self.params[group][key].copy_(value)
+            for group, opt in self.optimizers.items():
+                opt.load_state_dict(ckpt["optimizers"][group])
+            self.state = ckpt["state"]
+            self.epoch = int(ckpt["epoch"])
+            self.global_step = int(ckpt["global_step"])
+            self.history = list(ckpt["history"])
+            self.step_times = list(ckpt["step_times"])
+            self.peak_saved_bytes = ckpt["peak_saved_bytes"]
+            self.peak_cuda_bytes = ckpt["peak_cuda_bytes"]
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a foreign or hand-made payload
+            raise CheckpointError(f"{path} is not a checkpoint of this run ({type(e).__name__}: {e})") from None
+        if self.is_main:  # a process that died between the checkpoint and metrics writes lost no line
+            write_jsonl(self.out_dir / METRICS_FILE, self.history)
         saved_world = ckpt.get("world_size", 1)
         if saved_world != self.dist.world_size and self.is_main:
             print(
@@ -243,9 +289,20 @@ class Trainer:
     def save(self) -> None:
         if not self.is_main:
             return
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        save_checkpoint(self.out_dir / CHECKPOINT_FILE, self.checkpoint_payload())
-        write_jsonl(self.out_dir / METRICS_FILE, self.history)
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            # metrics first: a death between the two writes leaves metrics.jsonl ahead of the
+            # checkpoint, never behind, and `load` rewrites it from the checkpoint's history
+            write_jsonl(self.out_dir / METRICS_FILE, self.history)
+            save_checkpoint(self.out_dir / CHECKPOINT_FILE, self.checkpoint_payload())
+        except OSError as e:  # e.g. [Errno 28] disk full; the atomic write removed its temporary file
+            kept = (
+                f"the checkpoint of epoch {self.epoch - 1} is kept" if self.epoch > 1 else "no epoch was saved yet"
+            )
+            raise UserError(
+                f"cannot save epoch {self.epoch} in {self.out_dir} ({e.strerror or e}); {kept}: "
+                f"fix this and continue with --resume {self.out_dir}"
+            ) from None
 
     # -- one step ------------------------------------------------------------------------------
     def make_batch(self, index: torch.Tensor, step: int) -> Batch:
@@ -292,9 +349,21 @@ class Trainer:
         updates, self.state, metrics = self.rule.step(self.network, self.params, self.state, batch)
         if not self._updates_checked:  # once per process: cheap, and names the rule at fault
             check_updates(self.config.rule, updates, self.params)
+            if not isinstance(metrics, dict) or not _is_scalar(metrics.get("loss")):
+                raise RuleError(
+                    f"rule '{self.config.rule}' returned no scalar 'loss' metric (the contract requires one; "
+                    f"metrics: {', '.join(map(str, metrics)) if isinstance(metrics, dict) else type(metrics).__name__})"
+                )
+            check_state(self.config.rule, self.state)  # or the checkpoint would not load back
             self._updates_checked = True
         if self.dist.enabled:
             updates, metrics = self.average_across_processes(updates, old_state, metrics, share)
+        bad = nonfinite_update(updates)  # (after averaging: every process sees the same)
+        if bad is not None:
+            raise self.diverged(
+                f"rule '{self.config.rule}' returned a non-finite update for {bad[0]}/{bad[1]} at epoch "
+                f"{self.epoch + 1}, step {self.global_step + 1} (not applied)"
+            )
         self.set_learning_rates()
         apply_updates(self.rule, self.params, updates, self.optimizers)
         if cuda:
@@ -411,9 +480,9 @@ class Trainer:
                         self.dist.share = share
                         self.probe_memory(batch)
                     metrics = self.train_step(batch, share)
-                    loss = _scalar(metrics.get("loss", float("nan")))
-                    if "loss" in metrics and not math.isfinite(loss):
-                        raise Diverged(
+                    loss = _scalar(metrics["loss"])
+                    if not math.isfinite(loss):
+                        raise self.diverged(
                             f"rule '{cfg.rule}' diverged at epoch {self.epoch + 1}, step {i + 1} (loss={loss})"
                         )
                     losses.append(loss)
@@ -421,8 +490,10 @@ class Trainer:
                         if name != "loss" and _is_scalar(value):
                             others.setdefault(name, []).append(_scalar(value))
                     bar.advance(loss)
+                mean_loss = statistics.fmean(losses) if losses else None
+                self.check_loss_growth(mean_loss)
                 self.epoch += 1
-                record = {"epoch": self.epoch, "train_loss": statistics.fmean(losses) if losses else None}
+                record = {"epoch": self.epoch, "train_loss": mean_loss}
                 record.update({f"train_{name}": statistics.fmean(v) for name, v in others.items()})
                 record.update(self.evaluate())
                 record["epoch_time_s"] = time.perf_counter() - epoch_start
@@ -434,7 +505,47 @@ class Trainer:
                 bar.end_epoch(record)
         return self.finish()
 
+    def check_loss_growth(self, mean_loss: float | None) -> None:
+        """Divergence short of NaN: the epoch's mean loss exceeds `divergence_factor` times the
+        first epoch's, compared in magnitude (losses may be negative). No check without a usable
+        reference (the first epoch itself, or a first-epoch loss of 0 or not finite)."""
+        if self.divergence_factor is None or mean_loss is None or not self.history:
+            return
+        first = self.history[0].get("train_loss")
+        if first is None or not math.isfinite(first) or first == 0:
+            return
+        if abs(mean_loss) > self.divergence_factor * abs(first):
+            raise self.diverged(
+                f"rule '{self.config.rule}' diverged at epoch {self.epoch + 1}: mean training loss {mean_loss:.4g} "
+                f"exceeds {self.divergence_factor:g} times the first epoch's ({first:.4g})"
+            )
+
+    def diverged(self, message: str) -> Diverged:
+        """Record a divergence in summary.json (the last good checkpoint stays as it is) and return
+        the exception to raise."""
+        message = f"{message}; the checkpoint of epoch {self.epoch} is kept" if self.epoch else message
+        if self.is_main:
+            summary = self.summary()
+            summary.update(status="diverged", diverged_epoch=self.epoch + 1, error=message)
+            try:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                write_json(self.out_dir / SUMMARY_FILE, summary)
+            except OSError:
+                pass  # the divergence itself is what the user must hear about
+        return Diverged(message)
+
     def finish(self) -> dict:
+        summary = self.summary()
+        summary["status"] = "ok"
+        if not self.is_main:
+            return summary
+        write_json(self.out_dir / SUMMARY_FILE, summary)
+        for callback in self.on_finish:
+            callback(self)
+        return summary
+
+    def summary(self) -> dict:
+        """The run's summary after the epochs finished so far (the last epoch's metrics)."""
         cfg = self.config
         final = dict(self.history[-1]) if self.history else {}
         final.pop("epoch", None)
@@ -458,11 +569,6 @@ class Trainer:
         if self.dist.enabled:
             summary["world_size"] = self.dist.world_size
             summary["global_batch_size"] = self.dist.world_size * cfg.batch_size
-        if not self.is_main:
-            return summary
-        write_json(self.out_dir / SUMMARY_FILE, summary)
-        for callback in self.on_finish:
-            callback(self)
         return summary
 
 
@@ -479,4 +585,8 @@ def read_run_config(run_dir: Path) -> TrainConfig:
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise UserError(f"no run in {run_dir} (missing {CONFIG_FILE})")
-    return TrainConfig.from_dict(json.loads(path.read_text()))
+    try:
+        data = json.loads(path.read_text())
+    except (ValueError, OSError) as e:  # not JSON (JSONDecodeError and UnicodeDecodeError are ValueErrors)
+        raise UserError(f"{path} is not a run configuration ({type(e).__name__})") from None
+    return TrainConfig.from_dict(data)

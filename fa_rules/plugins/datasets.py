@@ -11,6 +11,8 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import sys
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -62,20 +64,49 @@ def load_digits(data_dir: str | None = None) -> Dataset:
 
 
 # -- IDX (MNIST, Fashion-MNIST) ----------------------------------------------------------------------
-def read_idx(path: Path) -> torch.Tensor:
-    """An IDX file (optionally gzipped) of unsigned bytes, as a uint8 tensor of its shape."""
-    raw = gzip.open(path, "rb").read() if path.suffix == ".gz" else path.read_bytes()
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise UserError(f"{path} is not an IDX file of unsigned bytes")
-    ndim = raw[3]
-    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    data = raw[4 + 4 * ndim :]
-    expected = 1
-    for d in dims:
-        expected *= d
-    if len(data) != expected:
-        raise UserError(f"{path} is truncated ({len(data)} bytes of data, expected {expected})")
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8).reshape(dims)
+IDX_CHUNK = 1 << 20
+
+
+def read_idx(path: Path, item_shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    """An IDX file (optionally gzipped) of unsigned bytes, as a uint8 tensor of its shape.
+
+    Streamed: reading stops at the size the header promises (a gzip bomb costs no memory), and
+    anything wrong (not gzip, truncated, damaged, data beyond that size, items not of
+    `item_shape`) is a one-line UserError naming the file."""
+    path = Path(path)
+    try:
+        with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as f:
+            head = f.read(4)
+            if len(head) < 4 or head[:3] != bytes([0, 0, 0x08]):
+                raise UserError(f"{path} is not an IDX file of unsigned bytes")
+            ndim = head[3]
+            raw_dims = f.read(4 * ndim)
+            if len(raw_dims) < 4 * ndim:
+                raise UserError(f"{path} is truncated (its header ends early)")
+            dims = [int.from_bytes(raw_dims[4 * i : 4 * i + 4], "big") for i in range(ndim)]
+            if item_shape is not None and tuple(dims[1:]) != tuple(item_shape):
+                want = "x".join(map(str, item_shape)) or "single values"
+                raise UserError(f"{path} holds items of shape {tuple(dims[1:])}, expected {want}")
+            expected = 1
+            for d in dims:
+                expected *= d
+            data = bytearray()  # grows with what really arrives, never beyond the promised size
+            while len(data) < expected:
+                chunk = f.read(min(IDX_CHUNK, expected - len(data)))
+                if not chunk:
+                    raise UserError(f"{path} is truncated ({len(data)} bytes of data, expected {expected})")
+                data += chunk
+            if f.read(1):
+                raise UserError(f"{path} holds more data than the {expected} bytes its header promises")
+    except gzip.BadGzipFile:
+        raise UserError(f"{path} is not a gzip file (rename it without .gz if it is uncompressed)") from None
+    except EOFError:  # a .gz cut short; click would print only "Aborted."
+        raise UserError(f"{path} is truncated (the compressed stream ends early)") from None
+    except zlib.error as e:
+        raise UserError(f"{path} is damaged ({e})") from None
+    except OSError as e:
+        raise UserError(f"cannot read {path} ({e.strerror or e})") from None
+    return torch.frombuffer(data, dtype=torch.uint8).reshape(dims) if expected else torch.zeros(dims, dtype=torch.uint8)
 
 
 def _find_idx(dirs: list[Path]) -> dict[str, Path] | None:
@@ -109,7 +140,17 @@ def _load_idx_dataset(name: str, tv_name: str, data_dir: str | None, extra_dirs:
         files = _find_idx(dirs)
         if files is None:
             raise UserError(f"{name}: download finished but the IDX files are not in {raw_dir}")
-    tx, ty, vx, vy = (read_idx(files[s]) for s in IDX_FILES)
+    used = files[IDX_FILES[0]].parent
+    if data_dir and not used.is_relative_to(root):  # never replace the user's choice silently
+        print(f"note: {name}: no complete IDX files in {root}; using those in {used}", file=sys.stderr)
+    arrays = {s: read_idx(files[s], (28, 28) if "images" in s else ()) for s in IDX_FILES}
+    for images, labels in (IDX_FILES[:2], IDX_FILES[2:]):
+        n, y = arrays[images].shape[0], arrays[labels]
+        if n != y.shape[0]:
+            raise UserError(f"{files[images]} holds {n} images but {files[labels]} holds {y.shape[0]} labels")
+        if y.numel() and int(y.max()) >= 10:
+            raise UserError(f"{files[labels]} holds label {int(y.max())}, outside the classes 0..9")
+    tx, ty, vx, vy = (arrays[s] for s in IDX_FILES)
     return Dataset(name, tx.unsqueeze(1), ty.long(), vx.unsqueeze(1), vy.long(), 10)
 
 
@@ -126,13 +167,63 @@ CIFAR_DIR = "cifar-10-batches-py"
 CIFAR_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 
 
+class _Refused(pickle.UnpicklingError):
+    """Something a CIFAR-10 batch never holds."""
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Admits only what CIFAR-10's python batches hold: a dict of bytes/str, lists of ints and
+    uint8 numpy arrays. Any other global (the way a pickle runs code) is refused."""
+
+    def find_class(self, module: str, name: str):
+        import numpy as np
+
+        def reconstruct(subtype, shape, dtype):
+            if subtype is not np.ndarray:
+                raise _Refused("an array of a type other than numpy.ndarray")
+            return np.ndarray.__new__(subtype, shape, dtype)
+
+        def uint8_dtype(spec, align=False, copy=False):
+            if np.dtype(spec) != np.uint8:
+                raise _Refused(f"an array of dtype {np.dtype(spec)}, not uint8")
+            return np.dtype(spec, align, copy)
+
+        # numpy < 2 pickles name numpy.core, numpy >= 2 numpy._core (CIFAR's own files: the former)
+        allowed = {
+            ("numpy.core.multiarray", "_reconstruct"): reconstruct,
+            ("numpy._core.multiarray", "_reconstruct"): reconstruct,
+            ("numpy", "ndarray"): np.ndarray,
+            ("numpy", "dtype"): uint8_dtype,
+        }
+        if (module, name) not in allowed:
+            raise _Refused(f"global {module}.{name}")
+        return allowed[(module, name)]
+
+
+def read_cifar_batch(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """One CIFAR-10 python batch file: (N, 3, 32, 32) uint8 images and their labels."""
+    import numpy as np
+
+    try:
+        with open(path, "rb") as f:
+            d = _CifarUnpickler(f, encoding="bytes").load()
+    except _Refused as e:
+        raise UserError(f"{path} refused: not a CIFAR-10 batch (it holds {e})") from None
+    except Exception as e:  # truncated, garbage
+        raise UserError(f"{path} is not a CIFAR-10 batch file ({type(e).__name__}: {e})") from None
+    data = labels = None
+    if isinstance(d, dict):
+        data, labels = d.get(b"data", d.get("data")), d.get(b"labels", d.get("labels"))
+    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3072):
+        raise UserError(f"{path} is not a CIFAR-10 batch file (no uint8 'data' array of N x 3072)")
+    if not (isinstance(labels, list) and len(labels) == data.shape[0]
+            and all(type(v) is int and 0 <= v < 10 for v in labels)):
+        raise UserError(f"{path} is not a CIFAR-10 batch file ('labels' are not {data.shape[0]} classes 0..9)")
+    return torch.from_numpy(data.copy()).reshape(-1, 3, 32, 32), torch.tensor(labels, dtype=torch.int64)
+
+
 def _read_cifar_batches(folder: Path, names) -> tuple[torch.Tensor, torch.Tensor]:
-    xs, ys = [], []
-    for n in names:
-        with open(folder / n, "rb") as f:
-            d = pickle.load(f, encoding="bytes")
-        xs.append(torch.as_tensor(d[b"data"], dtype=torch.uint8).reshape(-1, 3, 32, 32))
-        ys.append(torch.as_tensor(d[b"labels"], dtype=torch.int64))
+    xs, ys = zip(*(read_cifar_batch(folder / n) for n in names))
     return torch.cat(xs), torch.cat(ys)
 
 
