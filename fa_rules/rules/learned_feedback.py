@@ -89,7 +89,7 @@ def bidirectional_fa(init: str = "uniform", scale: float = 1.0, feedback_seed: i
     """FA whose feedback weights are trained as a reverse network from the target to the input."""
 
     def init_fn(network, params, generator):
-        check_feedback_network(network, "bidirectional_fa")
+        check_feedback_network(network, "bidirectional_fa", layered=True)
         feedback = _weight_feedback(network, params["model"], range(network.num_blocks), generator, init, scale,
                                     feedback_seed)
         return {**params, "feedback": feedback}, {}
@@ -168,7 +168,7 @@ def weight_mirror(init: str = "uniform", scale: float = 1.0, feedback_seed: int 
         raise UserError(f"unknown mirror response '{response}' (use linear or forward)")
 
     def init_fn(network, params, generator):
-        check_feedback_network(network, "weight_mirror")
+        check_feedback_network(network, "weight_mirror", layered=True)
         model = params["model"]
         sending = range(1, network.num_blocks)
         feedback = _weight_feedback(network, model, sending, generator, init, scale, feedback_seed)
