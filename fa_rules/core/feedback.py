@@ -53,7 +53,7 @@ import torch.func
 from torch import nn
 from torch.func import functional_call
 
-from fa_rules.core.autodiff import grad_and_value, vjp
+from fa_rules.core.autodiff import first_order_grad_and_value, grad_and_value, vjp
 from fa_rules.core.errors import UserError
 from fa_rules.core.metrics import classification_loss
 from fa_rules.core.network import Block, Network, Params
@@ -66,15 +66,14 @@ Pullback = Callable[[torch.Tensor], "tuple[Params, torch.Tensor | None]"]
 
 
 # -- checks and random feedback -------------------------------------------------------------------
-def check_feedback_network(network: Network, rule: str, layered: bool = False) -> None:
-    """A clear error for networks the feedback mechanism cannot run on; with `layered`, for rules
-    that also need every block in the `layer -> activation -> post` form (to send a signal forward
-    through a block's layer, or to run a block backwards)."""
+def check_feedback_network(network: Network, rule: str, needs_layers: str | None = None) -> None:
+    """A clear error for networks the feedback mechanism cannot run on; with `needs_layers` (what
+    for), for rules that also need every block in the `layer -> activation -> post` form."""
     if len(network.heads):
         raise UserError(f"rule '{rule}' trains a classifier whose last block is the output; "
                         f"this network has heads ({', '.join(network.heads)})")
-    if layered:
-        network.require_layered("blocks with one layer each, to send its signal through", rule)
+    if needs_layers:
+        network.require_layered(f"one layer per block {needs_layers}", rule)
     for i, block in enumerate(network.blocks):
         if isinstance(block, Block) and not isinstance(block.layer, AFFINE_LAYERS):
             raise UserError(f"rule '{rule}' needs Linear or convolution layers; block {i} has "
@@ -362,7 +361,8 @@ def chained_feedback_gradients(network: Network, model_params: Params, x: torch.
     the loss over one forward pass, the layers routed by `feedback_call`: each parameter gets its
     true local gradient for the signal that reaches its layer, batch norm included."""
     routes = {weight_key(k) if isinstance(k, int) else k: b for k, b in feedback.items()}
-    grads, loss = grad_and_value(lambda p: classification_loss(feedback_call(network, p, (x,), routes), y))(model_params)
+    grads, loss = first_order_grad_and_value(
+        lambda p: classification_loss(feedback_call(network, p, (x,), routes), y))(model_params)
     return grads, loss
 
 

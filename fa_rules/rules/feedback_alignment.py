@@ -178,7 +178,7 @@ def indirect_feedback_alignment(init: str = "uniform", scale: float = 1.0, feedb
     weights to the later hidden blocks."""
 
     def init_fn(network, params, generator):
-        check_feedback_network(network, "indirect_feedback_alignment", layered=True)
+        check_feedback_network(network, "indirect_feedback_alignment", needs_layers="to send the error forward through")
         first = range(min(1, network.num_blocks - 1))
         return params, {"projections": _random_projections(network, params["model"], first, generator, init,
                                                            scale, feedback_seed)}
