@@ -23,6 +23,7 @@ import torch
 from torch.func import functional_call
 
 import fa_rules.rules.feedback_alignment as fa
+import fa_rules.rules.learned_feedback as learned
 from fa_rules.core.autodiff import vjp
 from fa_rules.core.feedback import _globalize, _nonlinearity, _reshape, _sub, output_error
 from fa_rules.core.rule import Batch
@@ -67,13 +68,15 @@ def additive_chained_feedback_gradients(network, model_params, x, y, feedback):
 
 @contextlib.contextmanager
 def old_mechanism():
-    """The feedback-alignment rules with the old chained gradients swapped in."""
+    """The feedback-alignment rules (and the learned-feedback ones) with the old chained gradients swapped in."""
     new = fa.chained_feedback_gradients
-    fa.chained_feedback_gradients = additive_chained_feedback_gradients
+    for module in (fa, learned):
+        module.chained_feedback_gradients = additive_chained_feedback_gradients
     try:
         yield
     finally:
-        fa.chained_feedback_gradients = new
+        for module in (fa, learned):
+            module.chained_feedback_gradients = new
 
 
 # -- timing ---------------------------------------------------------------------------------------

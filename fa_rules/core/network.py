@@ -221,6 +221,13 @@ def as_network(model, in_shape: Sequence[int], out_shape: Sequence[int] | None, 
                         "a list of blocks, or a module with a `blocks` Sequential")
     if not blocks or not all(isinstance(b, nn.Module) for b in blocks):
         raise UserError(f"model '{family}' has no blocks, or a block that is not an nn.Module")
+    for i, block in enumerate(blocks):
+        for name, m in block.named_modules():
+            if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats:
+                # an update of running buffers inside a gradient transform is a mutation torch.func refuses
+                raise UserError(f"model '{family}': block {i}'s {type(m).__name__} {name or ''} keeps running "
+                                "statistics; build it with track_running_stats=False (the network must be a pure "
+                                "function of its parameters)")
     return Network(blocks, family=family, in_shape=in_shape, out_shape=out_shape)
 
 
