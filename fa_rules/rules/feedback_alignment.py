@@ -91,7 +91,6 @@ from fa_rules.core.feedback import (
     feedback_weight_keys,
     indirect_feedback_gradients,
     target_projection_gradients,
-    weight_key,
     xavier_std,
 )
 
