@@ -12,12 +12,24 @@ and the hidden Linear width (rounded, at least 1), and nothing else: kernel size
 padding, the number of layers, batch norm, the image channels in and out, the latent size and the
 heads stay as the tables give them. At 0.25 a network has about 1/16 of the paper's parameters
 (most weights connect two scaled widths).
+
+The residual networks are He, Zhang, Ren & Sun 2016 ("Deep residual learning for image
+recognition", CVPR, Sec. 4.2): a 3x3 conv of 16 channels, three stages of `n` basic residual
+units (16, 32, 64 channels, the last two starting with stride 2), global average pooling and a
+Linear output: `6n + 2` layers (ResNet-20: n = 3, -32: 5, -56: 9). Shortcuts where the shape
+changes: option A (identity, subsampled by the stride and zero-padded to the new channels,
+parameter-free; the paper's CIFAR choice) or B (a 1x1 convolution with batch norm). Each residual
+unit is one block of the network view; batch norm uses batch statistics (no running buffers), so
+the network is a pure function of its parameters, and trains by its true local gradient under
+every rule. `vgg` is a small VGG-style net (Simonyan & Zisserman 2015): three stages of two 3x3
+conv blocks (relu, batch norm), each stage ending in 2x2 max pooling, then a Linear output.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
+import torch
 from torch import nn
 
 from fa_rules.core.errors import UserError
@@ -213,3 +225,96 @@ def gan_generator(in_shape, out_shape, heads=None, activation: str = "leaky_relu
         prev = ch
     blocks.append(Block(nn.Conv2d(prev, c, 3, 1, 1), make_activation("sigmoid")))
     return Network(blocks, {}, family="gan_generator", in_shape=in_shape, out_shape=out_shape)
+
+
+# -- residual networks (He et al. 2016, CIFAR) and a small VGG ----------------------------------------
+SHORTCUTS = ("A", "B")
+
+
+def _batch_norm(channels: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(channels, track_running_stats=False)
+
+
+class ZeroPadShortcut(nn.Module):
+    """Option A: the input subsampled by `stride` and zero-padded with `extra` channels."""
+
+    def __init__(self, extra: int, stride: int):
+        super().__init__()
+        self.extra, self.stride = extra, stride
+
+    def forward(self, x):
+        x = x[:, :, :: self.stride, :: self.stride]
+        return torch.nn.functional.pad(x, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
+
+
+class ResidualUnit(nn.Module):
+    """He et al.'s basic unit: `relu(bn(conv(relu(bn(conv(x))))) + shortcut(x))`, 3x3 convs."""
+
+    def __init__(self, in_channels: int, channels: int, stride: int = 1, shortcut: str = "A"):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
+        self.bn1 = _batch_norm(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
+        self.bn2 = _batch_norm(channels)
+        if stride == 1 and in_channels == channels:
+            self.shortcut = nn.Identity()
+        elif shortcut == "A":
+            self.shortcut = ZeroPadShortcut(channels - in_channels, stride)
+        else:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride, bias=False), _batch_norm(channels))
+
+    def forward(self, x):
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+def resnet(in_shape, out_shape, heads=None, depth: int = 20, width: int = 16, shortcut: str = "A") -> Network:
+    """He et al.'s CIFAR ResNet with `depth = 6n + 2` layers; stage widths `width`, 2x, 4x."""
+    if len(in_shape) != 3:
+        raise UserError(f"resnet needs image inputs (C, H, W), got shape {tuple(in_shape)}")
+    if depth < 8 or (depth - 2) % 6 or width < 1:
+        raise UserError(f"resnet needs depth = 6n + 2 >= 8 and width >= 1 (got depth={depth}, width={width})")
+    if shortcut not in SHORTCUTS:
+        raise UserError(f"unknown shortcut '{shortcut}' (use A: zero-padding identity, or B: 1x1 projection)")
+    n = (depth - 2) // 6
+    stem = nn.Sequential(nn.Conv2d(in_shape[0], width, 3, 1, 1, bias=False), _batch_norm(width), nn.ReLU())
+    blocks: list[nn.Module] = [stem]
+    channels = width
+    for stage in range(3):
+        for unit in range(n):
+            stride = 2 if stage > 0 and unit == 0 else 1
+            blocks.append(ResidualUnit(channels, width * 2**stage, stride, shortcut))
+            channels = width * 2**stage
+    pool = [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
+    if heads:
+        blocks.append(nn.Sequential(*pool))
+        return Network(blocks, _heads(channels, heads), family="resnet", in_shape=in_shape, out_shape=out_shape)
+    blocks.append(nn.Sequential(*pool, nn.Linear(channels, flat_size(out_shape))))
+    return Network(blocks, {}, family="resnet", in_shape=in_shape, out_shape=out_shape)
+
+
+def resnet_of_depth(depth: int):
+    """`resnet` at a fixed depth (ResNet-20, -32, -56), its other settings free."""
+
+    def build(in_shape, out_shape, heads=None, width: int = 16, shortcut: str = "A") -> Network:
+        return resnet(in_shape, out_shape, heads, depth=depth, width=width, shortcut=shortcut)
+
+    build.__name__ = build.__qualname__ = f"resnet{depth}"
+    build.__doc__ = f"He et al.'s CIFAR ResNet-{depth}."
+    return build
+
+
+def vgg(in_shape, out_shape, heads=None, width: int = 32, activation: str = "relu", batch_norm: bool = True) -> Network:
+    """Small VGG-style net: stages of `width`, 2x, 4x channels, two 3x3 conv blocks each (batch
+    norm after the activation), 2x2 max pooling closing each stage, then a Linear output."""
+    if len(in_shape) != 3:
+        raise UserError(f"vgg needs image inputs (C, H, W), got shape {tuple(in_shape)}")
+    blocks, c = [], in_shape[0]
+    for stage in range(3):
+        ch = width * 2**stage
+        blocks.append(Block(nn.Conv2d(c, ch, 3, 1, 1), make_activation(activation), _bn(ch, batch_norm)))
+        pool = nn.Sequential(_batch_norm(ch), nn.MaxPool2d(2)) if batch_norm else nn.MaxPool2d(2)
+        blocks.append(Block(nn.Conv2d(ch, ch, 3, 1, 1), make_activation(activation), pool))
+        c = ch
+    blocks, head_blocks = _dense_tail(blocks, in_shape, [], out_shape, activation, heads)
+    return Network(blocks, head_blocks, family="vgg", in_shape=in_shape, out_shape=out_shape)

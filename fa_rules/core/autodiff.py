@@ -68,6 +68,15 @@ def grad_and_value(f: Callable, argnums=0, has_aux: bool = False) -> Callable:
     return torch.func.grad_and_value(f, argnums=argnums, has_aux=has_aux)
 
 
+def first_order_grad_and_value(f: Callable) -> Callable:
+    """`grad_and_value(f)` for a gradient nothing differentiates again: plain `torch.autograd` when
+    no `torch.func` transform is running (the same values, without functorch's per-op wrapping, which
+    costs most around custom autograd Functions), `torch.func` inside one."""
+    if _probing.get() or torch._C._functorch.peek_interpreter_stack() is None:
+        return _autograd_grad_and_value(f, 0, False)
+    return torch.func.grad_and_value(f)
+
+
 def grad(f: Callable, argnums=0, has_aux: bool = False) -> Callable:
     """Like `torch.func.grad`."""
     if _probing.get():

@@ -53,10 +53,10 @@ import torch.func
 from torch import nn
 from torch.func import functional_call
 
-from fa_rules.core.autodiff import grad_and_value, vjp
+from fa_rules.core.autodiff import first_order_grad_and_value, grad_and_value, vjp
 from fa_rules.core.errors import UserError
 from fa_rules.core.metrics import classification_loss
-from fa_rules.core.network import Network, Params
+from fa_rules.core.network import Block, Network, Params
 
 AFFINE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                  nn.ConvTranspose3d)
@@ -66,13 +66,16 @@ Pullback = Callable[[torch.Tensor], "tuple[Params, torch.Tensor | None]"]
 
 
 # -- checks and random feedback -------------------------------------------------------------------
-def check_feedback_network(network: Network, rule: str) -> None:
-    """A clear error for networks the feedback mechanism cannot run on."""
+def check_feedback_network(network: Network, rule: str, needs_layers: str | None = None) -> None:
+    """A clear error for networks the feedback mechanism cannot run on; with `needs_layers` (what
+    for), for rules that also need every block in the `layer -> activation -> post` form."""
     if len(network.heads):
         raise UserError(f"rule '{rule}' trains a classifier whose last block is the output; "
                         f"this network has heads ({', '.join(network.heads)})")
+    if needs_layers:
+        network.require_layered(f"one layer per block {needs_layers}", rule)
     for i, block in enumerate(network.blocks):
-        if not isinstance(block.layer, AFFINE_LAYERS):
+        if isinstance(block, Block) and not isinstance(block.layer, AFFINE_LAYERS):
             raise UserError(f"rule '{rule}' needs Linear or convolution layers; block {i} has "
                             f"{type(block.layer).__name__}")
 
@@ -80,6 +83,20 @@ def check_feedback_network(network: Network, rule: str) -> None:
 def weight_key(i: int) -> str:
     """Global key of block i's layer weight (the tensor a feedback tensor stands in for)."""
     return f"blocks.{i}.layer.weight"
+
+
+def feedback_weight_keys(network: Network) -> list[str]:
+    """Global keys of the weights whose layers send the error backwards, in block order: every
+    Linear and convolution inside the blocks, except the layer of a layered first block (it reads
+    the input, where no signal is needed)."""
+    keys = []
+    for i, block in enumerate(network.blocks):
+        if isinstance(block, Block):
+            if i > 0:
+                keys.append(weight_key(i))
+            continue
+        keys += [f"blocks.{i}.{name}.weight" for name, m in block.named_modules() if isinstance(m, AFFINE_LAYERS)]
+    return keys
 
 
 def _fans(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -122,6 +139,128 @@ def block_output_shapes(network: Network, model_params: Params) -> list[tuple[in
     return [tuple(h.shape[1:]) for h in hs]
 
 
+# -- layer-level feedback: the weight sends nothing back, its feedback tensor does -----------------
+class _FeedbackLinear(torch.autograd.Function):
+    """`linear(x; W, b)` whose backward sends the input gradient through `B` (`g B`) and gives `W`
+    and `b` their true gradients (`g^T x`, `sum g`). The feedback tensor gets no gradient."""
+
+    @staticmethod
+    def forward(x, weight, bias, feedback):
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, feedback = inputs
+        ctx.save_for_backward(x, feedback)
+        ctx.has_bias = bias is not None
+
+    @staticmethod
+    def backward(ctx, g):
+        x, feedback = ctx.saved_tensors
+        gx = g @ feedback if ctx.needs_input_grad[0] else None
+        g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+        gw = g2.T @ x2 if ctx.needs_input_grad[1] else None
+        gb = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return gx, gw, gb, None
+
+
+class _FeedbackConvolution(torch.autograd.Function):
+    """Any convolution (1-3d, transposed or not) whose backward is one `convolution_backward` call
+    with the feedback tensor in the weight's place: the input gradient goes through `B`, and the
+    weight gradient, which does not depend on the weight's value, is the true one."""
+
+    @staticmethod
+    def forward(x, weight, bias, feedback, stride, padding, dilation, transposed, output_padding, groups):
+        return torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, transposed,
+                                          output_padding, groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, feedback, *geometry = inputs
+        ctx.save_for_backward(x, feedback)
+        ctx.geometry = geometry
+        ctx.bias_sizes = None if bias is None else list(bias.shape)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, feedback = ctx.saved_tensors
+        stride, padding, dilation, transposed, output_padding, groups = ctx.geometry
+        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.bias_sizes is not None and ctx.needs_input_grad[2]]
+        gx, gw, gb = torch.ops.aten.convolution_backward(g, x, feedback, ctx.bias_sizes, stride, padding, dilation,
+                                                         transposed, output_padding, groups, mask)
+        return gx, gw, gb, None, None, None, None, None, None, None
+
+
+def _ntuple(v, n: int) -> list[int]:
+    return list(v) if isinstance(v, (tuple, list)) else [int(v)] * n
+
+
+def _arg(args, kwargs, i: int, name: str, default=None):
+    return args[i] if len(args) > i else kwargs.get(name, default)
+
+
+_CONVOLUTIONS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
+_TRANSPOSED = {torch.conv_transpose1d: 1, torch.conv_transpose2d: 2, torch.conv_transpose3d: 3}
+
+
+def _routed(func, args, kwargs, feedback: torch.Tensor):
+    """`func(*args, **kwargs)` (a linear map or convolution) with its input gradient sent through `feedback`."""
+    x, weight, bias = args[0], _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
+    if func is torch.nn.functional.linear:
+        return _FeedbackLinear.apply(x, weight, bias, feedback)
+    if func in _CONVOLUTIONS:
+        n = _CONVOLUTIONS[func]
+        padding = _arg(args, kwargs, 4, "padding", 0)
+        if padding == "valid":
+            padding = 0
+        if not isinstance(padding, str):
+            return _FeedbackConvolution.apply(
+                x, weight, bias, feedback, _ntuple(_arg(args, kwargs, 3, "stride", 1), n), _ntuple(padding, n),
+                _ntuple(_arg(args, kwargs, 5, "dilation", 1), n), False, [0] * n, _arg(args, kwargs, 6, "groups", 1))
+    elif func in _TRANSPOSED:
+        n = _TRANSPOSED[func]
+        return _FeedbackConvolution.apply(
+            x, weight, bias, feedback, _ntuple(_arg(args, kwargs, 3, "stride", 1), n),
+            _ntuple(_arg(args, kwargs, 4, "padding", 0), n), _ntuple(_arg(args, kwargs, 7, "dilation", 1), n), True,
+            _ntuple(_arg(args, kwargs, 5, "output_padding", 0), n), _arg(args, kwargs, 6, "groups", 1))
+    # padding="same": the additive form, layer(x; W, b) + layer(x - stop(x); B, 0), same derivative
+    shadow = [x - x.detach(), feedback, None, *args[3:]]
+    return func(*args, **kwargs) + func(*shadow, **{k: v for k, v in kwargs.items() if k not in ("weight", "bias")})
+
+
+_ROUTABLE = (torch.nn.functional.linear, *_CONVOLUTIONS, *_TRANSPOSED)
+
+
+class _FeedbackRouting(torch.overrides.TorchFunctionMode):
+    """While active, a linear map or convolution whose weight is one of `routes`' tensors (matched
+    by identity, so only the parameters handed to this call) runs through the feedback Functions."""
+
+    def __init__(self, routes: dict[int, torch.Tensor]):
+        super().__init__()
+        self.routes = routes
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _ROUTABLE:
+            feedback = self.routes.get(id(_arg(args, kwargs, 1, "weight")))
+            if feedback is not None:
+                return _routed(func, args, kwargs, feedback)
+        return func(*args, **kwargs)
+
+
+def feedback_call(module: nn.Module, params: Params, args: tuple, feedback: Mapping[str, torch.Tensor],
+                  kwargs: dict | None = None):
+    """`functional_call(module, params, args, kwargs)` in which every weight named in `feedback`
+    (keys of `params`) sends its layer's input gradient through its feedback tensor, under plain
+    autograd and under `torch.func` alike. No module is swapped and no hook is installed: the
+    layers' own `forward` runs, and the linear maps and convolutions it calls with those weights
+    are routed through autograd Functions with the true weight and bias gradients."""
+    if not feedback:
+        return functional_call(module, params, args, kwargs)
+    with _FeedbackRouting({id(params[k]): b for k, b in feedback.items()}):
+        return functional_call(module, params, args, kwargs)
+
+
 # -- one block -------------------------------------------------------------------------------------
 def _sub(params: Params, prefix: str) -> Params:
     n = len(prefix) + 1
@@ -138,32 +277,21 @@ def _nonlinearity(block, local: Params, a: torch.Tensor) -> torch.Tensor:
     return functional_call(block.post, _sub(local, "post"), (h,))
 
 
-def _substituted_block(block, local: Params, x_in: torch.Tensor, x_const: torch.Tensor,
-                       feedback: torch.Tensor) -> torch.Tensor:
-    """The block's output, whose derivative with respect to `x_in` goes through `feedback`."""
-    layer = _sub(local, "layer")
-    x_const = _reshape(block, x_const)
-    a = functional_call(block.layer, layer, (x_const,))
-    # exactly zero forward; its x-derivative is the layer map with the feedback tensor
-    shadow = {k: feedback if k == "weight" else torch.zeros_like(v) for k, v in layer.items()}
-    a = a + functional_call(block.layer, shadow, (_reshape(block, x_in) - x_const,))
-    return _nonlinearity(block, local, a)
-
-
 def _globalize(network: Network, i: int, local_grads: Params) -> Params:
     return {k: local_grads[lk] for k, lk in network.block_keys[i].items()}
 
 
 def block_pullback(network: Network, i: int, model_params: Params, x: torch.Tensor,
-                   feedback: torch.Tensor | None = None, input_grad: bool = True):
+                   feedback: Mapping[str, torch.Tensor] | None = None, input_grad: bool = True):
     """Run block `i` on `x` under a `vjp`: returns `(h, pullback)`.
 
     `pullback(g)`, for a cotangent `g` at the block output `h`, returns `(grads, gx)`: `grads` is
     the block's true local parameter gradient (global keys) and `gx` the signal at `x`, sent
-    through `feedback` in place of the layer weight (through the weight itself when `feedback` is
-    None), or None when `input_grad` is False.
+    through the feedback tensors of `feedback` (local weight key -> tensor) in place of those
+    weights (backprop where `feedback` is empty), or None when `input_grad` is False.
     """
     local = network.block_params(i, model_params)
+    block = network.blocks[i]
     if not input_grad:
         h, fn = vjp(lambda p: network.block_apply_local(i, p, x), local)
 
@@ -172,11 +300,7 @@ def block_pullback(network: Network, i: int, model_params: Params, x: torch.Tens
             return _globalize(network, i, gp), None
 
         return h, pullback
-    if feedback is None:
-        h, fn = vjp(lambda p, xin: network.block_apply_local(i, p, xin), local, x)
-    else:
-        block = network.blocks[i]
-        h, fn = vjp(lambda p, xin: _substituted_block(block, p, xin, x, feedback), local, x)
+    h, fn = vjp(lambda p, xin: feedback_call(block, p, (xin,), feedback or {}), local, x)
 
     def pullback(g):
         gp, gx = fn(g)
@@ -202,7 +326,7 @@ def conv_projection_shape(network: Network, i: int, classes: int) -> tuple[int, 
     if i + 1 >= network.num_blocks:
         return None
     nxt = network.blocks[i + 1]
-    if not isinstance(nxt.layer, nn.Conv2d) or nxt.layer.groups != 1 or nxt.in_shape is not None:
+    if not isinstance(nxt, Block) or not isinstance(nxt.layer, nn.Conv2d) or nxt.layer.groups != 1 or nxt.in_shape is not None:
         return None
     return (classes, nxt.layer.in_channels, *nxt.layer.kernel_size)
 
@@ -230,20 +354,15 @@ def _project(e: torch.Tensor, projection: torch.Tensor, shape: tuple[int, ...], 
 
 # -- error routing ---------------------------------------------------------------------------------
 def chained_feedback_gradients(network: Network, model_params: Params, x: torch.Tensor, y: torch.Tensor,
-                               feedback: Mapping[int, torch.Tensor]):
-    """`(grads, loss)` with the error sent down block by block; block `i >= 1` sends it to its input
-    through `feedback[i]` (its own weight where `feedback` has no entry: backprop)."""
-    pullbacks = []
-    h = x
-    for i in range(network.num_blocks):
-        h, pb = block_pullback(network, i, model_params, h, feedback.get(i), input_grad=i > 0)
-        pullbacks.append(pb)
-    e, loss = output_error(h, y)
-    grads: Params = {}
-    g = e
-    for pb in reversed(pullbacks):
-        block_grads, g = pb(g)
-        grads.update(block_grads)
+                               feedback: Mapping[str | int, torch.Tensor]):
+    """`(grads, loss)` with the error sent down layer by layer: every weight named in `feedback`
+    (a global key, or a block index for that block's `layer.weight`) sends its layer's input
+    gradient through its feedback tensor, every other through itself (backprop). One gradient of
+    the loss over one forward pass, the layers routed by `feedback_call`: each parameter gets its
+    true local gradient for the signal that reaches its layer, batch norm included."""
+    routes = {weight_key(k) if isinstance(k, int) else k: b for k, b in feedback.items()}
+    grads, loss = first_order_grad_and_value(
+        lambda p: classification_loss(feedback_call(network, p, (x,), routes), y))(model_params)
     return grads, loss
 
 

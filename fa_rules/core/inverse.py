@@ -147,6 +147,7 @@ def decoder_for(network: Network, i: int, space: str, shapes: list[tuple[int, ..
     """The decoder `g_i` mapping block i's value back to the value below it (block i - 1's, or the
     input for i = 0). Raises ValueError for blocks it cannot mirror."""
     _check_space(space)
+    network.require_layered("an invertible block with a layer to mirror as its decoder", blocks=(i - 1, i))
     block = network.blocks[i]
     for j in (i - 1, i):
         if j >= 0 and not isinstance(network.blocks[j].post, nn.Identity):

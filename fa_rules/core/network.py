@@ -1,8 +1,13 @@
 """The functional network view every rule works on.
 
-A network is an ordered sequence of blocks, each `reshape -> layer -> activation -> post`, where
-`layer` is the parametrised map (Linear, Conv2d, ConvTranspose2d), `activation` is explicit and
-`post` is an optional parameter-free or batch-statistics module (pooling, batch norm). Named heads
+A network is an ordered sequence of blocks. A layered block (`Block`) is `reshape -> layer ->
+activation -> post`, where `layer` is the parametrised map (Linear, Conv2d, ConvTranspose2d),
+`activation` is explicit and `post` is an optional parameter-free or batch-statistics module
+(pooling, batch norm). Any other module whose input and output are tensors is a block too (a
+residual unit, He, Zhang, Ren & Sun 2016, "Deep residual learning for image recognition", CVPR):
+block-level rules see it as one step of the chain, layer-level feedback reaches every Linear and
+convolution inside it, and rules that need a block's layer/activation structure (inverting it,
+sending a signal forward through its layer) refuse it with `Network.require_layered`. Named heads
 (e.g. `mu` / `logvar`) may follow the last block. Parameters live outside the module as a flat dict
 `{"blocks.0.layer.weight": tensor, ...}` and are applied with `torch.func.functional_call`, so rules
 can differentiate with respect to any subset of them.
@@ -10,6 +15,7 @@ can differentiate with respect to any subset of them.
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -95,7 +101,7 @@ class Network(nn.Module):
 
     def __init__(
         self,
-        blocks: Sequence[Block],
+        blocks: Sequence[nn.Module],
         heads: dict[str, Block] | None = None,
         family: str = "custom",
         in_shape: Sequence[int] = (),
@@ -165,11 +171,24 @@ class Network(nn.Module):
     def block_apply(self, i: int, params: Params, x: torch.Tensor, pre_activation: bool = False):
         """Apply block i. `params` may be the whole dict or just this block's (global keys)."""
         local = {lk: params[k] for k, lk in self.block_keys[i].items()}
-        return functional_call(self.blocks[i], local, (x,), {"pre_activation": pre_activation})
+        return self.block_apply_local(i, local, x, pre_activation)
 
     def block_apply_local(self, i: int, local_params: Params, x: torch.Tensor, pre_activation=False):
         """Apply block i with parameters keyed locally (`layer.weight`)."""
-        return functional_call(self.blocks[i], local_params, (x,), {"pre_activation": pre_activation})
+        if not pre_activation:  # any block module takes just its input
+            return functional_call(self.blocks[i], local_params, (x,))
+        self.require_layered("a pre-activation", blocks=(i,))
+        return functional_call(self.blocks[i], local_params, (x,), {"pre_activation": True})
+
+    def require_layered(self, what: str, rule: str | None = None, blocks=None) -> None:
+        """A one-line UserError unless every block (or those in `blocks`) is a layered `Block`:
+        `what` names what the rule needs that only the layered form has (an invertible block, a
+        layer to send a signal forward through)."""
+        for i in range(self.num_blocks) if blocks is None else blocks:
+            if not isinstance(self.blocks[i], Block):
+                who = f"rule '{rule}' needs" if rule else "this needs"
+                raise UserError(f"{who} {what} (a layer -> activation -> post block); block {i} is a "
+                                f"{type(self.blocks[i]).__name__}")
 
     def head_apply(self, name: str, params: Params, h: torch.Tensor) -> torch.Tensor:
         """Head `name` applied to the last block's output `h`, with the head's parameters taken from `params`."""
@@ -180,6 +199,36 @@ class Network(nn.Module):
         """Index of the block owning parameter `key` (None for head parameters)."""
         parts = key.split(".")
         return int(parts[1]) if parts[0] == "blocks" else None
+
+
+def as_network(model, in_shape: Sequence[int], out_shape: Sequence[int] | None, family: str = "custom") -> Network:
+    """A user's model in the block view: a `Network` as it is; an `nn.Sequential`, a list of
+    modules, or a module whose `blocks` attribute is a Sequential / ModuleList, as that sequence
+    of blocks (each any module from tensor to tensor; the last one's output are the logits)."""
+    if isinstance(model, Network):
+        return model
+    if isinstance(model, (list, tuple, nn.ModuleList, nn.Sequential)):
+        blocks = list(model)
+    elif isinstance(getattr(model, "blocks", None), (nn.Sequential, nn.ModuleList)):
+        inside = {id(p) for p in model.blocks.parameters()}
+        outside = [k for k, p in model.named_parameters() if id(p) not in inside]
+        if outside:
+            raise UserError(f"model '{family}' has parameters outside its blocks ({', '.join(outside[:3])}); "
+                            "put every layer in its `blocks` sequence")
+        blocks = list(model.blocks)
+    else:
+        raise UserError(f"model '{family}' returned a {type(model).__name__}: give an nn.Sequential of blocks, "
+                        "a list of blocks, or a module with a `blocks` Sequential")
+    if not blocks or not all(isinstance(b, nn.Module) for b in blocks):
+        raise UserError(f"model '{family}' has no blocks, or a block that is not an nn.Module")
+    for i, block in enumerate(blocks):
+        for name, m in block.named_modules():
+            if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats:
+                # an update of running buffers inside a gradient transform is a mutation torch.func refuses
+                raise UserError(f"model '{family}': block {i}'s {type(m).__name__} {name or ''} keeps running "
+                                "statistics; build it with track_running_stats=False (the network must be a pure "
+                                "function of its parameters)")
+    return Network(blocks, family=family, in_shape=in_shape, out_shape=out_shape)
 
 
 def count_params(params: Params) -> int:
@@ -200,6 +249,24 @@ class ModelSpec:
     options: dict[str, Any] = field(default_factory=dict)
     example_shape: tuple[int, ...] = (1, 8, 8)
 
+    @classmethod
+    def from_factory(cls, factory: Callable[..., Any], name: str | None = None, summary: str | None = None,
+                     example_shape: tuple[int, ...] = (1, 8, 8)) -> "ModelSpec":
+        """A model family from a plain factory `factory(in_shape, out_shape, **options)` returning
+        an `nn.Module` (see `as_network`): named after the function, summarised by its docstring's
+        first line, its options the keyword arguments with defaults (so `--model-opt` reaches them)."""
+        name = name or factory.__name__
+        options = {p.name: p.default for p in inspect.signature(factory).parameters.values()
+                   if p.default is not inspect.Parameter.empty}
+        doc = (inspect.getdoc(factory) or "").strip()
+
+        def build(in_shape, out_shape, heads=None, **opts):
+            if heads:
+                raise UserError(f"model '{name}' is a plain factory and builds no heads ({', '.join(heads)})")
+            return factory(in_shape, out_shape, **opts)
+
+        return cls(name, build, summary or (doc.splitlines()[0] if doc else name), options, example_shape)
+
     def make(self, in_shape, out_shape, heads=None, **overrides) -> Network:
         """The network for these shapes with the family's settings, `overrides` replacing defaults (unknown ones are a UserError)."""
         unknown = set(overrides) - set(self.options)
@@ -209,6 +276,7 @@ class ModelSpec:
                 f"(options: {', '.join(sorted(self.options)) or 'none'})"
             )
         options = {**self.options, **overrides}
-        network = self.build(tuple(in_shape), tuple(out_shape), heads, **options)
+        network = as_network(self.build(tuple(in_shape), tuple(out_shape), heads, **options), in_shape, out_shape,
+                             family=self.name)
         network.options = options  # what it was built with (rules size their own networks from it)
         return network

@@ -15,4 +15,6 @@ def register_datasets(register):
 
 @hookspec
 def register_models(register):
-    """Register model families: call `register(ModelSpec(...))` for each."""
+    """Register model families: call `register(ModelSpec(...))` for each, or `register(factory)` with a
+    plain factory `factory(in_shape, out_shape, **options)` returning an `nn.Sequential` of blocks
+    (or a list of blocks, or a module with a `blocks` Sequential); see `ModelSpec.from_factory`."""

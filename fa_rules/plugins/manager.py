@@ -67,6 +67,8 @@ class Registry:
     failures: list[tuple[str, str]] = field(default_factory=list)
 
     def _add(self, kind: str, spec: Any, source: Source) -> None:
+        if kind == "models" and callable(spec) and not isinstance(spec, ModelSpec):
+            spec = ModelSpec.from_factory(spec)  # a plain factory returning an nn.Module
         if not isinstance(spec, _KINDS[kind]):
             raise TypeError(f"register_{kind} expects {_KINDS[kind].__name__}, got {type(spec).__name__}")
         table = getattr(self, kind)

@@ -1,4 +1,4 @@
-"""Built-in model zoo: MLPs, a LeNet-style CNN and the feature alignment paper's networks."""
+"""Built-in model zoo: MLPs, a LeNet-style CNN, CIFAR ResNets, a small VGG and the feature alignment paper's networks."""
 
 from fa_rules import models as zoo
 from fa_rules.core.hooks import hookimpl
@@ -26,3 +26,12 @@ def register_models(register):
     register(ModelSpec("gan_generator", zoo.gan_generator,
                        "latent-to-image generator for GAN / VAE baselines (appendix Table 12)",
                        {"activation": "leaky_relu", "batch_norm": True, "width_multiplier": 1.0}, example_shape=(1, 28, 28)))
+    register(ModelSpec("resnet", zoo.resnet, "He et al. 2016 CIFAR ResNet, --depth 6n+2 (8, 20, 32, 56...); "
+                       "shortcut A (zero-padding) or B (1x1 projection)",
+                       {"depth": 20, "width": 16, "shortcut": "A"}, example_shape=(3, 32, 32)))
+    for depth in (20, 32, 56):
+        register(ModelSpec(f"resnet{depth}", zoo.resnet_of_depth(depth),
+                           f"He et al. 2016 CIFAR ResNet-{depth}; shortcut A (zero-padding) or B (1x1 projection)",
+                           {"width": 16, "shortcut": "A"}, example_shape=(3, 32, 32)))
+    register(ModelSpec("vgg", zoo.vgg, "small VGG-style CNN: 3 stages of two 3x3 convs (batch norm), max pooling",
+                       {"width": 32, "activation": "relu", "batch_norm": True}))

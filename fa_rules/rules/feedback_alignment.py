@@ -88,9 +88,9 @@ from fa_rules.core.feedback import (
     conv_projection_shape,
     direct_feedback_gradients,
     draw_feedback,
+    feedback_weight_keys,
     indirect_feedback_gradients,
     target_projection_gradients,
-    weight_key,
     xavier_std,
 )
 
@@ -102,13 +102,10 @@ def _generator(generator: torch.Generator, feedback_seed: int) -> torch.Generato
 
 
 def _random_weight_feedback(network, model, generator, init, scale, feedback_seed) -> dict:
-    """One random tensor shaped like each weight that sends the error backwards (blocks 1..L-1)."""
+    """One random tensor shaped like each weight that sends the error backwards (every Linear and
+    convolution but the one reading the input; `feedback_weight_keys`)."""
     gen = _generator(generator, feedback_seed)
-    out = {}
-    for i in range(1, network.num_blocks):
-        w = model[weight_key(i)]
-        out[weight_key(i)] = draw_feedback(w.shape, init, scale, gen, like=w)
-    return out
+    return {k: draw_feedback(model[k].shape, init, scale, gen, like=model[k]) for k in feedback_weight_keys(network)}
 
 
 PROJECTIONS = ("dense", "conv")
@@ -132,10 +129,6 @@ def _random_projections(network, model, blocks, generator, init, scale, feedback
     return out
 
 
-def _by_block(network, tensors: dict) -> dict:
-    return {network.block_of(k): t for k, t in tensors.items()}
-
-
 def _ordered(model: dict, grads: dict) -> dict:
     return {k: grads[k] for k in model}
 
@@ -151,8 +144,7 @@ def feedback_alignment(init: str = "uniform", scale: float = 1.0, feedback_seed:
 
     def step(network, params, state, batch):
         model = params["model"]
-        grads, loss = chained_feedback_gradients(network, model, batch.x, batch.y,
-                                                 _by_block(network, state["feedback"]))
+        grads, loss = chained_feedback_gradients(network, model, batch.x, batch.y, state["feedback"])
         return {"model": _ordered(model, grads)}, state, {"loss": loss}
 
     return Rule(init=init_fn, step=step, task="classify")
@@ -185,7 +177,7 @@ def indirect_feedback_alignment(init: str = "uniform", scale: float = 1.0, feedb
     weights to the later hidden blocks."""
 
     def init_fn(network, params, generator):
-        check_feedback_network(network, "indirect_feedback_alignment")
+        check_feedback_network(network, "indirect_feedback_alignment", needs_layers="to send the error forward through")
         first = range(min(1, network.num_blocks - 1))
         return params, {"projections": _random_projections(network, params["model"], first, generator, init,
                                                            scale, feedback_seed)}
@@ -218,12 +210,12 @@ def sign_symmetry(scale: float = 1.0, magnitude: str = "mean_abs") -> Rule:
 
     def init_fn(network, params, generator):
         check_feedback_network(network, "sign_symmetry")
-        sign_feedback(params["model"][weight_key(0)], scale, magnitude)  # an unknown magnitude fails here
+        sign_feedback(next(iter(params["model"].values())), scale, magnitude)  # an unknown magnitude fails here
         return params, {}
 
     def step(network, params, state, batch):
         model = params["model"]
-        feedback = {i: sign_feedback(model[weight_key(i)], scale, magnitude) for i in range(1, network.num_blocks)}
+        feedback = {k: sign_feedback(model[k], scale, magnitude) for k in feedback_weight_keys(network)}
         grads, loss = chained_feedback_gradients(network, model, batch.x, batch.y, feedback)
         return {"model": _ordered(model, grads)}, state, {"loss": loss}
 
@@ -251,7 +243,7 @@ def random_magnitude_sign_feedback(frsf: bool, init: str = "uniform", scale: flo
         else:
             magnitudes = {k: m.abs() for k, m in
                           _random_weight_feedback(network, model, batch.generator(), init, scale, -1).items()}
-        feedback = {network.block_of(k): m * torch.sign(model[k]) for k, m in magnitudes.items()}
+        feedback = {k: m * torch.sign(model[k]) for k, m in magnitudes.items()}
         grads, loss = chained_feedback_gradients(network, model, batch.x, batch.y, feedback)
         return {"model": _ordered(model, grads)}, state, {"loss": loss}
 
@@ -299,7 +291,7 @@ def kolen_pollack(init: str = "uniform", scale: float = 1.0, feedback_seed: int 
 
     def step(network, params, state, batch):
         model, feedback = params["model"], params["feedback"]
-        grads, loss = chained_feedback_gradients(network, model, batch.x, batch.y, _by_block(network, feedback))
+        grads, loss = chained_feedback_gradients(network, model, batch.x, batch.y, feedback)
         updates = {k: grads[k] + decay * model[k] if k in feedback else grads[k] for k in model}
         feedback_updates = {k: grads[k] + decay * b for k, b in feedback.items()}
         return {"model": updates, "feedback": feedback_updates}, state, {"loss": loss}

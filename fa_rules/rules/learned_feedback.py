@@ -47,6 +47,8 @@ initial values); `feedback_loss` (bidirectional DFA); `noise_std`, `decay`, `res
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from fa_rules.core import Rule, RuleSpec, hookimpl
@@ -81,6 +83,8 @@ def _ordered(model: dict, grads: dict) -> dict:
 
 
 def _classes(network, model) -> int:
+    if network.out_shape:  # set by every model family; the output layer otherwise
+        return math.prod(network.out_shape)
     return model[weight_key(network.num_blocks - 1)].shape[0]
 
 
@@ -89,7 +93,7 @@ def bidirectional_fa(init: str = "uniform", scale: float = 1.0, feedback_seed: i
     """FA whose feedback weights are trained as a reverse network from the target to the input."""
 
     def init_fn(network, params, generator):
-        check_feedback_network(network, "bidirectional_fa")
+        check_feedback_network(network, "bidirectional_fa", needs_layers="to run the network backwards through")
         feedback = _weight_feedback(network, params["model"], range(network.num_blocks), generator, init, scale,
                                     feedback_seed)
         return {**params, "feedback": feedback}, {}
@@ -168,7 +172,7 @@ def weight_mirror(init: str = "uniform", scale: float = 1.0, feedback_seed: int 
         raise UserError(f"unknown mirror response '{response}' (use linear or forward)")
 
     def init_fn(network, params, generator):
-        check_feedback_network(network, "weight_mirror")
+        check_feedback_network(network, "weight_mirror", needs_layers="to drive with mirror noise")
         model = params["model"]
         sending = range(1, network.num_blocks)
         feedback = _weight_feedback(network, model, sending, generator, init, scale, feedback_seed)

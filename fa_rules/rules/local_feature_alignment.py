@@ -60,6 +60,7 @@ WEIGHT_BOUND = math.sqrt(2.0)  # Eq. 9
 def _check_network(network: Network, flow: str) -> None:
     if len(network.heads):
         raise UserError("local_fa trains a chain of blocks; this network has heads")
+    network.require_layered("invertible blocks (layer -> activation) to send targets down through", "local_fa")
     if flow != "layer":
         return
     probe = torch.zeros(1)
