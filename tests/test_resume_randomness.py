@@ -56,7 +56,8 @@ def assert_bit_identical_checkpoints(a_dir, b_dir):
         for i, (x, y) in enumerate(zip(la, lb)):
             if isinstance(x, torch.Tensor):
                 tensors += 1
-                assert x.dtype == y.dtype and torch.equal(x, y), (part, i, (x.double() - y.double()).abs().max())
+                same = x.dtype == y.dtype and torch.equal(x, y)
+                assert same, f"{part} leaf {i} differs (max |diff| {(x.double() - y.double()).abs().max():.3g})"
             else:
                 assert x == y, (part, i)
         assert tensors > 0 or part == "state", part
