@@ -36,11 +36,11 @@ _REAL_FEATURES: dict[tuple, Any] = {}  # Inception features of real images, shar
 
 def measure_fid(trainer, num_samples: int, batch: int = 100) -> float:
     """FID between `num_samples` samples of a generative rule and as many test images (the first
-    ones; fewer if the split is smaller), with `fa_rules.core.fid`'s Inception network."""
+    ones; fewer if the split is smaller), with `fa_rules.measures.fid`'s Inception network."""
     import torch
 
     from fa_rules.core.data import as_float
-    from fa_rules.core.fid import frechet_distance, inception_features, load_inception
+    from fa_rules.measures.fid import frechet_distance, inception_features, load_inception
 
     model = load_inception(device=trainer.device)
     real_x = trainer.data.test_x[:num_samples]
@@ -59,7 +59,7 @@ def measure_fid(trainer, num_samples: int, batch: int = 100) -> float:
 
 
 def measure_probe(trainer) -> float:
-    """Linear-probe test accuracy on the trained model's latent (`fa_rules.core.probe`)."""
-    from fa_rules.core.probe import linear_probe
+    """Linear-probe test accuracy on the trained model's latent (`fa_rules.measures.probe`)."""
+    from fa_rules.measures.probe import linear_probe
 
     return linear_probe(trainer.network, trainer.params["model"], trainer.data).probe_accuracy
