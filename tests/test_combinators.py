@@ -37,11 +37,14 @@ def test_partition_takes_each_block_from_its_rule():
 
 def test_weighted_sum_adds_updates_and_losses():
     net, params, batch = _setup()
-    rule = weighted_sum([(0.5, constant_rule(2.0, loss=4.0)), (3.0, constant_rule(1.0, loss=1.0))])
+    # values chosen so that weighted and unweighted sums differ: updates 0.5*2 + 3*1 = 4 (not 3),
+    # losses 0.5*4 + 3*2 = 8 (not 6); the terms' own losses are kept unweighted
+    rule = weighted_sum([(0.5, constant_rule(2.0, loss=4.0)), (3.0, constant_rule(1.0, loss=2.0))])
     params, state = rule.init(net, params, torch.Generator())
     updates, _, metrics = rule.step(net, params, state, batch)
     assert all(torch.all(u == 4.0) for u in updates["model"].values())
-    assert metrics["loss"] == 0.5 * 4.0 + 3.0 * 1.0
+    assert metrics["loss"] == 8.0
+    assert metrics["term0.loss"] == 4.0 and metrics["term1.loss"] == 2.0
 
 
 def test_clamp_constraint_is_applied_after_the_optimiser_step():
