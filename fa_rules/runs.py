@@ -8,14 +8,19 @@ prepares the run directory (its decision, or its error, reaches every process).
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import os
 from pathlib import Path
+from typing import Callable
 
 from fa_rules.core import distributed
 from fa_rules.core.checkpoint import remove_stale_tmp_files, write_json
+from fa_rules.core.config import check_config
 from fa_rules.core.errors import UserError
 from fa_rules.core.trainer import (
     CHECKPOINT_FILE,
+    CONFIG_FILE,
     TrainConfig,
     Trainer,
     prepare_run_dir,
@@ -81,13 +86,51 @@ def _trainer(config, rule, build_network, dataset, out_dir, progress: bool) -> T
     return trainer
 
 
-def new_trainer(config: TrainConfig, out_dir: Path | None = None, progress: bool = True) -> Trainer:
-    """A trainer for a fresh run; the run directory must not hold an earlier run."""
+def check_out_dir(out_dir: Path) -> None:
+    """Before any work: `out_dir` can become a new run directory (cheap checks; creating it is the
+    last step of `new_trainer`, so a run that fails a check leaves nothing behind)."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"--out {out_dir} is a file, not a directory; pick a new --out")
+    if (out_dir / CHECKPOINT_FILE).exists() or (out_dir / CONFIG_FILE).exists():
+        raise UserError(f"{out_dir} already holds a run; continue it with --resume {out_dir} or pick a new --out")
+    parent = out_dir
+    while not parent.exists():  # the nearest folder that exists must take new entries
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot create run directory {out_dir}: {parent} is not a writable directory")
+
+
+def make_run_dir(out_dir: Path, config: TrainConfig) -> None:
+    """Create the run directory with its config.json; an OS refusal (a read-only or virtual
+    filesystem, a full disk) is one line, and a directory made here is removed again."""
+    existed = Path(out_dir).exists()
+    try:
+        prepare_run_dir(out_dir, config)
+    except OSError as e:
+        if not existed:
+            import shutil
+
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise UserError(f"cannot create run directory {out_dir}: {e.strerror or e}") from None
+
+
+def new_trainer(config: TrainConfig, out_dir: Path | None = None, progress: bool = True,
+                check: Callable[[Trainer], None] | None = None) -> Trainer:
+    """A trainer for a fresh run; the run directory must not hold an earlier run.
+
+    Every check (the configuration, names in the registry, the dataset, the model, then `check`
+    with the ready trainer, e.g. a FID request) passes before the run directory is created."""
+    check_config(config, "TrainConfig")
+    if out_dir is not None:
+        check_out_dir(out_dir)
     ctx = distributed.setup(resolve_device(config.device))
     rule, dataset, build_network = resolve(config)
     out_dir = ctx.on_main(lambda: Path(out_dir) if out_dir else default_out_dir(config))
     trainer = _trainer(config, rule, build_network, dataset, out_dir, progress)
-    ctx.on_main(prepare_run_dir, out_dir, config)
+    if check is not None:
+        check(trainer)
+    ctx.on_main(make_run_dir, out_dir, config)
     return trainer
 
 
@@ -101,13 +144,24 @@ def train(config: TrainConfig | None = None, out_dir: Path | None = None, progre
     return new_trainer(config or TrainConfig(**fields), out_dir, progress=progress).run()
 
 
-def resume_trainer(run_dir: Path, epochs: int | None = None, progress: bool = True) -> Trainer:
-    """A trainer continuing the run in `run_dir` (to `epochs` in total, if given)."""
+def check_run_dir(run_dir: Path) -> Path:
+    """`run_dir` names a directory (else one line saying what it is instead)."""
     run_dir = Path(run_dir)
-    if not run_dir.is_dir():
+    if not run_dir.exists():
         raise UserError(f"run directory {run_dir} does not exist")
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir} is a file, not a run directory")
+    return run_dir
+
+
+def resume_trainer(run_dir: Path, epochs: int | None = None, progress: bool = True,
+                   check: Callable[[Trainer], None] | None = None) -> Trainer:
+    """A trainer continuing the run in `run_dir` (to `epochs` in total, if given); `check` is
+    called with the ready trainer before anything is written."""
+    run_dir = check_run_dir(run_dir)
     config = read_run_config(run_dir)
     if epochs is not None:
+        check_config(dataclasses.replace(config, epochs=epochs))  # spelled --epochs: the user's flag
         config.epochs = epochs
     # every process reads the run directory (on several machines: a shared filesystem)
     ctx = distributed.setup(resolve_device(config.device))
@@ -119,6 +173,8 @@ def resume_trainer(run_dir: Path, epochs: int | None = None, progress: bool = Tr
         trainer.load(run_dir / CHECKPOINT_FILE)
     if trainer.epoch > config.epochs:
         raise UserError(f"{run_dir} has already trained {trainer.epoch} epochs; ask for --epochs >= {trainer.epoch}")
+    if check is not None:
+        check(trainer)
     ctx.on_main(write_json, run_dir / "config.json", config.to_dict())
     return trainer
 
@@ -135,13 +191,8 @@ def load_run(run_dir: Path, trained: bool = True, device: str = "cpu"):
 
     from fa_rules.core.checkpoint import CheckpointError, check_params, load_checkpoint
 
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise UserError(f"run directory {run_dir} does not exist")
-    try:
-        config = read_run_config(run_dir)
-    except (ValueError, TypeError) as e:  # not JSON, or not a configuration
-        raise UserError(f"{run_dir / 'config.json'} is not a run configuration ({type(e).__name__})") from None
+    run_dir = check_run_dir(run_dir)
+    config = read_run_config(run_dir)
     checkpoint = run_dir / CHECKPOINT_FILE
     if trained and not checkpoint.is_file():
         raise UserError(f"{run_dir} has no {CHECKPOINT_FILE} (no epoch has finished yet)")

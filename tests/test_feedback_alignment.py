@@ -326,3 +326,20 @@ def test_cli_alias_and_rule_listing():
     assert listed["kolen_pollack"]["options"]["decay"] == 1e-3
     assert get_registry().rule("dfa").name == "direct_feedback_alignment"
     assert get_registry().rule("ifa").name == "indirect_feedback_alignment"
+
+
+def test_ifa_does_not_print_torchs_jit_script_deprecation():
+    # torch's first forward-mode AD call imports decompositions that call the deprecated
+    # torch.jit.script; the warning is torch's, so ifa's forward pass silences exactly it
+    import subprocess
+    import sys
+
+    code = (
+        "import torch\n"
+        "from fa_rules.core.feedback import _jvp\n"
+        "print(_jvp(torch.sin, torch.zeros(3), torch.ones(3)).tolist())\n"
+    )
+    result = subprocess.run([sys.executable, "-W", "error::FutureWarning", "-c", code],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "jit.script" not in result.stderr, result.stderr
+    assert result.stdout.strip() == "[1.0, 1.0, 1.0]"

@@ -61,11 +61,45 @@ def test_broken_plugin_is_reported_and_others_keep_working(monkeypatch):
     assert "ModuleNotFoundError" in registry.failures[0][1]
 
 
-def test_duplicate_name_is_an_error_naming_both_plugins(monkeypatch):
-    monkeypatch.setitem(sys.modules, "dup_plugin", _module("dup_plugin", "backprop"))
+def _alias_module(name: str, rule_name: str, alias: str):
+    mod = types.ModuleType(name)
+
+    @hookimpl
+    def register_rules(register):
+        register(RuleSpec(rule_name, backprop, "test rule", aliases=(alias,)))
+
+    mod.register_rules = register_rules
+    return mod
+
+
+@pytest.mark.parametrize("taken", ["name", "alias"])
+def test_a_taken_name_is_a_warning_naming_both_distributions_and_the_first_stays(monkeypatch, taken):
+    if taken == "name":  # a plugin registering 'backprop' again
+        monkeypatch.setitem(sys.modules, "dup_plugin", _module("dup_plugin", "backprop"))
+    else:  # a new rule whose alias 'dfa' is a built-in's
+        monkeypatch.setitem(sys.modules, "dup_plugin", _alias_module("dup_plugin", "my_dfa", "dfa"))
+    monkeypatch.setitem(sys.modules, "good_plugin", _module("good_plugin", "good_rule"))
+    _fake_entry_points(monkeypatch, {"dup": "dup_plugin", "good": "good_plugin"})
+    registry = manager.build_registry()
+    [conflict] = registry.conflicts
+    name = "backprop" if taken == "name" else "dfa"
+    assert f"'{name}'" in conflict and "'dup'" in conflict and "fa-rules" in conflict
+    assert "unknown" in conflict  # the plugin's distribution (a fake entry point has none)
+    # the built-in keeps the name; everything else works
+    assert registry.source("rules", name).distribution == "fa-rules"
+    assert registry.rule(name) is registry.rules[registry.aliases.get(name, name)]
+    assert registry.rule("backprop").build is backprop and "my_dfa" not in registry.rules
+    assert "good_rule" in registry.rules and "readout_only" not in registry.rules
+
+
+def test_a_taken_name_leaves_the_rules_command_working(monkeypatch):
+    monkeypatch.setitem(sys.modules, "dup_plugin", _alias_module("dup_plugin", "my_dfa", "dfa"))
     _fake_entry_points(monkeypatch, {"dup": "dup_plugin"})
-    with pytest.raises(UserError, match=r"'fa_rules.rules.backprop'.*'dup'"):
-        manager.build_registry()
+    monkeypatch.setattr(manager, "_cached", None)  # built with the plugin now; restored afterwards
+    result = CliRunner().invoke(app, ["rules"])
+    assert result.exit_code == 0, result.output
+    assert "direct_feedback_alignment (dfa)" in result.stdout
+    assert "warning: rule name 'dfa' of plugin 'dup'" in result.stderr
 
 
 def test_rules_command_json_and_table():

@@ -108,7 +108,7 @@ def test_user_mistakes_are_one_line_with_exit_code_2(tmp_path):
         (["train", "--model", "lenet", "--depth", "3"], "no setting --depth"),
         (["train", "--resume", str(tmp_path / "missing")], "does not exist"),
         (["train", "--opt", "nonsense=1"], "has no option nonsense"),
-        (["train", "--lr-schedule", "linear", "--epochs", "1"], "unknown lr schedule"),
+        (["train", "--lr-schedule", "linear", "--epochs", "1"], "--lr-schedule must be constant or cosine"),
         (["train", "--group-lr", "feedback=0.1", "--epochs", "1"], "--group-lr names group"),
         (["train", "--device", "cuda:7" if not torch.cuda.is_available() else "tpu"], "device"),
     ]

@@ -6,13 +6,14 @@ so there is no import cycle."""
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import typer
 
 from fa_rules import __version__
 from fa_rules.cli import benchmark, catalog, generative, train
-from fa_rules.cli.common import out
+from fa_rules.cli.common import Interrupted, out
 from fa_rules.core.errors import UserError
 
 app = typer.Typer(
@@ -38,9 +39,24 @@ def _root(
     """fa-rules: composable credit-assignment rules on one torch.func engine."""
 
 
+def _interruptible(command):
+    """Typer turns a KeyboardInterrupt raised in a command into a silent exit 130, so `main()` would
+    never see it: make it an `Interrupted` (a command that knows more, e.g. where its run can be
+    continued, raises its own) that `main()` prints."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except KeyboardInterrupt:
+            raise Interrupted("interrupted") from None
+
+    return wrapper
+
+
 for command in (train.train, catalog.rules, catalog.datasets, catalog.models, benchmark.benchmark,
                 generative.reconstruct, generative.probe, generative.sample, generative.fid):
-    app.command()(command)
+    app.command()(_interruptible(command))
 
 
 def _fail(message: str, code: int) -> None:
@@ -59,5 +75,7 @@ def main() -> None:
         _fail(str(e), 2)
     except (Diverged, DistributedError) as e:
         _fail(str(e), 1)
-    except KeyboardInterrupt:
-        _fail("interrupted; checkpoints of finished epochs are intact (continue with --resume DIR)", 130)
+    except Interrupted as e:
+        _fail(str(e), 130)
+    except KeyboardInterrupt:  # outside a command (e.g. while importing)
+        _fail("interrupted", 130)

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from fa_rules.cli.common import out, registry
+from fa_rules.cli.common import Interrupted, out, registry
 from fa_rules.core.errors import UserError
 
 
@@ -43,6 +43,9 @@ def benchmark(
     flags = {k: v for k, v in flags.items() if v is not None}
     labels = [r.strip() for r in rules.split(",") if r.strip()] if rules else None
     if suite_file is not None:
+        if suite_file.is_dir():
+            raise UserError(f"{suite_file} is a directory, not a suite file (a .toml; to continue a benchmark, "
+                            "rerun its command)")
         suite = bench.load_suite(suite_file, quick=quick)
         if labels:
             suite = bench.select_rules(suite, labels)
@@ -66,9 +69,8 @@ def benchmark(
         with bench.LiveTable(suite, enabled=not quiet) as live:
             rows = bench.run_suite(suite, target, on_event=live, command=command)
     except KeyboardInterrupt:
-        print(f"interrupted; finished cells are kept in {target} (run the same command again to continue; "
-              "the interrupted cell resumes from its last finished epoch)", file=sys.stderr)
-        raise typer.Exit(130)
+        raise Interrupted(f"interrupted; finished cells are kept in {target} (run the same command again to "
+                          "continue; the interrupted cell resumes from its last finished epoch)") from None
     if report is not None:
         bench.write_report_copy(suite, target, report, command=command)
     failed = [r for r in rows if r.get("status") != "ok"]

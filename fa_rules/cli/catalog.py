@@ -12,7 +12,7 @@ from fa_rules.cli.train import _fmt
 
 
 def rules(as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table.")):
-    """List the registered rules with their task, source distribution and summary."""
+    """List the registered rules with their task, the models they support, source distribution and summary."""
     registry = load_registry()
     rows = []
     for name, spec in sorted(registry.rules.items()):
@@ -30,12 +30,13 @@ def rules(as_json: bool = typer.Option(False, "--json", help="Print JSON instead
         print(json.dumps(rows, indent=2))
         return
     table = Table(title="credit-assignment rules")
-    for col in ("name", "task", "distribution", "summary", "options"):
+    for col in ("name", "task", "models", "distribution", "summary", "options"):
         table.add_column(col)
     for r in rows:
         name = r["name"] + (f" ({', '.join(r['aliases'])})" if r["aliases"] else "")
         options = ", ".join(f"{k}={v}" for k, v in r["options"].items())
-        table.add_row(name, r["task"], r["distribution"], r["summary"], options)
+        models = ", ".join(r["models"]) if r["models"] else "any"
+        table.add_row(name, r["task"], models, r["distribution"], r["summary"], options)
     out.print(table)
 
 

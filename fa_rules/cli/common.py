@@ -9,8 +9,15 @@ from rich.console import Console
 
 from fa_rules.core.errors import UserError
 
-# Output that is not a terminal must not wrap: run paths and names stay whole, copyable.
+# Output that is not a terminal (a pipe, a file, a test) is read by programs and copied from: lines
+# never wrap, and tables take their natural width instead of cutting names to fit 80 columns.
 out = Console(soft_wrap=True)
+if not out.is_terminal:
+    out.width = 10_000
+
+
+class Interrupted(Exception):
+    """Ctrl-C in a command; the message says what was kept and how to continue (exit code 130)."""
 
 
 def registry():
@@ -19,6 +26,8 @@ def registry():
     registry = get_registry()
     for plugin, error in registry.failures:
         print(f"warning: plugin '{plugin}' failed to load: {error}", file=sys.stderr)
+    for conflict in registry.conflicts:
+        print(f"warning: {conflict}", file=sys.stderr)
     return registry
 
 

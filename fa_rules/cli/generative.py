@@ -29,6 +29,45 @@ def _load(run_dir: Path, device: str, trained: bool = True):
     return load_run(run_dir, trained=trained, device=str(resolve_device(device)))
 
 
+def check_out_file(path: Path | None) -> None:
+    """Before any work: `--out` can name a new or replaceable file (the OS has the last word when
+    writing, see `_write_image`)."""
+    if path is None:
+        return
+    if path.is_dir():
+        raise UserError(f"--out {path} is a directory; name an image file, e.g. {path / 'grid.png'}")
+    parent = path.parent
+    while not parent.exists():  # the nearest folder that exists must take new entries
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"cannot write {path}: {parent} is a file, not a directory")
+
+
+def _write_image(write, path: Path) -> None:
+    """Run `write()`; the OS refusing (a read-only or virtual filesystem, a full disk) or an unknown
+    image extension is one line."""
+    try:
+        write()
+    except (OSError, ValueError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise UserError(f"cannot write {path}: {reason}") from None
+
+
+def read_summary(run_dir: Path) -> dict | None:
+    """The run's summary.json (None when it has none yet); a damaged one is one line, read before
+    the measurement so that nothing is computed for nothing."""
+    path = Path(run_dir) / "summary.json"
+    if not path.is_file():
+        return None
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{path} is not readable JSON ({e}); move it away to measure this run again") from None
+    if not isinstance(summary, dict):
+        raise UserError(f"{path} is not a run summary (a JSON object)")
+    return summary
+
+
 def save_pairs_grid(x: torch.Tensor, x_hat: torch.Tensor, path: Path, per_row: int = 8) -> None:
     """Rows of originals, each followed by the row of their reconstructions, as one PNG."""
     import torch.nn.functional as F
@@ -39,8 +78,12 @@ def save_pairs_grid(x: torch.Tensor, x_hat: torch.Tensor, path: Path, per_row: i
     if scale > 1:
         x, x_hat = (F.interpolate(t, scale_factor=scale, mode="nearest") for t in (x, x_hat))
     rows = [t for i in range(0, x.shape[0], per_row) for t in (x[i : i + per_row], x_hat[i : i + per_row])]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(torch.cat(rows), str(path), nrow=min(per_row, x.shape[0]), padding=2, pad_value=1.0)
+
+    def write():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(torch.cat(rows), str(path), nrow=min(per_row, x.shape[0]), padding=2, pad_value=1.0)
+
+    _write_image(write, path)
 
 
 def reconstruct(
@@ -53,6 +96,7 @@ def reconstruct(
     """Reconstruct test images with a trained run's rule; writes originals above reconstructions."""
     from fa_rules.core.data import as_float
 
+    check_out_file(out_file)
     config, rule, network, params, state, dataset = _load(run_dir, device)
     if rule.reconstruct is None:
         raise UserError(f"rule '{config.rule}' of {run_dir} does not reconstruct inputs")
@@ -83,13 +127,12 @@ def probe(
     from fa_rules.measures.probe import linear_probe
 
     config, rule, network, params, state, dataset = _load(run_dir, device, trained=not untrained)
+    summary = read_summary(run_dir)
     result = linear_probe(network, params["model"], dataset).to_dict()
     key = "probe_accuracy_untrained" if untrained else "probe_accuracy"
-    summary_path = Path(run_dir) / "summary.json"
-    if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
+    if summary is not None:
         summary[key] = result["probe_accuracy"]
-        write_json(summary_path, summary)
+        write_json(Path(run_dir) / "summary.json", summary)
     report = {"run": str(run_dir), "rule": config.rule, "dataset": config.dataset, "untrained": untrained, **result}
     if as_json:
         print(json.dumps(report))
@@ -123,8 +166,12 @@ def save_image_grid(images: torch.Tensor, path: Path, per_row: int) -> None:
     scale = max(1, -(-MIN_PIXELS // images.shape[-1]))
     if scale > 1:
         images = F.interpolate(images, scale_factor=scale, mode="nearest")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images, str(path), nrow=per_row, padding=2, pad_value=1.0)
+
+    def write():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_image(images, str(path), nrow=per_row, padding=2, pad_value=1.0)
+
+    _write_image(write, path)
 
 
 def interpolation_latents(corners: torch.Tensor, side: int) -> torch.Tensor:
@@ -154,6 +201,7 @@ def sample(
 
     if num < 1:
         raise UserError("--num must be >= 1")
+    check_out_file(out_file)
     config, rule, network, params, state, dataset = _load(run_dir, device)
     if rule.sample is None:
         raise UserError(f"rule '{config.rule}' of {run_dir} does not draw samples")
@@ -218,13 +266,12 @@ def fid(
     config, rule, network, params, state, dataset = _load(run_dir, device)
     if rule.sample is None:
         raise UserError(f"rule '{config.rule}' of {run_dir} does not draw samples")
+    summary = read_summary(run_dir)
     load_inception(fid_weights, next(iter(params["model"].values())).device)  # weights first: fail before sampling
     result = rule_fid(rule, network, params, state, dataset.test_x, num, fid_weights, seed, batch_size)
-    summary_path = Path(run_dir) / "summary.json"
-    if summary_path.is_file():
-        summary = json.loads(summary_path.read_text())
+    if summary is not None:
         summary.update(result)
-        write_json(summary_path, summary)
+        write_json(Path(run_dir) / "summary.json", summary)
     report = {"run": str(run_dir), "rule": config.rule, "dataset": config.dataset, **result}
     if as_json:
         print(json.dumps(report))

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import typer
 from rich.table import Table
 
-from fa_rules.cli.common import out, parse_pairs, parse_value, registry
+from fa_rules.cli.common import Interrupted, out, parse_pairs, parse_value, registry
 from fa_rules.core.errors import UserError
 
 
@@ -41,21 +41,22 @@ def train(
     resume: Optional[Path] = typer.Option(None, help="Continue the run in this directory."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     fid: int = typer.Option(0, "--fid", help="Generative rules: FID of N samples vs N test images at the end (0: none)."),
+    divergence_factor: float = typer.Option(
+        1000.0, help="Stop as diverged when an epoch's mean training loss exceeds this factor times the first's (0: off)."
+    ),
     fid_weights: Optional[Path] = typer.Option(
         None, "--fid-weights", help="Inception weights for --fid (else $FA_RULES_FID_WEIGHTS or torch hub's cache)."
     ),
 ):
     """Train a model with a credit-assignment rule; writes a run directory."""
-    from fa_rules.core.config import TrainConfig
-    from fa_rules.runs import new_trainer, resume_trainer
+    from fa_rules.core.config import TrainConfig, check_config
+    from fa_rules.runs import add_fid, check_fid_request, new_trainer, resume_trainer
 
     plugins = registry()
-    if fid:  # missing Inception weights fail before a run directory is made
-        from fa_rules.measures.fid import resolve_weights
-
-        resolve_weights(fid_weights)
+    # every check passes before the run directory is made: FID's with the ready trainer
+    check = (lambda trainer: check_fid_request(trainer, fid, fid_weights)) if fid else None
     if resume is not None:
-        trainer = resume_trainer(resume, epochs, progress=not quiet)
+        trainer = resume_trainer(resume, epochs, progress=not quiet, check=check)
     else:
         rule_spec = plugins.rule(rule)
         model_spec = plugins.model(model)
@@ -76,14 +77,17 @@ def train(
             latent_dim=latent_dim, epochs=20 if epochs is None else epochs, batch_size=batch_size, lr=lr,
             group_lr={k: parse_value(v, 0.0, f"--group-lr {k}") for k, v in parse_pairs(group_lr, "--group-lr").items()},
             optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, lr_schedule=lr_schedule, seed=seed,
-            device=device, data_dir=data_dir,
+            device=device, data_dir=data_dir, divergence_factor=divergence_factor,
         )
-        trainer = new_trainer(config, out_dir, progress=not quiet)
-    if fid:  # FID at the end of training: checked first, computed after the run (fa_rules.runs)
-        from fa_rules.runs import add_fid, check_fid_request
-
-        check_fid_request(trainer, fid, fid_weights)
-    summary = trainer.run()
+        check_config(config)  # before any work, each field named by its flag
+        trainer = new_trainer(config, out_dir, progress=not quiet, check=check)
+    try:
+        summary = trainer.run()
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"interrupted; checkpoints of finished epochs in {trainer.out_dir} are intact: continue with "
+            f"--resume {trainer.out_dir}"
+        ) from None
     if fid:
         summary = add_fid(trainer, fid, fid_weights)
     if trainer.is_main:  # under torchrun, one summary table, not one per process
@@ -97,8 +101,9 @@ def _fmt(v: Any) -> str:
 
 
 def _print_summary(summary: dict, run_dir: Path) -> None:
-    table = Table(title=f"run {run_dir}", show_header=False)
+    table = Table(show_header=False)
     for key in sorted(summary):
         if not isinstance(summary[key], (dict, list)):
             table.add_row(key, _fmt(summary[key]))
+    out.print(f"run {run_dir}", markup=False, highlight=False)  # a line of its own: a title would wrap the path
     out.print(table)

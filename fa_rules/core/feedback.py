@@ -45,7 +45,9 @@ tensors from an explicit generator.
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from typing import Callable, Mapping
 
 import torch
@@ -415,6 +417,21 @@ def target_projection_gradients(network: Network, model_params: Params, x: torch
     return grads, loss
 
 
+@functools.cache
+def _load_forward_ad() -> None:
+    """torch's forward-mode AD imports its jvp decompositions on first use, and that import calls the
+    deprecated `torch.jit.script`: a FutureWarning on every `ifa` run that is torch's, not the user's.
+    Make the first use here with that one warning silenced."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
+        torch.func.jvp(torch.sin, (torch.zeros(()),), (torch.ones(()),))
+
+
+def _jvp(fn: Callable, primal: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
+    """The directional derivative of `fn` at `primal` along `tangent` (forward mode)."""
+    _load_forward_ad()
+    return torch.func.jvp(fn, (primal,), (tangent,))[1]
+
 def indirect_feedback_gradients(network: Network, model_params: Params, x: torch.Tensor, y: torch.Tensor,
                                 projection: torch.Tensor):
     """`(grads, loss)`: the first hidden block receives `projection @ e` at its output; its
@@ -447,11 +464,11 @@ def indirect_feedback_gradients(network: Network, model_params: Params, x: torch
         else:
             shadow = {k: v if k == "weight" else torch.zeros_like(v) for k, v in _sub(local, "layer").items()}
             u = functional_call(block.layer, shadow, (_reshape(block, t),))
-            delta = torch.func.jvp(act, (pre[i],), (u,))[1]
+            delta = _jvp(act, pre[i], u)
         (gp,) = layer_pullbacks[i](delta)
         grads.update(_globalize(network, i, gp))
         post = lambda z, _b=block, _l=local: functional_call(_b.post, _sub(_l, "post"), (z,))
-        t = torch.func.jvp(post, (act(pre[i]),), (delta,))[1]
+        t = _jvp(post, act(pre[i]), delta)
     return grads, loss
 
 

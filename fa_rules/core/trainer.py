@@ -18,7 +18,6 @@ weighted by shard size; only rank 0 writes files and shows progress.
 
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import sys
@@ -29,7 +28,7 @@ from typing import Callable
 import torch
 
 from fa_rules.core import distributed
-from fa_rules.core.config import LR_SCHEDULES, OPTIMIZERS, TrainConfig
+from fa_rules.core.config import LR_SCHEDULES, OPTIMIZERS, TrainConfig, check_config, read_config
 from fa_rules.core.autodiff import SavedTensorsProbe
 from fa_rules.core.checkpoint import (
     CheckpointError,
@@ -208,8 +207,7 @@ class Trainer:
         self.dist = distributed.setup(resolve_device(config.device))
         self.progress = progress and self.dist.is_main
         self.device = self.dist.device
-        if config.batch_size < 1 or config.epochs < 0:
-            raise UserError("--batch-size must be >= 1 and --epochs >= 0")
+        check_config(config, "TrainConfig")
         lr_factor(config.lr_schedule, 0, 1)  # an unknown schedule is a user error before any work
         if rule.task == "classify" and dataset.num_classes < 2:
             raise UserError(f"dataset '{dataset.name}' has no class labels; rule '{config.rule}' classifies")
@@ -585,8 +583,4 @@ def read_run_config(run_dir: Path) -> TrainConfig:
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise UserError(f"no run in {run_dir} (missing {CONFIG_FILE})")
-    try:
-        data = json.loads(path.read_text())
-    except (ValueError, OSError) as e:  # not JSON (JSONDecodeError and UnicodeDecodeError are ValueErrors)
-        raise UserError(f"{path} is not a run configuration ({type(e).__name__})") from None
-    return TrainConfig.from_dict(data)
+    return read_config(path)

@@ -6,6 +6,11 @@ Third-party packages declare, in their pyproject.toml:
     my_rules = "my_package.my_module"
 
 Set FA_RULES_NO_AUTOLOAD=1 to skip entry points (only the built-ins load).
+
+Names are first come, first served, built-ins first: a plugin that registers a rule, dataset or
+model under a name (or alias) already taken keeps none of that registration. The conflict is a
+warning naming both plugins and distributions (`Registry.conflicts`, printed by every command);
+the name keeps meaning the first registration, and everything else loads as usual.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Any
 import pluggy
 
 from fa_rules.core.data import DatasetSpec
-from fa_rules.core.errors import UserError, unknown_name_error
+from fa_rules.core.errors import unknown_name_error
 from fa_rules.core.hooks import PROJECT
 from fa_rules.core.network import ModelSpec
 from fa_rules.core.rule import RuleSpec
@@ -65,6 +70,7 @@ class Registry:
     sources: dict[tuple[str, str], Source] = field(default_factory=dict)
     aliases: dict[str, str] = field(default_factory=dict)
     failures: list[tuple[str, str]] = field(default_factory=list)
+    conflicts: list[str] = field(default_factory=list)  # registrations refused: their name was taken
 
     def _add(self, kind: str, spec: Any, source: Source) -> None:
         if kind == "models" and callable(spec) and not isinstance(spec, ModelSpec):
@@ -74,12 +80,14 @@ class Registry:
         table = getattr(self, kind)
         names = [spec.name, *getattr(spec, "aliases", ())]
         for name in names:
-            if (kind, name) in self.sources:
+            if (kind, name) in self.sources:  # the first registration keeps the name; this one is dropped
                 other = self.sources[(kind, name)]
-                raise UserError(
-                    f"{kind[:-1]} name '{name}' is registered twice: by plugin '{other.plugin}' "
-                    f"({other.distribution}) and by plugin '{source.plugin}' ({source.distribution})"
+                self.conflicts.append(
+                    f"{kind[:-1]} name '{name}' of plugin '{source.plugin}' ({source.distribution}) is already "
+                    f"registered by plugin '{other.plugin}' ({other.distribution}); '{name}' keeps meaning the "
+                    f"latter, and {source.distribution}'s {kind[:-1]} '{spec.name}' is not available"
                 )
+                return
         table[spec.name] = spec
         for name in names:
             self.sources[(kind, name)] = source
@@ -144,8 +152,6 @@ def build_registry(autoload: bool | None = None) -> Registry:
 
             try:
                 impl.function(register=register)
-            except UserError:
-                raise
             except Exception as e:
                 registry.failures.append((impl.plugin_name, f"{type(e).__name__}: {e}"))
     return registry

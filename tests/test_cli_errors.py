@@ -1,0 +1,115 @@
+"""Every user mistake the CLI can meet is one line on stderr and exit code 2: never a traceback, and
+never a run directory left behind. Driven through the real command line (a subprocess each)."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+
+def cli(*args, cwd=None, timeout=300):
+    return subprocess.run([sys.executable, "-m", "fa_rules", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One tiny generative run (it reconstructs, samples and has an encoder to probe), made once."""
+    # a long path: the summary must print it on one line however long it is
+    run = tmp_path_factory.mktemp("runs") / ("a-run-directory-with-a-long-name-" * 3).rstrip("-")
+    result = cli("train", "--rule", "vae", "--epochs", "1", "--width", "32", "--batch-size", "256", "-q",
+                 "--out", str(run))
+    assert result.returncode == 0, result.stderr
+    assert f"run {run}" in result.stdout.splitlines(), result.stdout  # not wrapped at 80 columns
+    return run
+
+
+def _setup(cwd: Path, run: Path) -> None:
+    (cwd / "a_file").write_text("not a directory")
+    (cwd / "not_json").mkdir()
+    (cwd / "not_json" / "config.json").write_text("{not json")
+    (cwd / "nan_config").mkdir()
+    (cwd / "nan_config" / "config.json").write_text('{"rule": "backprop", "lr": NaN}')
+    (cwd / "typed_config").mkdir()
+    (cwd / "typed_config" / "config.json").write_text('{"rule": "backprop", "epochs": true}')
+    if run is not None:
+        shutil.copytree(run, cwd / "corrupt_summary")
+        (cwd / "corrupt_summary" / "summary.json").write_text('{"test_loss": 0.1,')
+
+
+TRAIN = ["train", "--epochs", "1", "-q"]
+# (id, arguments, what the one line must say); "{run}" is the finished tiny run
+CASES = [
+    ("lr-negative", [*TRAIN, "--lr", "-1"], "--lr must be a finite number > 0, got -1"),
+    ("lr-nan", [*TRAIN, "--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+    ("group-lr-negative", [*TRAIN, "--group-lr", "model=-1"], "--group-lr model must be a finite number > 0"),
+    ("momentum-negative", [*TRAIN, "--optimizer", "sgd", "--momentum", "-1"], "--momentum must be a number in [0, 1)"),
+    ("weight-decay-negative", [*TRAIN, "--weight-decay", "-1"], "--weight-decay must be a finite number >= 0"),
+    ("latent-dim-negative", [*TRAIN, "--rule", "ae", "--latent-dim", "-4"], "--latent-dim must be an integer >= 1"),
+    ("latent-dim-zero", [*TRAIN, "--rule", "ae", "--latent-dim", "0"], "--latent-dim must be an integer >= 1, got 0"),
+    ("epochs-negative", ["train", "--epochs", "-1"], "--epochs must be an integer >= 0, got -1"),
+    ("seed-too-large", [*TRAIN, "--seed", str(2**70)], "--seed must be an integer in 0..9223372036854775807"),
+    ("divergence-factor-negative", [*TRAIN, "--divergence-factor", "-1"], "--divergence-factor must be"),
+    ("out-is-a-file", [*TRAIN, "--out", "a_file"], "a_file is a file, not a directory"),
+    ("out-unwritable", [*TRAIN, "--out", "/proc/x"], "cannot create run directory /proc/x"),
+    ("resume-config-not-json", ["train", "--resume", "not_json"], "not_json/config.json is not a readable JSON"),
+    ("resume-config-nan", ["train", "--resume", "nan_config"], "nan_config/config.json: lr must be a finite number"),
+    ("resume-config-wrong-type", ["train", "--resume", "typed_config"],
+     "typed_config/config.json: epochs must be an integer >= 0, got True"),
+    ("resume-a-file", ["train", "--resume", "a_file"], "a_file is a file, not a run directory"),
+    ("benchmark-a-directory", ["benchmark", "not_json"], "not_json is a directory, not a suite file"),
+    ("fid-rule-cannot-sample", [*TRAIN, "--fid", "10"], "--fid needs a rule that draws samples; 'backprop'"),
+    ("fid-negative", [*TRAIN, "--rule", "vae", "--fid", "-1"], "--fid needs 2 <= N"),
+    ("sample-out-unwritable", ["sample", "{run}", "--num", "4", "--out", "/proc/x/s.png"], "cannot write /proc/x/s.png"),
+    ("reconstruct-out-unwritable", ["reconstruct", "{run}", "--num", "4", "--out", "/proc/x/r.png"], "cannot write /proc/x/r.png"),
+    ("sample-out-is-a-directory", ["sample", "{run}", "--out", "not_json"], "--out not_json is a directory"),
+    ("probe-corrupt-summary", ["probe", "corrupt_summary"], "corrupt_summary/summary.json is not readable JSON"),
+]
+
+
+@pytest.mark.parametrize("args, expected", [pytest.param(a, e, id=i) for i, a, e in CASES])
+def test_user_mistake_is_one_line_exit_2_and_leaves_nothing_behind(args, expected, tmp_path, request):
+    run = request.getfixturevalue("finished_run") if "{run}" in args or "corrupt_summary" in args else None
+    _setup(tmp_path, run)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    run_before = sorted(p.name for p in run.iterdir()) if run else None
+    result = cli(*(a.replace("{run}", str(run)) for a in args), cwd=tmp_path)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # no runs/, no half run
+    if run:
+        assert sorted(p.name for p in run.iterdir()) == run_before
+
+
+def test_ctrl_c_during_training_says_how_to_resume(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "fa_rules", "train", "--epochs", "200", "--width", "32", "-q",
+                             "--out", str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None and not (run / "metrics.jsonl").exists():
+        time.sleep(0.1)
+    assert proc.poll() is None, proc.communicate()[1]
+    os.kill(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    [line] = stderr.splitlines()
+    assert line.endswith(f"continue with --resume {run}"), line
+
+
+def test_rules_table_is_not_cut_off_a_terminal_and_shows_models():
+    result = cli("rules")
+    assert result.returncode == 0, result.stderr
+    assert "direct_feedback_alignment (dfa)" in result.stdout and "…" not in result.stdout
+    ae = next(line for line in result.stdout.splitlines() if "│ ae " in line)
+    assert "mlp, paper_encoder" in ae
+    rows = {r["name"]: r for r in json.loads(cli("rules", "--json").stdout)}
+    assert rows["ae"]["models"] == ["mlp", "paper_encoder"] and rows["backprop"]["models"] is None
