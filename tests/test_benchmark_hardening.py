@@ -167,10 +167,10 @@ def test_cli_unknown_rule_is_one_line_exit_2_and_no_directory(tmp_path):
     ('[settings]\nweight_decay = inf', "weight_decay must be a finite number >= 0"),
     ('[settings]\neval_batch_size = 0', "eval_batch_size must be an integer >= 1, got 0"),
     ('[settings]\nbatch_size = 0', "batch_size must be an integer >= 1"),
-    ('[settings]\noptimizer = "adamw"', "optimizer must be one of adam, sgd"),
-    ('[vary]\nepochs = [1, 0]', "seed 0 epochs=0: epochs must be an integer >= 1"),
+    ('[settings]\noptimizer = "adamw"', "optimizer must be adam or sgd, got 'adamw'"),
+    ('[vary]\nbatch_size = [1, 0]', "seed 0 batch_size=0: batch_size must be an integer >= 1"),
     ('[[rules]]\nname = "vae"\nlatent_dim = "big"', "latent_dim must be an integer >= 1, got 'big'"),
-    ('[[rules]]\nname = "dtp"\noptions = { noise = nan }', "rule_options noise must be finite"),
+    ('[[rules]]\nname = "dtp"\noptions = { noise = nan }', "rule_options.noise must be true/false, a finite number or a string, got nan"),
 ])
 def test_untrusted_suites_are_refused_in_one_line_before_any_allocation(tmp_path, text, message):
     if "[[rules]]" not in text:

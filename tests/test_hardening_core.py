@@ -338,16 +338,15 @@ def _zeros(params):
     return {g: {k: torch.zeros_like(v) for k, v in t.items()} for g, t in params.items()}
 
 
-def _trainer(tmp_path, step, init=None, name="custom", epochs=1, **kwargs):
+def _trainer(tmp_path, step, init=None, name="custom", epochs=1, **config_fields):
     from fa_rules import models as zoo
     from fa_rules.core.rule import Rule, no_state_init
     from fa_rules.core.trainer import Trainer
     from fa_rules.plugins.datasets import load_digits
 
-    config = tiny_config(rule=name, epochs=epochs)
+    config = tiny_config(rule=name, epochs=epochs, **config_fields)
     rule = Rule(init=init or no_state_init, step=step)
-    return Trainer(config, rule, lambda: zoo.mlp((1, 8, 8), (10,), width=8), load_digits(), tmp_path, progress=False,
-                   **kwargs)
+    return Trainer(config, rule, lambda: zoo.mlp((1, 8, 8), (10,), width=8), load_digits(), tmp_path, progress=False)
 
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
@@ -371,8 +370,9 @@ def test_a_loss_growing_past_the_divergence_factor_is_recorded_and_keeps_the_las
     assert summary["train_loss"] == sign * 672.0 and summary["error"] == str(e.value)
     assert load_checkpoint(tmp_path / "checkpoint.pt")["epoch"] == 2
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 2
-    # the factor is a setting: None (or a large factor) lets the same run finish
-    assert _trainer(tmp_path / "off", step, init, epochs=5, divergence_factor=None).run()["status"] == "ok"
+    # the factor is a setting (--divergence-factor): 0 (or a large factor) lets the same run finish
+    assert _trainer(tmp_path / "off", step, init, epochs=5, divergence_factor=0).run()["status"] == "ok"
+    assert _trainer(tmp_path / "big", step, init, epochs=5, divergence_factor=1e9).run()["status"] == "ok"
 
 
 def test_a_zero_first_epoch_loss_gives_no_divergence_reference(tmp_path):

@@ -64,13 +64,13 @@ from fa_rules.benchmark.report import (
 from fa_rules.benchmark.runner import check_cell_dir, output_lock, run_cell, run_suite
 from fa_rules.benchmark.suite import (
     ANCHORABLE, LOCK_FILE, MAX_CELLS, MEASURE_DEFAULTS, METRICS, REPORT_MD, RESULTS_CSV, RESULTS_JSON, ROW_FILE,
-    RUNS_DIR, SUITE_JSON, RuleEntry, Suite, cell_count, check_cell_config, load_suite, override_settings, safe_name,
+    RUNS_DIR, SUITE_JSON, RuleEntry, Suite, cell_count, load_suite, override_settings, safe_name,
     select_rules, suite_from_dict,
 )
 
 __all__ = [
     "ANCHORABLE", "LOCK_FILE", "MAX_CELLS", "MEASURE_DEFAULTS", "METRICS", "REPORT_MD", "RESULTS_CSV", "RESULTS_JSON", "ROW_FILE", "RUNS_DIR",
-    "SUITE_JSON", "Cell", "LiveTable", "RuleEntry", "Suite", "add_ratios", "aggregate", "cell_count", "check_cell_config",
+    "SUITE_JSON", "Cell", "LiveTable", "RuleEntry", "Suite", "add_ratios", "aggregate", "cell_count",
     "check_cell_dir", "check_cells",
     "comparison_rich", "comparison_table", "load_suite", "machine_description", "output_lock", "override_settings",
     "plan_cells", "print_whole", "record_machine", "render_report", "run_cell", "run_suite", "safe_name", "select_rules",

@@ -7,9 +7,9 @@ import itertools
 import re
 from dataclasses import dataclass
 
-from fa_rules.core.config import TrainConfig
+from fa_rules.core.config import TrainConfig, check_config
 from fa_rules.core.errors import UserError
-from fa_rules.benchmark.suite import _SETTING_FIELDS, RuleEntry, Suite, check_cell_config, check_size
+from fa_rules.benchmark.suite import _SETTING_FIELDS, RuleEntry, Suite, check_size
 
 @dataclass
 class Cell:
@@ -57,11 +57,8 @@ def plan_cells(suite: Suite) -> list[Cell]:
                         setattr(config, k, v)
                     else:
                         config.model_options[k] = v
-                # TODO: fa_rules.core.config.check_config(config) once it lands (it raises UserError itself)
-                problem = check_cell_config(config)
-                if problem:
-                    where = "".join(f" {k}={v}" for k, v in point.items())
-                    raise UserError(f"{suite.source or 'suite'}: rule '{entry.label}' seed {seed}{where}: {problem}")
+                where = "".join(f" {k}={v}" for k, v in point.items())
+                check_config(config, f"{suite.source or 'suite'}: rule '{entry.label}' seed {seed}{where}")
                 cells.append(Cell(entry, seed, point, config))
     return cells
 

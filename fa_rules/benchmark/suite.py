@@ -11,14 +11,13 @@ from pathlib import Path
 import math
 
 from fa_rules.core.errors import UserError
-from fa_rules.core.config import LR_SCHEDULES, OPTIMIZERS, TrainConfig
+from fa_rules.core.config import MAX_SEED, TrainConfig
 
 RESULTS_JSON, RESULTS_CSV, REPORT_MD, SUITE_JSON = "results.json", "results.csv", "report.md", "suite.json"
 RUNS_DIR, ROW_FILE, CELL_FILE, MACHINE_JSON = "runs", "row.json", "cell.json", "machine.json"
 LOCK_FILE = ".benchmark.lock"  # held (with the pid) by the process running a suite in a directory
 # A suite is refused beyond this many cells (rules x seeds x [vary] product), before any list is built.
 MAX_CELLS = 10_000
-SEED_MAX = 2**63 - 1  # seeds are 0..SEED_MAX (torch generators take 64-bit seeds)
 
 # TrainConfig fields a suite may set in [settings] (rule and seed come from the suite itself)
 _SETTING_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"rule", "seed", "rule_options"}
@@ -116,7 +115,7 @@ def _seeds(value, where: str) -> list[int]:
             raise _err(where, f"seeds = {value} is more than the {MAX_CELLS} cells a suite may have")
         return list(range(value))
     if isinstance(value, list) and value and all(isinstance(s, int) and not isinstance(s, bool) for s in value):
-        bad = [s for s in value if not 0 <= s <= SEED_MAX]
+        bad = [s for s in value if not 0 <= s <= MAX_SEED]
         if bad:
             raise _err(where, f"seed {bad[0]} is out of range (seeds are integers 0..2**63-1)")
         if len(set(value)) != len(value):
@@ -136,53 +135,6 @@ def check_size(suite: "Suite", where: str | None = None) -> None:
         sizes = " x ".join([f"{len(suite.rules)} rule(s)", f"{len(suite.seeds)} seed(s)",
                             *(f"{len(v)} values of {k}" for k, v in suite.vary.items())])
         raise _err(where or suite.source or "suite", f"{sizes} is {n} cells, more than the {MAX_CELLS} a suite may have")
-
-
-def _number(v, integer: bool = False) -> bool:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return False
-    return isinstance(v, int) if integer else math.isfinite(v)
-
-
-def check_cell_config(config: TrainConfig) -> str | None:
-    """What is wrong with a cell's TrainConfig, as far as a suite can break it (None: nothing).
-
-    Minimal stand-in for `fa_rules.core.config.check_config` (swap it in once it lands): types,
-    finiteness and ranges of the fields a suite sets, so a bad value is one line before any cell
-    trains, not a failed row (or a traceback) per cell."""
-    c = config
-    for key in ("rule", "dataset", "model", "optimizer", "lr_schedule", "device"):
-        if not isinstance(getattr(c, key), str):
-            return f"{key} must be a string, got {getattr(c, key)!r}"
-    if c.data_dir is not None and not isinstance(c.data_dir, str):
-        return f"data_dir must be a string, got {c.data_dir!r}"
-    for key in ("epochs", "batch_size", "eval_batch_size", "latent_dim"):
-        v = getattr(c, key)
-        if not _number(v, integer=True) or v < 1:
-            return f"{key} must be an integer >= 1, got {v!r}"
-    if not _number(c.seed, integer=True) or not 0 <= c.seed <= SEED_MAX:
-        return f"seed must be an integer in 0..2**63-1, got {c.seed!r}"
-    if not _number(c.lr) or c.lr <= 0:
-        return f"lr must be a finite number > 0, got {c.lr!r}"
-    if not _number(c.momentum) or c.momentum < 0:
-        return f"momentum must be a finite number >= 0, got {c.momentum!r}"
-    if not _number(c.weight_decay) or c.weight_decay < 0:
-        return f"weight_decay must be a finite number >= 0, got {c.weight_decay!r}"
-    if c.optimizer not in OPTIMIZERS:
-        return f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {c.optimizer!r}"
-    if c.lr_schedule not in LR_SCHEDULES:
-        return f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got {c.lr_schedule!r}"
-    for key in ("rule_options", "model_options", "group_lr"):
-        if not isinstance(getattr(c, key), dict):
-            return f"{key} must be a table, got {getattr(c, key)!r}"
-    for group, lr in c.group_lr.items():
-        if not _number(lr) or lr <= 0:
-            return f"group_lr {group} must be a finite number > 0, got {lr!r}"
-    for key in ("rule_options", "model_options"):
-        for name, v in getattr(c, key).items():
-            if isinstance(v, float) and not math.isfinite(v):
-                return f"{key} {name} must be finite, got {v!r}"
-    return None
 
 
 def _rule_entries(value, where: str) -> list[RuleEntry]:

@@ -1,10 +1,18 @@
 """`grad`, `grad_and_value` and `vjp` for rules, plus the saved-tensor memory probe.
 
-Rules differentiate with these instead of calling `torch.func` directly. Normally they are exactly
-`torch.func.grad` / `grad_and_value` / `vjp`. `torch.func` refuses to run under
-`torch.autograd.graph.saved_tensors_hooks`, so while a `SavedTensorsProbe` is active the same
-functions are evaluated with plain `torch.autograd` (same graph, same saved tensors, same values),
-which lets the engine measure how many bytes a rule keeps saved for backward at once.
+Rules differentiate with these instead of calling `torch.func` directly; they behave as
+`torch.func.grad` / `grad_and_value` / `vjp`, and each call picks how to evaluate:
+
+- with plain `torch.autograd` whenever no `torch.func` transform is running: the same graph and
+  the same values, without functorch's per-operation wrapping, which is most of the engine's
+  overhead on small steps. Nested calls (a rule that differentiates through an inner gradient,
+  as feature alignment's flow does) build the inner graph with `create_graph`. This is also the only
+  way to run under the memory probe: `torch.func` refuses `saved_tensors_hooks`;
+- with `torch.func` inside a `torch.func` transform (`vmap`, `jvp`, a `torch.func.grad` of the rule's
+  own, or `torch.compile` when `functional_transforms()` asks for it), where they compose with it.
+
+A rule author sees one function either way; `tests/test_autodiff.py` checks that both paths agree,
+second order included.
 """
 
 from __future__ import annotations
@@ -19,6 +27,27 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 _probing = contextvars.ContextVar("fa_rules_probing", default=False)
 _depth = contextvars.ContextVar("fa_rules_autograd_depth", default=0)
+_force_func = contextvars.ContextVar("fa_rules_force_torch_func", default=False)
+
+
+def _plain_autograd() -> bool:
+    """True where plain autograd gives what torch.func would: no torch.func transform is running."""
+    if _probing.get():
+        return True
+    return not _force_func.get() and torch._C._functorch.peek_interpreter_stack() is None
+
+
+class functional_transforms:
+    """Within this context the functions here always use `torch.func` (outside the memory probe):
+    for tracing a step with `torch.compile`, which captures `torch.func` transforms whole."""
+
+    def __enter__(self):
+        self._token = _force_func.set(True)
+        return self
+
+    def __exit__(self, *exc):
+        _force_func.reset(self._token)
+        return False
 
 
 def _as_input(t: torch.Tensor) -> torch.Tensor:
@@ -63,23 +92,14 @@ def _autograd_grad_and_value(f, argnums, has_aux) -> Callable:
 
 def grad_and_value(f: Callable, argnums=0, has_aux: bool = False) -> Callable:
     """Like `torch.func.grad_and_value`."""
-    if _probing.get():
+    if _plain_autograd():
         return _autograd_grad_and_value(f, argnums, has_aux)
     return torch.func.grad_and_value(f, argnums=argnums, has_aux=has_aux)
 
 
-def first_order_grad_and_value(f: Callable) -> Callable:
-    """`grad_and_value(f)` for a gradient nothing differentiates again: plain `torch.autograd` when
-    no `torch.func` transform is running (the same values, without functorch's per-op wrapping, which
-    costs most around custom autograd Functions), `torch.func` inside one."""
-    if _probing.get() or torch._C._functorch.peek_interpreter_stack() is None:
-        return _autograd_grad_and_value(f, 0, False)
-    return torch.func.grad_and_value(f)
-
-
 def grad(f: Callable, argnums=0, has_aux: bool = False) -> Callable:
     """Like `torch.func.grad`."""
-    if _probing.get():
+    if _plain_autograd():
         gv = _autograd_grad_and_value(f, argnums, has_aux)
 
         def only_grad(*args, **kwargs):
@@ -92,7 +112,7 @@ def grad(f: Callable, argnums=0, has_aux: bool = False) -> Callable:
 
 def vjp(f: Callable, *primals, has_aux: bool = False):
     """Like `torch.func.vjp`: returns `(output, vjp_fn)` (and aux)."""
-    if not _probing.get():
+    if not _plain_autograd():
         return torch.func.vjp(f, *primals, has_aux=has_aux)
     leaves, spec = tree_flatten(list(primals))
     leaves = [_as_input(t) for t in leaves]

@@ -55,7 +55,7 @@ import torch.func
 from torch import nn
 from torch.func import functional_call
 
-from fa_rules.core.autodiff import first_order_grad_and_value, grad_and_value, vjp
+from fa_rules.core.autodiff import grad_and_value, vjp
 from fa_rules.core.errors import UserError
 from fa_rules.core.metrics import classification_loss
 from fa_rules.core.network import Block, Network, Params
@@ -363,7 +363,7 @@ def chained_feedback_gradients(network: Network, model_params: Params, x: torch.
     the loss over one forward pass, the layers routed by `feedback_call`: each parameter gets its
     true local gradient for the signal that reaches its layer, batch norm included."""
     routes = {weight_key(k) if isinstance(k, int) else k: b for k, b in feedback.items()}
-    grads, loss = first_order_grad_and_value(
+    grads, loss = grad_and_value(
         lambda p: classification_loss(feedback_call(network, p, (x,), routes), y))(model_params)
     return grads, loss
 

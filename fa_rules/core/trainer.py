@@ -50,11 +50,6 @@ CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, CHECKPOINT_FILE = (
     "summary.json",
     "checkpoint.pt",
 )
-# An epoch whose mean training loss exceeds this factor times the first epoch's (in magnitude) has
-# diverged; None: only a non-finite loss or update counts.
-DIVERGENCE_FACTOR = 1e3
-
-
 class Diverged(RuntimeError):
     """Training diverged: a non-finite loss or update, or a loss that grew past the divergence factor."""
 
@@ -197,10 +192,8 @@ class Trainer:
         dataset: Dataset,
         out_dir: Path,
         progress: bool = True,
-        divergence_factor: float | None = DIVERGENCE_FACTOR,
     ):
         self.config = config
-        self.divergence_factor = divergence_factor
         self.rule = rule
         self.out_dir = Path(out_dir)
         # one process unless launched by torchrun; then this process's rank and device
@@ -504,18 +497,20 @@ class Trainer:
         return self.finish()
 
     def check_loss_growth(self, mean_loss: float | None) -> None:
-        """Divergence short of NaN: the epoch's mean loss exceeds `divergence_factor` times the
-        first epoch's, compared in magnitude (losses may be negative). No check without a usable
-        reference (the first epoch itself, or a first-epoch loss of 0 or not finite)."""
-        if self.divergence_factor is None or mean_loss is None or not self.history:
+        """Divergence short of NaN: the epoch's mean loss exceeds `config.divergence_factor` times
+        the first epoch's, compared in magnitude (losses may be negative; a factor of 0 turns this
+        off). No check without a usable reference (the first epoch itself, or a first-epoch loss of
+        0 or not finite)."""
+        factor = self.config.divergence_factor
+        if not factor or mean_loss is None or not self.history:
             return
         first = self.history[0].get("train_loss")
         if first is None or not math.isfinite(first) or first == 0:
             return
-        if abs(mean_loss) > self.divergence_factor * abs(first):
+        if abs(mean_loss) > factor * abs(first):
             raise self.diverged(
                 f"rule '{self.config.rule}' diverged at epoch {self.epoch + 1}: mean training loss {mean_loss:.4g} "
-                f"exceeds {self.divergence_factor:g} times the first epoch's ({first:.4g})"
+                f"exceeds {factor:g} times the first epoch's ({first:.4g})"
             )
 
     def diverged(self, message: str) -> Diverged:
