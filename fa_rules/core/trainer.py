@@ -282,10 +282,11 @@ class Trainer:
             return
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            # metrics first: a death between the two writes leaves metrics.jsonl ahead of the
-            # checkpoint, never behind, and `load` rewrites it from the checkpoint's history
-            write_jsonl(self.out_dir / METRICS_FILE, self.history)
+            # the checkpoint first: it is the record (its history included), so a failed save leaves
+            # every file at the last good epoch; a death between the two writes loses nothing either,
+            # since `load` rewrites metrics.jsonl from the checkpoint's history
             save_checkpoint(self.out_dir / CHECKPOINT_FILE, self.checkpoint_payload())
+            write_jsonl(self.out_dir / METRICS_FILE, self.history)
         except OSError as e:  # e.g. [Errno 28] disk full; the atomic write removed its temporary file
             kept = (
                 f"the checkpoint of epoch {self.epoch - 1} is kept" if self.epoch > 1 else "no epoch was saved yet"
