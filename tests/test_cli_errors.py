@@ -1,5 +1,8 @@
 """Every user mistake the CLI can meet is one line on stderr and exit code 2: never a traceback, and
-never a run directory left behind. Driven through the real command line (a subprocess each)."""
+never a run directory left behind. Driven through the command's entry point, `fa_rules.cli.app.main`
+(the function the `fa-rules` script calls, with its exit codes), in this process: a subprocess per
+case would spend most of its time importing torch. Ctrl-C and the output of a real run go through a
+subprocess."""
 
 import json
 import os
@@ -11,6 +14,18 @@ import time
 from pathlib import Path
 
 import pytest
+
+
+def run_main(args, cwd, monkeypatch, capsys) -> tuple[int, str]:
+    """(exit code, stderr) of `fa-rules ARGS` run in `cwd` through the entry point."""
+    from fa_rules.cli.app import main
+
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", ["fa-rules", *args])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    return exit_.value.code, capsys.readouterr().err
 
 
 def cli(*args, cwd=None, timeout=300):
@@ -74,16 +89,17 @@ CASES = [
 
 
 @pytest.mark.parametrize("args, expected", [pytest.param(a, e, id=i) for i, a, e in CASES])
-def test_user_mistake_is_one_line_exit_2_and_leaves_nothing_behind(args, expected, tmp_path, request):
+def test_user_mistake_is_one_line_exit_2_and_leaves_nothing_behind(args, expected, tmp_path, request, monkeypatch,
+                                                                   capsys):
     run = request.getfixturevalue("finished_run") if "{run}" in args or "corrupt_summary" in args else None
     _setup(tmp_path, run)
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
     run_before = sorted(p.name for p in run.iterdir()) if run else None
-    result = cli(*(a.replace("{run}", str(run)) for a in args), cwd=tmp_path)
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+    code, stderr = run_main([a.replace("{run}", str(run)) for a in args], tmp_path, monkeypatch, capsys)
+    assert code == 2, stderr
+    assert "Traceback" not in stderr
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], stderr
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # no runs/, no half run
     if run:
         assert sorted(p.name for p in run.iterdir()) == run_before

@@ -28,7 +28,7 @@ BAD = [
     ("seed", 2**70, f"--seed must be an integer in 0..{MAX_SEED}"),
     ("seed", -1, "--seed must be an integer in 0.."),
     ("optimizer", "adagrad", "--optimizer must be adam or sgd, got 'adagrad'"),
-    ("lr_schedule", "linear", "--lr-schedule must be constant or cosine, got 'linear'"),
+    ("lr_schedule", "linear", "--lr-schedule must be constant or cosine or step, got 'linear'"),
     ("device", "tpu", "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
     ("device", None, "--device must be auto, cpu, cuda or cuda:N"),
     ("data_dir", 3, "--data-dir must be a path or nothing, got 3"),

@@ -101,7 +101,9 @@ def test_resume_after_kill_is_bit_identical(tmp_path):
     _assert_identical(a, b)
 
 
-def test_user_mistakes_are_one_line_with_exit_code_2(tmp_path):
+def test_user_mistakes_are_one_line_with_exit_code_2(tmp_path, monkeypatch, capsys):
+    from fa_rules.cli.app import main
+
     cases = [
         (["train", "--rule", "bakprop"], "did you mean: backprop"),
         (["train", "--dataset", "fashion-mnist"], "did you mean: fashion_mnist"),
@@ -112,12 +114,18 @@ def test_user_mistakes_are_one_line_with_exit_code_2(tmp_path):
         (["train", "--group-lr", "feedback=0.1", "--epochs", "1"], "--group-lr names group"),
         (["train", "--device", "cuda:7" if not torch.cuda.is_available() else "tpu"], "device"),
     ]
-    for args, expected in cases:
-        result = cli(*args)
-        assert result.returncode == 2, (args, result.stderr)
-        lines = result.stderr.strip().splitlines()
-        assert len(lines) == 1 and expected in lines[0], (args, result.stderr)
-        assert "Traceback" not in result.stderr
+    monkeypatch.chdir(tmp_path)
+    for args, expected in cases:  # through the entry point the `fa-rules` script calls
+        monkeypatch.setattr(sys, "argv", ["fa-rules", *args])
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            main()
+        stderr = capsys.readouterr().err
+        assert exit_.value.code == 2, (args, stderr)
+        lines = stderr.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0], (args, stderr)
+        assert "Traceback" not in stderr
+        assert not any(tmp_path.iterdir()), (args, "left a run directory")
 
 
 def test_existing_run_is_never_overwritten(tmp_path):
