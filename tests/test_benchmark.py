@@ -44,8 +44,9 @@ def _broken_rule() -> Rule:
     return Rule(init=no_state_init, step=step)
 
 
-def _interrupted_backprop(after_calls: int):
-    """Backprop whose step raises KeyboardInterrupt once, on call number `after_calls` (Ctrl-C)."""
+def backprop_raising_once(at_call: int, error: BaseException):
+    """Backprop whose step raises `error` once, on call number `at_call` (Ctrl-C, a transient I/O
+    error), and steps as backprop otherwise."""
     calls = {"n": 0}
 
     def build() -> Rule:
@@ -53,8 +54,8 @@ def _interrupted_backprop(after_calls: int):
 
         def step(network, params, state, batch):
             calls["n"] += 1
-            if calls["n"] == after_calls:
-                raise KeyboardInterrupt
+            if calls["n"] == at_call:
+                raise error
             return inner.step(network, params, state, batch)
 
         return Rule(init=no_state_init, step=step)
@@ -69,7 +70,7 @@ def test_rules(monkeypatch):
     monkeypatch.setitem(registry.rules, "broken", RuleSpec("broken", _broken_rule, "raises in every step"))
     # digits, batch 128: 12 steps per epoch plus one memory probe and one alignment step -> call 16
     # is inside epoch 2, after epoch 1's checkpoint
-    monkeypatch.setitem(registry.rules, "ctrl_c", RuleSpec("ctrl_c", _interrupted_backprop(16), "backprop, Ctrl-C once"))
+    monkeypatch.setitem(registry.rules, "ctrl_c", RuleSpec("ctrl_c", backprop_raising_once(16, KeyboardInterrupt()), "backprop, Ctrl-C once"))
     return registry
 
 

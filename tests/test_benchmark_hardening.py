@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from fa_rules import benchmark as bench
-from fa_rules.core import Rule, RuleSpec, UserError, no_state_init
+from fa_rules.core import RuleSpec, UserError
 from fa_rules.plugins.manager import get_registry
-from fa_rules.rules.backprop import backprop
+from test_benchmark import backprop_raising_once
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"epochs": 1, "depth": 1, "width": 16, "batch_size": 128}
@@ -28,29 +28,11 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def _flaky_backprop(fail_at_call: int):
-    """Backprop whose step raises OSError once, on call `fail_at_call` (a transient I/O error)."""
-    calls = {"n": 0}
-
-    def build() -> Rule:
-        inner = backprop()
-
-        def step(network, params, state, batch):
-            calls["n"] += 1
-            if calls["n"] == fail_at_call:
-                raise OSError(28, "No space left on device")
-            return inner.step(network, params, state, batch)
-
-        return Rule(init=no_state_init, step=step)
-
-    return build
-
-
 @pytest.fixture
 def flaky(monkeypatch):
     # digits, batch 128: 12 steps per epoch plus one memory probe and one alignment step -> call 16
     # is inside epoch 2, after epoch 1's checkpoint
-    monkeypatch.setitem(get_registry().rules, "flaky", RuleSpec("flaky", _flaky_backprop(16), "backprop, fails once"))
+    monkeypatch.setitem(get_registry().rules, "flaky", RuleSpec("flaky", backprop_raising_once(16, OSError(28, "No space left on device")), "backprop, fails once"))
 
 
 def _cli(*args, cwd=None, env_extra=None):

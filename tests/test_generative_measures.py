@@ -10,7 +10,6 @@ one-epoch VAE on 8x8 digits and FID over 20-30 images (the Inception wrapper ups
 
 import functools
 import json
-import os
 from pathlib import Path
 
 import numpy as np
@@ -25,16 +24,8 @@ from fa_rules.measures import fid
 from fa_rules.runs import load_run
 
 
-def _weights() -> Path | None:
-    env = os.environ.get(fid.FID_WEIGHTS_ENV)
-    if env:
-        return Path(env)
-    beside = Path(__file__).resolve().parents[2] / "shared" / "fid" / fid.WEIGHTS_FILE
-    return beside if beside.is_file() else None
+from test_fid import WEIGHTS, needs_weights  # the real Inception weights, found as test_fid finds them
 
-
-WEIGHTS = _weights()
-needs_weights = pytest.mark.skipif(WEIGHTS is None, reason=f"no Inception weights ({fid.FID_WEIGHTS_ENV} unset)")
 TINY_VAE = ["--rule", "vae", "--dataset", "digits", "--epochs", "1", "--depth", "1", "--width", "8",
             "--latent-dim", "2", "--batch-size", "512", "--device", "cpu"]
 N_TRAIN, N_COMMAND = 12, 20  # FID sample counts of `train --fid` (and the benchmark) and of `fid --num`

@@ -151,13 +151,12 @@ def feedback_alignment(init: str = "uniform", scale: float = 1.0, feedback_seed:
 
 
 # -- direct feedback alignment -----------------------------------------------------------------------
-def direct_feedback_alignment(init: str = "uniform", scale: float = 1.0, feedback_seed: int = -1,
-                              projection: str = "dense") -> Rule:
-    """The output error projected by a fixed random matrix (or conv kernel) straight to every
-    hidden block."""
+def _projection_rule(name: str, gradients, init: str, scale: float, feedback_seed: int, projection: str) -> Rule:
+    """A rule whose hidden blocks receive a fixed random projection (matrix or conv kernel, one per
+    hidden block, in `state`) of a signal that `gradients` computes: DFA's error, DRTP's target."""
 
     def init_fn(network, params, generator):
-        check_feedback_network(network, "direct_feedback_alignment")
+        check_feedback_network(network, name)
         hidden = range(network.num_blocks - 1)
         return params, {"projections": _random_projections(network, params["model"], hidden, generator, init,
                                                            scale, feedback_seed, projection)}
@@ -165,10 +164,18 @@ def direct_feedback_alignment(init: str = "uniform", scale: float = 1.0, feedbac
     def step(network, params, state, batch):
         model = params["model"]
         projections = {int(k.split(".")[1]): d for k, d in state["projections"].items()}
-        grads, loss = direct_feedback_gradients(network, model, batch.x, batch.y, projections)
+        grads, loss = gradients(network, model, batch.x, batch.y, projections)
         return {"model": _ordered(model, grads)}, state, {"loss": loss}
 
     return Rule(init=init_fn, step=step, task="classify")
+
+
+def direct_feedback_alignment(init: str = "uniform", scale: float = 1.0, feedback_seed: int = -1,
+                              projection: str = "dense") -> Rule:
+    """The output error projected by a fixed random matrix (or conv kernel) straight to every
+    hidden block."""
+    return _projection_rule("direct_feedback_alignment", direct_feedback_gradients, init, scale, feedback_seed,
+                            projection)
 
 
 # -- indirect feedback alignment ---------------------------------------------------------------------
@@ -264,20 +271,8 @@ def frsf(init: str = "uniform", scale: float = 1.0, feedback_seed: int = -1) -> 
 def direct_random_target_projection(init: str = "uniform", scale: float = 1.0, feedback_seed: int = -1,
                                     projection: str = "dense") -> Rule:
     """The one-hot target projected by a fixed random matrix to every hidden block; no backward pass."""
-
-    def init_fn(network, params, generator):
-        check_feedback_network(network, "direct_random_target_projection")
-        hidden = range(network.num_blocks - 1)
-        return params, {"projections": _random_projections(network, params["model"], hidden, generator, init,
-                                                           scale, feedback_seed, projection)}
-
-    def step(network, params, state, batch):
-        model = params["model"]
-        projections = {int(k.split(".")[1]): d for k, d in state["projections"].items()}
-        grads, loss = target_projection_gradients(network, model, batch.x, batch.y, projections)
-        return {"model": _ordered(model, grads)}, state, {"loss": loss}
-
-    return Rule(init=init_fn, step=step, task="classify")
+    return _projection_rule("direct_random_target_projection", target_projection_gradients, init, scale,
+                            feedback_seed, projection)
 
 
 # -- Kolen-Pollack -----------------------------------------------------------------------------------
