@@ -163,6 +163,9 @@ def apply_updates(
         for p in params[group].values():
             p.grad = None
     for constraint in rule.constraints:
+        if getattr(constraint, "in_place", False):
+            constraint(params)  # changes the parameters itself
+            continue
         for group, tensors in constraint(params).items():
             for key, value in tensors.items():
                 params[group][key].copy_(value)
