@@ -171,10 +171,6 @@ def apply_updates(
                 params[group][key].copy_(value)
 
 
-def _scalar(v) -> float:
-    return float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
-
-
 def _is_scalar(v) -> bool:
     return isinstance(v, (int, float)) or (isinstance(v, torch.Tensor) and v.numel() == 1)
 
@@ -182,6 +178,38 @@ def _is_scalar(v) -> bool:
 def _metric_tensor(v, device) -> torch.Tensor:
     t = torch.as_tensor(v, device=device).detach().reshape(())
     return t if t.is_floating_point() else t.to(torch.get_default_dtype())
+
+
+# steps between two looks at the step metrics (the one host-device synchronisation they cost)
+LOG_EVERY = 20
+
+
+class StepMetricsLog:
+    """One epoch's scalar step metrics: kept as device tensors when added, turned into Python
+    floats together by `flush` (one synchronisation for every value since the last flush)."""
+
+    def __init__(self):
+        self.losses: list[float] = []
+        self.others: dict[str, list[float]] = {}  # e.g. a GAN's g_loss / d_loss, a VAE's kl
+        self._pending: list[tuple[str, torch.Tensor]] = []
+
+    def add(self, metrics: dict, device: torch.device) -> None:
+        for name, value in metrics.items():
+            if _is_scalar(value):
+                self._pending.append((name, _metric_tensor(value, device)))
+
+    def flush(self) -> tuple[int, list[float]]:
+        """Bring the pending values to the host; return the index of the first step they cover
+        and their losses."""
+        first = len(self.losses)
+        if not self._pending:
+            return first, []
+        # float64 holds any float32/16 value exactly: the floats equal float(tensor) per value
+        values = torch.stack([t.to(torch.float64) for _, t in self._pending]).tolist()
+        for (name, _), value in zip(self._pending, values):
+            (self.losses if name == "loss" else self.others.setdefault(name, [])).append(value)
+        self._pending = []
+        return first, self.losses[first:]
 
 
 class Trainer:
@@ -465,7 +493,9 @@ class Trainer:
             bar.resume_at(self.epoch)
             while self.epoch < cfg.epochs:
                 order = epoch_order(n, cfg.seed, self.epoch).to(self.device)
-                losses, others = [], {}
+                # the step metrics stay on the device and come to the host once per logging
+                # interval (one synchronisation, not one per step on a GPU)
+                metrics_log = StepMetricsLog()
                 epoch_start = time.perf_counter()
                 for i in range(steps_per_epoch):
                     index, share = self.shard(order, i)
@@ -473,17 +503,13 @@ class Trainer:
                     if i == 0:
                         self.dist.share = share
                         self.probe_memory(batch)
-                    metrics = self.train_step(batch, share)
-                    loss = _scalar(metrics["loss"])
-                    if not math.isfinite(loss):
-                        raise self.diverged(
-                            f"rule '{cfg.rule}' diverged at epoch {self.epoch + 1}, step {i + 1} (loss={loss})"
-                        )
-                    losses.append(loss)
-                    for name, value in metrics.items():  # e.g. a GAN's g_loss / d_loss, a VAE's kl
-                        if name != "loss" and _is_scalar(value):
-                            others.setdefault(name, []).append(_scalar(value))
-                    bar.advance(loss)
+                    metrics_log.add(self.train_step(batch, share), self.device)
+                    if (i + 1) % LOG_EVERY == 0 or i + 1 == steps_per_epoch:
+                        first, new_losses = metrics_log.flush()
+                        self.check_finite_losses(first, new_losses)
+                        bar.show_loss(metrics_log.losses[-1])
+                    bar.advance()
+                losses, others = metrics_log.losses, metrics_log.others
                 mean_loss = statistics.fmean(losses) if losses else None
                 self.check_loss_growth(mean_loss)
                 self.epoch += 1
@@ -498,6 +524,15 @@ class Trainer:
                 self.save()
                 bar.end_epoch(record)
         return self.finish()
+
+    def check_finite_losses(self, first_step: int, losses: list[float]) -> None:
+        """Divergence: the first non-finite loss of `losses` (those of this epoch's steps from
+        `first_step` on, 0-based) named by its epoch and step, as if checked when it occurred."""
+        for step, loss in enumerate(losses, start=first_step + 1):
+            if not math.isfinite(loss):
+                raise self.diverged(
+                    f"rule '{self.config.rule}' diverged at epoch {self.epoch + 1}, step {step} (loss={loss})"
+                )
 
     def check_loss_growth(self, mean_loss: float | None) -> None:
         """Divergence short of NaN: the epoch's mean loss exceeds `config.divergence_factor` times
