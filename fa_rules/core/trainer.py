@@ -30,6 +30,7 @@ import torch
 from fa_rules.core import distributed
 from fa_rules.core.config import LR_SCHEDULES, OPTIMIZERS, TrainConfig, check_config, read_config
 from fa_rules.core.autodiff import SavedTensorsProbe
+from fa_rules.core.compiled import CompiledStep
 from fa_rules.core.checkpoint import (
     CheckpointError,
     check_params,
@@ -245,6 +246,7 @@ class Trainer:
         generator = torch.Generator().manual_seed(config.seed + 1)
         self.params, self.state = rule.init(self.network, params, generator)
         self.optimizers = make_optimizers(config, self.params)
+        self.step_fn = CompiledStep(config.rule, rule.step) if config.compile else rule.step
         self.base_lr = {g: config.group_lr.get(g, config.lr) for g in self.optimizers}
         self.total_steps = self.steps_per_epoch(self.data.train_x.shape[0]) * config.epochs
         self.epoch = 0
@@ -368,7 +370,7 @@ class Trainer:
         start = time.perf_counter()
         old_state = self.state
         self.dist.share = share
-        updates, self.state, metrics = self.rule.step(self.network, self.params, self.state, batch)
+        updates, self.state, metrics = self.step_fn(self.network, self.params, self.state, batch)
         if not self._updates_checked:  # once per process: cheap, and names the rule at fault
             check_updates(self.config.rule, updates, self.params)
             if not isinstance(metrics, dict) or not _is_scalar(metrics.get("loss")):
@@ -595,6 +597,9 @@ class Trainer:
             "peak_saved_bytes": self.peak_saved_bytes,
             **final,
         }
+        if isinstance(self.step_fn, CompiledStep):  # this process's first step: compiling and its check
+            summary["compile_time_s"] = self.step_fn.compile_time_s
+            summary["compiled"] = self.step_fn.compiled
         if self.device.type == "cuda":
             summary["peak_cuda_bytes"] = self.peak_cuda_bytes
         if self.dist.enabled:
