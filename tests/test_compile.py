@@ -108,3 +108,17 @@ def test_a_suite_setting_turns_compile_on_for_every_cell():
     suite = suite_from_dict({"rules": ["backprop", "feedback_alignment"], "settings": {"compile": True}})
     assert [c.config.compile for c in plan_cells(suite)] == [True, True]
     assert not any(c.config.compile for c in plan_cells(suite_from_dict({"rules": ["backprop"]})))
+
+
+def test_the_train_command_takes_compile(tmp_path):
+    from typer.testing import CliRunner
+
+    from fa_rules.cli.app import app
+
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["train", "--epochs", "1", "--width", "16", "--batch-size", "256", "-q",
+                                      "--device", "cpu", "--compile", "--out", str(out)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    assert json.loads((out / "config.json").read_text())["compile"] is True
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["compiled"] is True and summary["compile_time_s"] > 0
