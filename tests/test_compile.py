@@ -122,3 +122,17 @@ def test_the_train_command_takes_compile(tmp_path):
     assert json.loads((out / "config.json").read_text())["compile"] is True
     summary = json.loads((out / "summary.json").read_text())
     assert summary["compiled"] is True and summary["compile_time_s"] > 0
+
+
+def test_the_benchmark_command_takes_compile(tmp_path):
+    from typer.testing import CliRunner
+
+    from fa_rules.cli.app import app
+
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(app, ["benchmark", "--rules", "backprop", "--epochs", "1", "--width", "16",
+                                      "--batch-size", "256", "--device", "cpu", "--compile", "-q", "--out", str(out)])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    (run,) = (out / "runs").iterdir()
+    assert json.loads((run / "config.json").read_text())["compile"] is True
+    assert json.loads((run / "summary.json").read_text())["compiled"] is True
