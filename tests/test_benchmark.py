@@ -104,6 +104,10 @@ def test_cli_two_rules_two_seeds_writes_every_output(tmp_path):
         assert ro[seed]["peak_saved_ratio"] == pytest.approx(ro[seed]["peak_saved_bytes"] / bp[seed]["peak_saved_bytes"])
         assert ro[seed]["peak_saved_ratio"] < 1.0
         assert ro[seed]["step_time_ratio"] == pytest.approx(ro[seed]["step_time_s"] / bp[seed]["step_time_s"])
+        # the timing phase: both rules of the seed stepped in turn, apart from the training cells
+        assert bp[seed]["interleaved_step_ratio"] == 1.0 and ro[seed]["interleaved_step_time_s"] > 0
+        assert ro[seed]["interleaved_step_ratio"] == pytest.approx(
+            ro[seed]["interleaved_step_time_s"] / bp[seed]["interleaved_step_time_s"])
     assert bp[0]["test_accuracy"] > ro[0]["test_accuracy"]  # learning every block beats the readout alone
 
     with open(out / "results.csv") as f:
@@ -111,6 +115,9 @@ def test_cli_two_rules_two_seeds_writes_every_output(tmp_path):
     assert len(table) == 4 and table[0]["rule"] == "backprop" and float(table[0]["test_accuracy"]) == rows[0]["test_accuracy"]
     report = (out / "report.md").read_text()
     assert "| backprop |" in report and "| readout_only |" in report and "step × backprop" in report
+    assert "step × backprop (cells)" in report  # the per-cell medians stay, as the secondary column
+    heading = next(line for line in report.splitlines() if "step × backprop |" in line)
+    assert heading.index("step × backprop |") < heading.index("step × backprop (cells)")
     machine = json.loads((out / "machine.json").read_text())
     assert f"- machine: {machine['machines'][0]}" in report and f"torch {torch.__version__}" in report
     mean = (bp[0]["test_error"] + bp[1]["test_error"]) / 2

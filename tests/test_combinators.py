@@ -71,3 +71,30 @@ def test_combinators_keep_a_sub_rules_reinitialisation_of_the_model():
     for combined in (weighted_sum([(1.0, reinit), (1.0, backprop())]), partition(backprop(), {0: reinit})):
         out, _ = combined.init(net, params, torch.Generator())
         assert all(torch.all(v == 0) for v in out["model"].values())
+
+
+def test_in_place_clamp_gives_the_values_of_the_pure_clamp_it_replaced():
+    """The clamp is applied with clamp_ on the parameters themselves (no copy back); the values
+    are the ones the former pure map (clamp, then copy_) gave, bit for bit."""
+
+    def pure_clamp(params):  # the former implementation
+        return {"model": {k: v.clamp(-0.5, 0.5) if not k.endswith("bias") else v for k, v in params["model"].items()}}
+
+    net, params, batch = _setup()
+    in_place_rule = constrained(constant_rule(-1.0), clamp(0.5))
+    pure_rule = constrained(constant_rule(-1.0), pure_clamp)
+    results = []
+    for rule in (in_place_rule, pure_rule):
+        torch.manual_seed(0)
+        p = {"model": {k: torch.randn_like(v) for k, v in params["model"].items()}}
+        storage = {k: v.data_ptr() for k, v in p["model"].items()}
+        optimizers = make_optimizers(TrainConfig(optimizer="sgd", lr=0.3, momentum=0.0), p)
+        for _ in range(3):
+            updates, _, _ = rule.step(net, p, {}, batch)
+            apply_updates(rule, p, updates, optimizers)
+        assert {k: v.data_ptr() for k, v in p["model"].items()} == storage  # the same tensors
+        results.append(p["model"])
+    assert clamp(0.5).in_place
+    weights = [k for k in results[0] if k.endswith("weight")]
+    assert weights and all(results[0][k].abs().max() == 0.5 for k in weights)  # the clamp did act
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])

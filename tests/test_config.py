@@ -38,6 +38,8 @@ BAD = [
     ("model_options", {1: 2}, "--model-options must map names to values"),
     ("divergence_factor", -1.0, "--divergence-factor must be a finite number >= 0 (0: off), got -1"),
     ("rule", "", "--rule must be a name"),
+    ("compile", "yes", "--compile must be true or false, got 'yes'"),
+    ("compile", 1, "--compile must be true or false, got 1"),
 ]
 
 
@@ -56,7 +58,7 @@ def test_fields_are_named_as_written_when_not_from_the_command_line():
 def test_defaults_and_edges_are_accepted():
     check_config(TrainConfig())
     check_config(TrainConfig(seed=MAX_SEED, epochs=0, momentum=0.0, weight_decay=0, lr=1, divergence_factor=0,
-                             device="cuda:3", data_dir="/data", rule_options={"a": True, "b": "x", "c": 2}))
+                             device="cuda:3", data_dir="/data", compile=True, rule_options={"a": True, "b": "x", "c": 2}))
 
 
 def test_from_dict_checks_what_it_builds_and_ignores_unknown_keys():

@@ -17,6 +17,7 @@ from fa_rules.core.trainer import CONFIG_FILE, Diverged
 from fa_rules.benchmark.cells import Cell, check_cells, plan_cells
 from fa_rules.benchmark.report import _machine_info, record_machine, write_outputs
 from fa_rules.benchmark.suite import CELL_FILE, LOCK_FILE, MACHINE_JSON, ROW_FILE, RUNS_DIR, SUITE_JSON, Suite
+from fa_rules.benchmark.timing import DEFAULT_STEPS, group_key, time_group
 from fa_rules.measures.run import measure_fid, measure_probe, time_per_sample
 
 def _first_line(e: BaseException) -> str:
@@ -225,6 +226,23 @@ def run_suite(suite: Suite, out_dir: Path, on_event: Event | None = None, comman
         return _run_cells(suite, cells, out_dir, on_event, command)
 
 
+def time_interleaved(cells: list[Cell], rows: dict[int, dict], out_dir: Path, steps: int) -> None:
+    """The timing phase (see fa_rules.benchmark.timing): per seed and varied setting, the cells that
+    trained stepping in turn; adds `interleaved_step_time_s` to their rows (and row files). A group
+    timed before (a resumed benchmark) is not timed again."""
+    groups: dict[tuple, list[int]] = {}
+    for i, cell in enumerate(cells):
+        if rows.get(i, {}).get("status") == "ok":
+            groups.setdefault(group_key(cell), []).append(i)
+    for members in groups.values():
+        if all(rows[i].get("interleaved_step_time_s") is not None for i in members):
+            continue
+        for i, median in zip(members, time_group([cells[i] for i in members], steps)):
+            if median is not None:
+                rows[i]["interleaved_step_time_s"] = median
+                write_json(out_dir / RUNS_DIR / cells[i].dirname / ROW_FILE, rows[i])
+
+
 def _run_cells(suite: Suite, cells: list[Cell], out_dir: Path, on_event: Event | None, command: str | None) -> list[dict]:
     write_json(out_dir / SUITE_JSON, {**suite.to_dict(), "cells": len(cells)})
     emit = on_event or (lambda *a: None)
@@ -260,6 +278,8 @@ def _run_cells(suite: Suite, cells: list[Cell], out_dir: Path, on_event: Event |
             rows[i] = row
             emit("done", i, row)
             save_all(plots=False)
+        if suite.measure.get("timing", True):
+            time_interleaved(cells, rows, out_dir, suite.measure.get("timing_steps", DEFAULT_STEPS))
     finally:  # also on Ctrl-C: every finished row is kept, plots drawn
         if rows:
             save_all(plots=True)

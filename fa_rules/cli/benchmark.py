@@ -28,6 +28,7 @@ def benchmark(
     optimizer: Optional[str] = typer.Option(None, help="adam or sgd."),
     device: Optional[str] = typer.Option(None, help="auto (CUDA when present), cpu, cuda or cuda:N."),
     data_dir: Optional[str] = typer.Option(None, help="Where datasets live."),
+    compile: bool = typer.Option(False, "--compile", help="torch.compile every rule's step (eager where it does not compile)."),
     quick: bool = typer.Option(False, "--quick", help="The suite's quick form (its \\[quick] table; runs in minutes)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Output directory (default runs/benchmark-NAME); rerun to resume."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the report here (e.g. benchmarks/reports/NAME.md)."),
@@ -39,7 +40,7 @@ def benchmark(
     registry()  # report plugins that failed to load, once
     flags = {"dataset": dataset, "model": model, "depth": depth, "width": width, "activation": activation,
              "epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "device": device,
-             "data_dir": data_dir}
+             "data_dir": data_dir, "compile": compile or None}
     flags = {k: v for k, v in flags.items() if v is not None}
     labels = [r.strip() for r in rules.split(",") if r.strip()] if rules else None
     if suite_file is not None:

@@ -44,6 +44,9 @@ def train(
     divergence_factor: float = typer.Option(
         1000.0, help="Stop as diverged when an epoch's mean training loss exceeds this factor times the first's (0: off)."
     ),
+    compile: bool = typer.Option(
+        False, "--compile", help="torch.compile the rule's step (eager, with a warning, where it does not compile)."
+    ),
     fid_weights: Optional[Path] = typer.Option(
         None, "--fid-weights", help="Inception weights for --fid (else $FA_RULES_FID_WEIGHTS or torch hub's cache)."
     ),
@@ -77,7 +80,7 @@ def train(
             latent_dim=latent_dim, epochs=20 if epochs is None else epochs, batch_size=batch_size, lr=lr,
             group_lr={k: parse_value(v, 0.0, f"--group-lr {k}") for k, v in parse_pairs(group_lr, "--group-lr").items()},
             optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, lr_schedule=lr_schedule, seed=seed,
-            device=device, data_dir=data_dir, divergence_factor=divergence_factor,
+            device=device, data_dir=data_dir, divergence_factor=divergence_factor, compile=compile,
         )
         check_config(config)  # before any work, each field named by its flag
         trainer = new_trainer(config, out_dir, progress=not quiet, check=check)

@@ -149,13 +149,12 @@ def constrained(rule: Rule, *constraints: Constraint) -> Rule:
 def clamp(bound: float, groups: Sequence[str] = ("model",), include_bias: bool = False) -> Constraint:
     """Clamp parameters to [-bound, bound] (feature alignment paper, Eq. 9, with bound = sqrt(2))."""
 
-    def apply(params: Groups) -> Groups:
-        out = {}
+    @torch.no_grad()
+    def apply(params: Groups) -> None:
         for group in groups:
-            out[group] = {
-                k: v.clamp(-bound, bound) if include_bias or not k.endswith("bias") else v
-                for k, v in params.get(group, {}).items()
-            }
-        return out
+            for key, p in params.get(group, {}).items():
+                if include_bias or not key.endswith("bias"):
+                    p.clamp_(-bound, bound)  # in place: no second copy of every parameter
 
+    apply.in_place = True
     return apply

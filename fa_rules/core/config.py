@@ -40,6 +40,8 @@ class TrainConfig:
     # The run counts as diverged when an epoch's mean training loss exceeds this factor times the
     # first epoch's (a non-finite loss always does); 0 turns this check off.
     divergence_factor: float = 1000.0
+    # torch.compile the rule's step (eager when it does not compile; see fa_rules.core.compiled)
+    compile: bool = False
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -115,6 +117,7 @@ _FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "device": ("auto, cpu, cuda or cuda:N", _is_device),
     "data_dir": ("a path or nothing", lambda v: v is None or isinstance(v, str)),
     "divergence_factor": ("a finite number >= 0 (0: off)", lambda v: _is_number(v) and v >= 0),
+    "compile": ("true or false", lambda v: isinstance(v, bool)),
 }
 # fields that map names to values: (what each value must be, the test)
 _TABLES: dict[str, tuple[str, Callable[[Any], bool]]] = {

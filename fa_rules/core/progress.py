@@ -46,8 +46,12 @@ class TrainingProgress:
             desc = f"epoch {self.epoch + 1}/{self.epochs}"
             self.task = self.progress.add_task(desc, total=self.steps, loss="-")
 
-    def advance(self, loss: float) -> None:
-        self.progress.update(self.task, advance=1, loss=f"{loss:.4f}")
+    def advance(self) -> None:
+        self.progress.update(self.task, advance=1)
+
+    def show_loss(self, loss: float) -> None:
+        """The loss figure (the trainer updates it once per logging interval, not every step)."""
+        self.progress.update(self.task, loss=f"{loss:.4f}")
 
     def end_epoch(self, record: dict) -> None:
         if self.enabled:

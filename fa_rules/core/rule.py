@@ -21,8 +21,10 @@ Modelled on optax's `GradientTransformation(init, update)`:
   Updates must be finite: a non-finite update is refused before it is applied.
 
 A rule also says what it trains for (`task`), and, where its task needs them, how it reconstructs
-inputs and draws samples. Parameter constraints (e.g. the weight clamp) are pure maps the engine
-applies after each optimiser step.
+inputs and draws samples. Parameter constraints are maps the engine applies after each optimiser
+step: pure (parameters in, the constrained values out, which the engine copies back), or, for a
+function with the attribute `in_place = True`, changing the parameters itself and returning None
+(the weight clamp does this: `clamp_` costs no second copy of every parameter).
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ class Batch:
 
 InitFn = Callable[[Network, Groups, torch.Generator], "tuple[Groups, State]"]
 StepFn = Callable[[Network, Groups, State, Batch], "tuple[Groups, State, Metrics]"]
-Constraint = Callable[[Groups], Groups]
+Constraint = Callable[[Groups], "Groups | None"]  # None: an in_place constraint
 
 
 @dataclass(frozen=True)

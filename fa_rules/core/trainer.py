@@ -30,6 +30,7 @@ import torch
 from fa_rules.core import distributed
 from fa_rules.core.config import LR_SCHEDULES, OPTIMIZERS, TrainConfig, check_config, read_config
 from fa_rules.core.autodiff import SavedTensorsProbe
+from fa_rules.core.compiled import CompiledStep
 from fa_rules.core.checkpoint import (
     CheckpointError,
     check_params,
@@ -163,13 +164,12 @@ def apply_updates(
         for p in params[group].values():
             p.grad = None
     for constraint in rule.constraints:
+        if getattr(constraint, "in_place", False):
+            constraint(params)  # changes the parameters itself
+            continue
         for group, tensors in constraint(params).items():
             for key, value in tensors.items():
                 params[group][key].copy_(value)
-
-
-def _scalar(v) -> float:
-    return float(v.detach()) if isinstance(v, torch.Tensor) else float(v)
 
 
 def _is_scalar(v) -> bool:
@@ -179,6 +179,38 @@ def _is_scalar(v) -> bool:
 def _metric_tensor(v, device) -> torch.Tensor:
     t = torch.as_tensor(v, device=device).detach().reshape(())
     return t if t.is_floating_point() else t.to(torch.get_default_dtype())
+
+
+# steps between two looks at the step metrics (the one host-device synchronisation they cost)
+LOG_EVERY = 20
+
+
+class StepMetricsLog:
+    """One epoch's scalar step metrics: kept as device tensors when added, turned into Python
+    floats together by `flush` (one synchronisation for every value since the last flush)."""
+
+    def __init__(self):
+        self.losses: list[float] = []
+        self.others: dict[str, list[float]] = {}  # e.g. a GAN's g_loss / d_loss, a VAE's kl
+        self._pending: list[tuple[str, torch.Tensor]] = []
+
+    def add(self, metrics: dict, device: torch.device) -> None:
+        for name, value in metrics.items():
+            if _is_scalar(value):
+                self._pending.append((name, _metric_tensor(value, device)))
+
+    def flush(self) -> tuple[int, list[float]]:
+        """Bring the pending values to the host; return the index of the first step they cover
+        and their losses."""
+        first = len(self.losses)
+        if not self._pending:
+            return first, []
+        # float64 holds any float32/16 value exactly: the floats equal float(tensor) per value
+        values = torch.stack([t.to(torch.float64) for _, t in self._pending]).tolist()
+        for (name, _), value in zip(self._pending, values):
+            (self.losses if name == "loss" else self.others.setdefault(name, [])).append(value)
+        self._pending = []
+        return first, self.losses[first:]
 
 
 class Trainer:
@@ -214,6 +246,7 @@ class Trainer:
         generator = torch.Generator().manual_seed(config.seed + 1)
         self.params, self.state = rule.init(self.network, params, generator)
         self.optimizers = make_optimizers(config, self.params)
+        self.step_fn = CompiledStep(config.rule, rule.step) if config.compile else rule.step
         self.base_lr = {g: config.group_lr.get(g, config.lr) for g in self.optimizers}
         self.total_steps = self.steps_per_epoch(self.data.train_x.shape[0]) * config.epochs
         self.epoch = 0
@@ -338,7 +371,7 @@ class Trainer:
         start = time.perf_counter()
         old_state = self.state
         self.dist.share = share
-        updates, self.state, metrics = self.rule.step(self.network, self.params, self.state, batch)
+        updates, self.state, metrics = self.step_fn(self.network, self.params, self.state, batch)
         if not self._updates_checked:  # once per process: cheap, and names the rule at fault
             check_updates(self.config.rule, updates, self.params)
             if not isinstance(metrics, dict) or not _is_scalar(metrics.get("loss")):
@@ -463,7 +496,9 @@ class Trainer:
             bar.resume_at(self.epoch)
             while self.epoch < cfg.epochs:
                 order = epoch_order(n, cfg.seed, self.epoch).to(self.device)
-                losses, others = [], {}
+                # the step metrics stay on the device and come to the host once per logging
+                # interval (one synchronisation, not one per step on a GPU)
+                metrics_log = StepMetricsLog()
                 epoch_start = time.perf_counter()
                 for i in range(steps_per_epoch):
                     index, share = self.shard(order, i)
@@ -471,17 +506,13 @@ class Trainer:
                     if i == 0:
                         self.dist.share = share
                         self.probe_memory(batch)
-                    metrics = self.train_step(batch, share)
-                    loss = _scalar(metrics["loss"])
-                    if not math.isfinite(loss):
-                        raise self.diverged(
-                            f"rule '{cfg.rule}' diverged at epoch {self.epoch + 1}, step {i + 1} (loss={loss})"
-                        )
-                    losses.append(loss)
-                    for name, value in metrics.items():  # e.g. a GAN's g_loss / d_loss, a VAE's kl
-                        if name != "loss" and _is_scalar(value):
-                            others.setdefault(name, []).append(_scalar(value))
-                    bar.advance(loss)
+                    metrics_log.add(self.train_step(batch, share), self.device)
+                    if (i + 1) % LOG_EVERY == 0 or i + 1 == steps_per_epoch:
+                        first, new_losses = metrics_log.flush()
+                        self.check_finite_losses(first, new_losses)
+                        bar.show_loss(metrics_log.losses[-1])
+                    bar.advance()
+                losses, others = metrics_log.losses, metrics_log.others
                 mean_loss = statistics.fmean(losses) if losses else None
                 self.check_loss_growth(mean_loss)
                 self.epoch += 1
@@ -496,6 +527,15 @@ class Trainer:
                 self.save()
                 bar.end_epoch(record)
         return self.finish()
+
+    def check_finite_losses(self, first_step: int, losses: list[float]) -> None:
+        """Divergence: the first non-finite loss of `losses` (those of this epoch's steps from
+        `first_step` on, 0-based) named by its epoch and step, as if checked when it occurred."""
+        for step, loss in enumerate(losses, start=first_step + 1):
+            if not math.isfinite(loss):
+                raise self.diverged(
+                    f"rule '{self.config.rule}' diverged at epoch {self.epoch + 1}, step {step} (loss={loss})"
+                )
 
     def check_loss_growth(self, mean_loss: float | None) -> None:
         """Divergence short of NaN: the epoch's mean loss exceeds `config.divergence_factor` times
@@ -558,6 +598,9 @@ class Trainer:
             "peak_saved_bytes": self.peak_saved_bytes,
             **final,
         }
+        if isinstance(self.step_fn, CompiledStep):  # this process's first step: compiling and its check
+            summary["compile_time_s"] = self.step_fn.compile_time_s
+            summary["compiled"] = self.step_fn.compiled
         if self.device.type == "cuda":
             summary["peak_cuda_bytes"] = self.peak_cuda_bytes
         if self.dist.enabled:

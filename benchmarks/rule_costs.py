@@ -1,0 +1,195 @@
+"""Every built-in rule's training step time against backprop (reconstruct/generate rules against
+`ae`), and the engine's backprop against a hand-written PyTorch loop; prints one Markdown table.
+
+The trainers of one model step in turn on the same batches in one process (interleaved, so every
+rule sees the same machine state: only the ratios are meant to travel between machines). A step is
+`Trainer.train_step`: the rule's step, the checks and the optimiser. With `--compile` every rule
+also runs with `compile=True` (the first, compiling step falls in the warm-up) and the table gains
+compiled step times; a rule that does not compile runs eager there and says so.
+
+    OMP_NUM_THREADS=1 python benchmarks/rule_costs.py --steps 10 --warmup 2 [--compile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import platform
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from fa_rules.core.config import TrainConfig
+from fa_rules.core.trainer import Trainer
+from fa_rules.runs import get_registry
+
+# name -> (model, model options, batch size); the first two are the rule comparison's models
+MODELS = {
+    "mlp3x256": ("mlp", {"depth": 3, "width": 256}, 64),
+    "lenet": ("lenet", {}, 64),
+    "tiny_mlp": ("mlp", {"depth": 1, "width": 64}, 8),  # 784-64-10: where Python overhead dominates
+}
+REFERENCE = {"classify": "backprop", "reconstruct": "ae", "generate": "ae"}
+
+
+def make_trainer(registry, rule_name: str, model_name: str, dataset, data_name: str, compile: bool) -> Trainer | None:
+    """A trainer of `rule_name` on a model of MODELS, sharing `dataset`; None where the rule does
+    not take that model."""
+    model, model_options, batch_size = MODELS[model_name]
+    rule_spec, model_spec = registry.rule(rule_name), registry.model(model)
+    if rule_spec.models is not None and model not in rule_spec.models:
+        return None
+    config = TrainConfig(rule=rule_name, dataset=data_name, model=model, model_options=dict(model_options),
+                         batch_size=batch_size, device="cpu", compile=compile)
+    rule = rule_spec.make()
+    options = {k: v for k, v in rule_spec.model_defaults.items() if k in model_spec.options}
+    options.update(model_options)
+    out_shape = (dataset.num_classes,) if rule.task == "classify" else (config.latent_dim,)
+    heads = rule.heads(config.latent_dim, dataset.num_classes) if rule.heads else None
+    return Trainer(config, rule, lambda: model_spec.make(dataset.in_shape, out_shape, heads, **options),
+                   dataset, out_dir="/dev/null", progress=False)
+
+
+def plain_loop(trainer: Trainer):
+    """A hand-written loop: the trainer's network as an ordinary nn.Module, the same initial
+    weights, Adam, cross-entropy; returns a function timing one step."""
+    module = copy.deepcopy(trainer.network)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.copy_(trainer.params["model"][name])
+    optimizer = torch.optim.Adam(module.parameters(), lr=trainer.config.lr)
+
+    def step(batch):
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        F.cross_entropy(module(batch.x), batch.y).backward()
+        optimizer.step()
+        return time.perf_counter() - start
+
+    return step
+
+
+def interleave(steppers: dict[str, object], data_trainer: Trainer, steps: int, warmup: int) -> dict[str, float | str]:
+    """Median step time per label; each stepper is a Trainer or a function of a batch. A stepper
+    that raises is dropped, its entry the error's first line."""
+    n = data_trainer.data.train_x.shape[0]
+    batch_size = data_trainer.config.batch_size
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
+    times: dict[str, list[float]] = {label: [] for label in steppers}
+    failed: dict[str, str] = {}
+    for step in range(warmup + steps):
+        index = order[(step * batch_size) % (n - batch_size):][:batch_size]
+        batch = data_trainer.make_batch(index, step)
+        for label, stepper in steppers.items():
+            if label in failed:
+                continue
+            try:
+                if isinstance(stepper, Trainer):
+                    stepper.train_step(batch)
+                    elapsed = stepper.step_times[-1]
+                else:
+                    elapsed = stepper(batch)
+            except Exception as e:  # one rule's failure should not cost the whole table
+                failed[label] = f"error: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                continue
+            if step >= warmup:
+                times[label].append(elapsed)
+    return {label: failed.get(label) or statistics.median(times[label]) for label in steppers}
+
+
+def rule_rows(registry, model_name: str, rules: list[str], dataset, data_name: str, args) -> list[str]:
+    trainers: dict[str, Trainer] = {}
+    skipped = []
+    for name in rules:
+        for compiled in (False, True) if args.compile else (False,):
+            try:
+                trainer = make_trainer(registry, name, model_name, dataset, data_name, compiled)
+            except Exception as e:
+                print(f"{model_name}: {name} not built ({type(e).__name__}: {e})", file=sys.stderr)
+                trainer = None
+            if trainer is None:
+                skipped.append(name)
+                break
+            trainers[name + (" compiled" if compiled else "")] = trainer
+    if not trainers:
+        return []
+    medians = interleave(trainers, next(iter(trainers.values())), args.steps, args.warmup)
+    rows = []
+    for name in rules:
+        if name not in trainers:
+            continue
+        eager = medians[name]
+        task = trainers[name].rule.task
+        ref = medians.get(REFERENCE[task])
+        cells = [model_name, name, task]
+        if isinstance(eager, str):
+            rows.append("| " + " | ".join(cells + [eager, "", "", ""][: 4 + 2 * args.compile - 2]) + " |")
+            continue
+        ratio = f"{eager / ref:.2f}" if isinstance(ref, float) else "—"
+        cells += [f"{eager * 1e3:.2f}", ratio]
+        if args.compile:
+            c = medians.get(name + " compiled")
+            if isinstance(c, float):
+                step_fn = trainers[name + " compiled"].step_fn
+                note = "" if step_fn.compiled else " (eager: does not compile)"
+                cells += [f"{c * 1e3:.2f}{note}", f"{c / eager:.2f}"]
+            else:
+                cells += [str(c), ""]
+        rows.append("| " + " | ".join(cells) + " |")
+    if skipped:
+        print(f"{model_name}: not run (the rule does not take this model): {', '.join(skipped)}", file=sys.stderr)
+    return rows
+
+
+def engine_rows(registry, dataset, data_name: str, args) -> list[str]:
+    rows = []
+    for model_name in ("tiny_mlp", "lenet"):
+        trainer = make_trainer(registry, "backprop", model_name, dataset, data_name, False)
+        medians = interleave({"engine": trainer, "plain": plain_loop(trainer)}, trainer, args.steps * 5, args.warmup * 5)
+        engine, plain = medians["engine"], medians["plain"]
+        rows.append(f"| {model_name} (batch {MODELS[model_name][2]}) | {engine * 1e3:.3f} | {plain * 1e3:.3f} | "
+                    f"{engine / plain:.2f} |")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="fashion_mnist")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per rule (engine/plain: 5x)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per rule (compiling, recompiling: >= 3)")
+    parser.add_argument("--models", default="mlp3x256,lenet")
+    parser.add_argument("--rules", default="", help="comma-separated rules (default: every built-in rule)")
+    parser.add_argument("--compile", action="store_true", help="also time each rule with compile=True")
+    args = parser.parse_args()
+
+    registry = get_registry()
+    if args.rules:
+        builtin = sorted({registry.rule(name).name for name in args.rules.split(",")})
+    else:  # the rules this package ships (not a plugin's)
+        builtin = sorted(n for n in registry.rules if registry.source("rules", n).distribution == "fa-rules")
+    # references first: their trainers also decide the batches
+    rules = sorted(builtin, key=lambda r: (r not in REFERENCE.values(), r))
+    dataset = registry.dataset(args.dataset).load(None)
+    start = time.perf_counter()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {platform.platform()}, "
+          f"{platform.processor() or platform.machine()}; {args.dataset}, medians of {args.steps} interleaved "
+          f"steps after {args.warmup} warm-up\n")
+    compiled_cols = " compiled ms/step | compiled / eager |" if args.compile else ""
+    print(f"| model | rule | task | ms/step | × reference |{compiled_cols}")
+    print("|---|---|---|---:|---:|" + ("---:|---:|" if args.compile else ""))
+    for model_name in args.models.split(","):
+        for row in rule_rows(registry, model_name, rules, dataset, args.dataset, args):
+            print(row, flush=True)
+    print("\nEngine backprop against a hand-written loop (same network, weights, Adam, batches; interleaved):\n")
+    print("| model | engine ms/step | plain ms/step | engine / plain |")
+    print("|---|---:|---:|---:|")
+    for row in engine_rows(registry, dataset, args.dataset, args):
+        print(row, flush=True)
+    print(f"\n({time.perf_counter() - start:.0f} s in all)")
+
+
+if __name__ == "__main__":
+    main()

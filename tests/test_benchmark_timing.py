@@ -1,0 +1,45 @@
+"""The benchmark's timing phase: the cells of one seed and setting step in turn on the same
+batches, and a resumed benchmark does not time a group again."""
+
+import pytest
+
+from fa_rules import benchmark as bench
+from fa_rules.benchmark import runner
+from fa_rules.benchmark.cells import plan_cells
+from fa_rules.benchmark.suite import suite_from_dict
+from fa_rules.benchmark.timing import time_group
+
+
+def _suite(**measure):
+    return suite_from_dict({"rules": ["backprop", "feedback_alignment"], "seeds": 2,
+                            "settings": {"epochs": 1, "width": 16, "batch_size": 256, "device": "cpu"},
+                            "measure": {"fid": False, **measure}})
+
+
+def test_time_group_steps_every_cell_on_the_same_batches(monkeypatch):
+    from fa_rules.core.trainer import Trainer
+
+    seen = []
+    step = Trainer.train_step
+    monkeypatch.setattr(Trainer, "train_step", lambda self, batch, share=1.0: seen.append(
+        (self.config.rule, batch.seed, batch.x.sum().item())) or step(self, batch, share))
+    cells = [c for c in plan_cells(_suite()) if c.seed == 0]
+    medians = time_group(cells, steps=2, warmup=1)
+    assert len(medians) == 2 and all(m > 0 for m in medians)
+    assert [r for r, _, _ in seen] == ["backprop", "feedback_alignment"] * 3  # in turn, step by step
+    assert all(seen[2 * k][1:] == seen[2 * k + 1][1:] for k in range(3))  # the same batch each round
+
+
+def test_the_timing_phase_fills_the_rows_once_and_can_be_turned_off(tmp_path, monkeypatch):
+    calls = []
+    group = runner.time_group
+    monkeypatch.setattr(runner, "time_group", lambda cells, steps: calls.append(len(cells)) or group(cells, 2))
+    rows = bench.run_suite(_suite(), tmp_path / "a")
+    assert calls == [2, 2]  # one group per seed
+    assert all(r["interleaved_step_time_s"] > 0 for r in rows)
+    bench.run_suite(_suite(), tmp_path / "a")  # resumed: every cell and every group done before
+    assert calls == [2, 2]
+    off = bench.run_suite(_suite(timing=False), tmp_path / "b")
+    assert calls == [2, 2] and all("interleaved_step_time_s" not in r for r in off)
+    with pytest.raises(Exception, match="timing_steps must be like 20"):
+        _suite(timing_steps=0)

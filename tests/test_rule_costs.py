@@ -1,0 +1,26 @@
+"""benchmarks/rule_costs.py prints one Markdown table: rule rows with ratios to their reference and
+engine/plain rows (a smoke run of two steps, not a timing)."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_rule_costs_prints_ratios_to_each_tasks_reference():
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "rule_costs.py"), "--steps", "1", "--warmup", "1",
+         "--models", "tiny_mlp", "--rules", "backprop,feedback_alignment,ae,dtp,feature_alignment"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = {m[1]: m for m in re.findall(r"^\| (tiny_mlp) \| (\w+) \| (\w+) \| ([\d.]+) \| ([\d.]+) \|$", result.stdout, re.M)}
+    assert set(rows) == {"backprop", "feedback_alignment", "ae", "dtp", "feature_alignment"}
+    assert rows["backprop"][4] == "1.00" and rows["ae"][4] == "1.00"  # each reference against itself
+    assert rows["feature_alignment"][2] == "reconstruct" and rows["dtp"][2] == "classify"
+    assert re.search(r"^\| tiny_mlp \(batch 8\) \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", result.stdout, re.M)
+    assert re.search(r"^\| lenet \(batch 64\) \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", result.stdout, re.M)
