@@ -174,7 +174,7 @@ def test_feedback_learning_moves_q_into_the_row_space_of_the_jacobian():
         q = torch.cat([feedback[k] for k in dfc.feedback_keys(net)], 0)
         return float(((torch.eye(15) - projector) @ q).norm() / q.norm())
 
-    x, y = torch.rand(32, 1, 4, 2), torch.arange(32) % 3
+    x = torch.rand(32, 1, 4, 2)  # the feedback phase needs inputs only (it is driven by noise)
     feedback = params["feedback"]
     before = outside(feedback)
     for step in range(120):
