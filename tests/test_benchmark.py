@@ -20,15 +20,6 @@ BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 TINY = ["--dataset", "digits", "--depth", "1", "--width", "16", "--batch-size", "128", "-q"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # tiny models on a shared 2-core machine: one intra-op thread avoids oversubscription stalls
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _nan_rule() -> Rule:
     def step(network, params, state, batch):
         updates = {"model": {k: torch.zeros_like(v) for k, v in params["model"].items()}}

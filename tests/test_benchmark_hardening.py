@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from fa_rules import benchmark as bench
 from fa_rules.core import RuleSpec, UserError
@@ -18,14 +17,6 @@ from test_benchmark import backprop_raising_once
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"epochs": 1, "depth": 1, "width": 16, "batch_size": 128}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture
