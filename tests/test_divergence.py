@@ -30,3 +30,27 @@ def test_a_loss_that_is_not_finite_is_divergence(value, tmp_path):
         trainer.run()
     assert trainer.epoch == 0 and not (tmp_path / "checkpoint.pt").exists()
 
+
+
+def _updates(*tensors):
+    return {"model": {f"w{i}": t for i, t in enumerate(tensors)}, "feedback": {"b": torch.ones(3)}}
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")], ids=["nan", "inf", "-inf"])
+@pytest.mark.parametrize("where", [("model", "w0"), ("model", "w2"), ("feedback", "b")])
+def test_a_nonfinite_update_is_found_and_named(value, where):
+    from fa_rules.core.trainer import nonfinite_update
+
+    updates = _updates(torch.ones(4, 5), torch.ones(0), torch.ones(2))
+    updates[where[0]][where[1]] = updates[where[0]][where[1]].clone()
+    updates[where[0]][where[1]].view(-1)[-1] = value
+    assert nonfinite_update(updates) == where
+
+
+def test_finite_updates_whose_sum_overflows_are_finite():
+    from fa_rules.core.trainer import nonfinite_update
+
+    # the fast check sums: 3e38 + 3e38 overflows float32, the exact check must clear it
+    assert nonfinite_update(_updates(torch.full((2,), 3e38), torch.full((3,), -3e38))) is None
+    assert nonfinite_update(_updates(torch.ones(2), torch.ones(0))) is None
+    assert nonfinite_update({}) is None

@@ -30,7 +30,7 @@ _depth = contextvars.ContextVar("fa_rules_autograd_depth", default=0)
 _force_func = contextvars.ContextVar("fa_rules_force_torch_func", default=False)
 
 
-def _plain_autograd() -> bool:
+def plain_autograd() -> bool:
     """True where plain autograd gives what torch.func would: no torch.func transform is running."""
     if _probing.get():
         return True
@@ -92,14 +92,14 @@ def _autograd_grad_and_value(f, argnums, has_aux) -> Callable:
 
 def grad_and_value(f: Callable, argnums=0, has_aux: bool = False) -> Callable:
     """Like `torch.func.grad_and_value`."""
-    if _plain_autograd():
+    if plain_autograd():
         return _autograd_grad_and_value(f, argnums, has_aux)
     return torch.func.grad_and_value(f, argnums=argnums, has_aux=has_aux)
 
 
 def grad(f: Callable, argnums=0, has_aux: bool = False) -> Callable:
     """Like `torch.func.grad`."""
-    if _plain_autograd():
+    if plain_autograd():
         gv = _autograd_grad_and_value(f, argnums, has_aux)
 
         def only_grad(*args, **kwargs):
@@ -112,7 +112,7 @@ def grad(f: Callable, argnums=0, has_aux: bool = False) -> Callable:
 
 def vjp(f: Callable, *primals, has_aux: bool = False):
     """Like `torch.func.vjp`: returns `(output, vjp_fn)` (and aux)."""
-    if not _plain_autograd():
+    if not plain_autograd():
         return torch.func.vjp(f, *primals, has_aux=has_aux)
     leaves, spec = tree_flatten(list(primals))
     leaves = [_as_input(t) for t in leaves]

@@ -53,12 +53,11 @@ from typing import Callable, Mapping
 import torch
 import torch.func
 from torch import nn
-from torch.func import functional_call
 
-from fa_rules.core.autodiff import grad_and_value, vjp
+from fa_rules.core.autodiff import grad_and_value, plain_autograd, vjp
 from fa_rules.core.errors import UserError
 from fa_rules.core.metrics import classification_loss
-from fa_rules.core.network import Block, Network, Params
+from fa_rules.core.network import Block, Network, Params, call_with
 
 AFFINE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                  nn.ConvTranspose3d)
@@ -193,6 +192,23 @@ class _FeedbackConvolution(torch.autograd.Function):
         return gx, gw, gb, None, None, None, None, None, None, None
 
 
+def _classic_form(function: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
+    """The same Function in autograd's classic form (`forward` takes `ctx`), for plain autograd:
+    `apply` on the `setup_context` form binds default arguments through `inspect` on every call
+    (about 0.1 ms, a few percent of a small step), which only `torch.func` transforms need."""
+
+    def forward(ctx, *inputs):
+        output = function.forward(*inputs)
+        function.setup_context(ctx, inputs, output)
+        return output
+
+    return type(function.__name__ + "Classic", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(function.backward)})
+
+
+_CLASSIC = {f: _classic_form(f) for f in (_FeedbackLinear, _FeedbackConvolution)}
+
+
 def _ntuple(v, n: int) -> list[int]:
     return list(v) if isinstance(v, (tuple, list)) else [int(v)] * n
 
@@ -208,20 +224,23 @@ _TRANSPOSED = {torch.conv_transpose1d: 1, torch.conv_transpose2d: 2, torch.conv_
 def _routed(func, args, kwargs, feedback: torch.Tensor):
     """`func(*args, **kwargs)` (a linear map or convolution) with its input gradient sent through `feedback`."""
     x, weight, bias = args[0], _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
+    linear, convolution = _FeedbackLinear, _FeedbackConvolution
+    if plain_autograd():
+        linear, convolution = _CLASSIC[linear], _CLASSIC[convolution]
     if func is torch.nn.functional.linear:
-        return _FeedbackLinear.apply(x, weight, bias, feedback)
+        return linear.apply(x, weight, bias, feedback)
     if func in _CONVOLUTIONS:
         n = _CONVOLUTIONS[func]
         padding = _arg(args, kwargs, 4, "padding", 0)
         if padding == "valid":
             padding = 0
         if not isinstance(padding, str):
-            return _FeedbackConvolution.apply(
+            return convolution.apply(
                 x, weight, bias, feedback, _ntuple(_arg(args, kwargs, 3, "stride", 1), n), _ntuple(padding, n),
                 _ntuple(_arg(args, kwargs, 5, "dilation", 1), n), False, [0] * n, _arg(args, kwargs, 6, "groups", 1))
     elif func in _TRANSPOSED:
         n = _TRANSPOSED[func]
-        return _FeedbackConvolution.apply(
+        return convolution.apply(
             x, weight, bias, feedback, _ntuple(_arg(args, kwargs, 3, "stride", 1), n),
             _ntuple(_arg(args, kwargs, 4, "padding", 0), n), _ntuple(_arg(args, kwargs, 7, "dilation", 1), n), True,
             _ntuple(_arg(args, kwargs, 5, "output_padding", 0), n), _arg(args, kwargs, 6, "groups", 1))
@@ -252,15 +271,15 @@ class _FeedbackRouting(torch.overrides.TorchFunctionMode):
 
 def feedback_call(module: nn.Module, params: Params, args: tuple, feedback: Mapping[str, torch.Tensor],
                   kwargs: dict | None = None):
-    """`functional_call(module, params, args, kwargs)` in which every weight named in `feedback`
+    """`call_with(module, params, args, kwargs)` in which every weight named in `feedback`
     (keys of `params`) sends its layer's input gradient through its feedback tensor, under plain
     autograd and under `torch.func` alike. No module is swapped and no hook is installed: the
     layers' own `forward` runs, and the linear maps and convolutions it calls with those weights
     are routed through autograd Functions with the true weight and bias gradients."""
     if not feedback:
-        return functional_call(module, params, args, kwargs)
+        return call_with(module, params, args, kwargs)
     with _FeedbackRouting({id(params[k]): b for k, b in feedback.items()}):
-        return functional_call(module, params, args, kwargs)
+        return call_with(module, params, args, kwargs)
 
 
 # -- one block -------------------------------------------------------------------------------------
@@ -275,8 +294,8 @@ def _reshape(block, x: torch.Tensor) -> torch.Tensor:
 
 def _nonlinearity(block, local: Params, a: torch.Tensor) -> torch.Tensor:
     """`post(activation(a))`, the part of a block after its layer."""
-    h = functional_call(block.activation, _sub(local, "activation"), (a,))
-    return functional_call(block.post, _sub(local, "post"), (h,))
+    h = call_with(block.activation, _sub(local, "activation"), (a,))
+    return call_with(block.post, _sub(local, "post"), (h,))
 
 
 def _globalize(network: Network, i: int, local_grads: Params) -> Params:
@@ -457,17 +476,17 @@ def indirect_feedback_gradients(network: Network, model_params: Params, x: torch
     for i in range(last):
         block = network.blocks[i]
         local = network.block_params(i, model_params)
-        act = lambda a, _b=block, _l=local: functional_call(_b.activation, _sub(_l, "activation"), (a,))
+        act = lambda a, _b=block, _l=local: call_with(_b.activation, _sub(_l, "activation"), (a,))
         if i == 0:
             h0, nl_fn = vjp(lambda a: _nonlinearity(block, local, a), pre[0])
             (delta,) = nl_fn(_project(e, projection, tuple(h0.shape[1:])))
         else:
             shadow = {k: v if k == "weight" else torch.zeros_like(v) for k, v in _sub(local, "layer").items()}
-            u = functional_call(block.layer, shadow, (_reshape(block, t),))
+            u = call_with(block.layer, shadow, (_reshape(block, t),))
             delta = _jvp(act, pre[i], u)
         (gp,) = layer_pullbacks[i](delta)
         grads.update(_globalize(network, i, gp))
-        post = lambda z, _b=block, _l=local: functional_call(_b.post, _sub(_l, "post"), (z,))
+        post = lambda z, _b=block, _l=local: call_with(_b.post, _sub(_l, "post"), (z,))
         t = _jvp(post, act(pre[i]), delta)
     return grads, loss
 
@@ -476,7 +495,7 @@ def indirect_feedback_gradients(network: Network, model_params: Params, x: torch
 def _layer_without_bias(block, local: Params, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """`block`'s layer with `weight` and no bias: the linear part of an affine layer."""
     layer = {k: weight if k == "weight" else torch.zeros_like(v) for k, v in _sub(local, "layer").items()}
-    return functional_call(block.layer, layer, (_reshape(block, x),))
+    return call_with(block.layer, layer, (_reshape(block, x),))
 
 
 def _layer_adjoint(block, local: Params, weight: torch.Tensor, g: torch.Tensor, in_like: torch.Tensor):
@@ -501,10 +520,10 @@ def _forward_trace(network: Network, model_params: Params, x: torch.Tensor):
         for i in range(network.num_blocks):
             block, local = network.blocks[i], network.block_params(i, model_params)
             inputs.append(h)
-            a = functional_call(block.layer, _sub(local, "layer"), (_reshape(block, h),))
-            z = functional_call(block.activation, _sub(local, "activation"), (a,))
+            a = call_with(block.layer, _sub(local, "layer"), (_reshape(block, h),))
+            z = call_with(block.activation, _sub(local, "activation"), (a,))
             acts.append(z)
-            h = functional_call(block.post, _sub(local, "post"), (z,))
+            h = call_with(block.post, _sub(local, "post"), (z,))
     return inputs, acts
 
 
@@ -527,7 +546,7 @@ def reverse_feedback_gradients(network: Network, model_params: Params, feedback:
     locals_ = [network.block_params(i, model_params) for i in range(network.num_blocks)]
     posts = []  # (vjp of post at the forward activation) per block
     for i, block in enumerate(network.blocks):
-        _, fn = vjp(lambda z, _b=block, _l=locals_[i]: functional_call(_b.post, _sub(_l, "post"), (z,)), acts[i])
+        _, fn = vjp(lambda z, _b=block, _l=locals_[i]: call_with(_b.post, _sub(_l, "post"), (z,)), acts[i])
         posts.append(fn)
     # reverse pass, from the target down to the input
     g = one_hot(y, classes, x)
@@ -542,7 +561,7 @@ def reverse_feedback_gradients(network: Network, model_params: Params, feedback:
             r = r.reshape(inputs[l].shape)
             pre[l - 1] = r
             prev = network.blocks[l - 1]
-            g = functional_call(prev.activation, _sub(locals_[l - 1], "activation"), (r,))
+            g = call_with(prev.activation, _sub(locals_[l - 1], "activation"), (r,))
     n = x.shape[0]
     loss = 0.5 * ((x_hat - x) ** 2).sum() / n
     # reverse errors, from the input back up, through the forward weights
@@ -555,9 +574,9 @@ def reverse_feedback_gradients(network: Network, model_params: Params, feedback:
         if l == last:
             break
         t = _layer_without_bias(block, locals_[l], locals_[l]["layer.weight"], d_in)
-        post = lambda z, _b=block, _l=locals_[l]: functional_call(_b.post, _sub(_l, "post"), (z,))
+        post = lambda z, _b=block, _l=locals_[l]: call_with(_b.post, _sub(_l, "post"), (z,))
         t = torch.func.jvp(post, (acts[l],), (t,))[1]
-        act = lambda a, _b=network.blocks[l], _l=locals_[l]: functional_call(_b.activation, _sub(_l, "activation"), (a,))
+        act = lambda a, _b=network.blocks[l], _l=locals_[l]: call_with(_b.activation, _sub(_l, "activation"), (a,))
         _, act_fn = vjp(act, pre[l])
         delta = act_fn(t)[0]  # elementwise activations: f'(pre) * t
     return grads, loss
@@ -581,8 +600,8 @@ def mirror_gradients(network: Network, model_params: Params, blocks, noise: Mapp
             if response == "linear":
                 r = _layer_without_bias(block, local, local["layer.weight"], xi)
             elif response == "forward":
-                a = functional_call(block.layer, _sub(local, "layer"), (xi,))
-                r = functional_call(block.activation, _sub(local, "activation"), (a,))
+                a = call_with(block.layer, _sub(local, "layer"), (xi,))
+                r = call_with(block.activation, _sub(local, "activation"), (a,))
             else:
                 raise UserError(f"unknown mirror response '{response}' (use linear or forward)")
         count = r.numel() // r.shape[1]  # examples x output positions

@@ -146,7 +146,13 @@ def nonfinite_update(updates: Groups) -> tuple[str, str] | None:
     keys = [(g, k) for g, tensors in updates.items() for k in tensors]
     if not keys:
         return None
-    finite = torch.stack([torch.isfinite(updates[g][k]).all() for g, k in keys])
+    # a sum is finite unless an entry is NaN or inf, or the sum overflows (the exact check below
+    # then clears it): one read-only reduction per tensor and one sync, where a stack of
+    # per-tensor isfinite().all() writes a mask per tensor and costs several times more
+    tensors = [updates[g][k] for g, k in keys]
+    if math.isfinite(torch.stack([t.sum() for t in tensors]).sum().item()):
+        return None
+    finite = torch.stack([torch.isfinite(t).all() for t in tensors])
     if bool(finite.all()):
         return None
     return keys[int((~finite).nonzero()[0])]
