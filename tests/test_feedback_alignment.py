@@ -343,3 +343,24 @@ def test_ifa_does_not_print_torchs_jit_script_deprecation():
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "jit.script" not in result.stderr, result.stderr
     assert result.stdout.strip() == "[1.0, 1.0, 1.0]"
+
+
+def test_ifa_carries_the_signal_through_batch_norm_and_pooling_as_torch_func_does():
+    # vgg's posts: batch norm (forward-mode AD under plain autograd) and batch norm + max pooling;
+    # the torch.func path (jvp) is the reference for both
+    import copy
+
+    from fa_rules.core.autodiff import functional_transforms
+
+    torch.manual_seed(0)
+    net = zoo.vgg((1, 8, 8), (10,), width=4)
+    rule = get_registry().rule("indirect_feedback_alignment").make()
+    params, state = rule.init(net, {"model": net.init_params()}, torch.Generator().manual_seed(1))
+    batch = Batch(torch.rand(6, 1, 8, 8), torch.randint(0, 10, (6,)))
+    plain, _, _ = rule.step(copy.deepcopy(net), params, state, batch)
+    with functional_transforms():
+        func, _, _ = rule.step(copy.deepcopy(net), params, state, batch)
+    assert plain["model"].keys() == func["model"].keys()
+    for k in plain["model"]:  # (batch norm amplifies the signal to hundreds: float32 rounding, relative)
+        assert (plain["model"][k] - func["model"][k]).norm() <= 1e-5 * func["model"][k].norm() + 1e-7, k
+    assert any(v.abs().sum() > 0 for k, v in plain["model"].items() if k.startswith("blocks.1."))

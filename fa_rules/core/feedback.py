@@ -52,6 +52,7 @@ from typing import Callable, Mapping
 
 import torch
 import torch.func
+from torch.autograd import forward_ad
 from torch import nn
 
 from fa_rules.core.autodiff import grad_and_value, plain_autograd, vjp
@@ -447,9 +448,15 @@ def _load_forward_ad() -> None:
 
 
 def _jvp(fn: Callable, primal: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
-    """The directional derivative of `fn` at `primal` along `tangent` (forward mode)."""
+    """The directional derivative of `fn` at `primal` along `tangent` (forward mode): with torch's
+    dual tensors under plain autograd (a fraction of `torch.func.jvp`'s per-call cost), with
+    `torch.func.jvp` inside a `torch.func` transform, where it composes."""
     _load_forward_ad()
-    return torch.func.jvp(fn, (primal,), (tangent,))[1]
+    if not plain_autograd():
+        return torch.func.jvp(fn, (primal,), (tangent,))[1]
+    with forward_ad.dual_level():
+        return forward_ad.unpack_dual(fn(forward_ad.make_dual(primal, tangent))).tangent
+
 
 def indirect_feedback_gradients(network: Network, model_params: Params, x: torch.Tensor, y: torch.Tensor,
                                 projection: torch.Tensor):
@@ -460,15 +467,15 @@ def indirect_feedback_gradients(network: Network, model_params: Params, x: torch
     Each hidden layer's update is `delta_a_i x_i^T`; `post` parameters (batch norm) are not trained.
     The output block receives `e`."""
     last = network.num_blocks - 1
-    inputs, pre, layer_pullbacks = [], [], []
+    pre, carries, layer_pullbacks = [], [], []
     h = x
     for i in range(last):
-        local = network.block_params(i, model_params)
+        block, local = network.blocks[i], network.block_params(i, model_params)
         a, fn = vjp(lambda p, _i=i, _x=h: network.block_apply_local(_i, p, _x, pre_activation=True), local)
-        inputs.append(h)
         pre.append(a)
         layer_pullbacks.append(fn)
-        h = _nonlinearity(network.blocks[i], local, a)
+        h, carry = _post_with_carry(block, local, call_with(block.activation, _sub(local, "activation"), (a,)))
+        carries.append(carry)
     logits, out_pullback = block_pullback(network, last, model_params, h, input_grad=False)
     e, loss = output_error(logits, y)
     grads: Params = dict(out_pullback(e)[0])
@@ -476,19 +483,35 @@ def indirect_feedback_gradients(network: Network, model_params: Params, x: torch
     for i in range(last):
         block = network.blocks[i]
         local = network.block_params(i, model_params)
-        act = lambda a, _b=block, _l=local: call_with(_b.activation, _sub(_l, "activation"), (a,))
         if i == 0:
             h0, nl_fn = vjp(lambda a: _nonlinearity(block, local, a), pre[0])
             (delta,) = nl_fn(_project(e, projection, tuple(h0.shape[1:])))
         else:
             shadow = {k: v if k == "weight" else torch.zeros_like(v) for k, v in _sub(local, "layer").items()}
-            u = call_with(block.layer, shadow, (_reshape(block, t),))
-            delta = _jvp(act, pre[i], u)
+            delta = call_with(block.layer, shadow, (_reshape(block, t),))
+            if not isinstance(block.activation, nn.Identity):  # (the identity's derivative is 1)
+                act = lambda a, _b=block, _l=local: call_with(_b.activation, _sub(_l, "activation"), (a,))
+                delta = _jvp(act, pre[i], delta)
         (gp,) = layer_pullbacks[i](delta)
         grads.update(_globalize(network, i, gp))
-        post = lambda z, _b=block, _l=local: call_with(_b.post, _sub(_l, "post"), (z,))
-        t = _jvp(post, act(pre[i]), delta)
+        t = carries[i](delta)
     return grads, loss
+
+
+def _post_with_carry(block, local: Params, z: torch.Tensor):
+    """`(post(z), carry)`, where `carry(d)` is the derivative of `post` at `z` along `d`: how a
+    signal rides forward through the block's pooling or batch norm. The identity carries `d`
+    itself, max pooling the entries of `d` at the positions its forward picked (its indices, so no
+    second pooling), anything else forward-mode AD."""
+    post = block.post
+    if isinstance(post, nn.Identity):
+        return z, lambda d: d
+    if type(post) is nn.MaxPool2d and not post.return_indices:
+        out, indices = torch.nn.functional.max_pool2d(z, post.kernel_size, post.stride, post.padding, post.dilation,
+                                                      ceil_mode=post.ceil_mode, return_indices=True)
+        return out, lambda d: d.flatten(2).gather(2, indices.flatten(2)).view_as(out)
+    fn = lambda z_: call_with(post, _sub(local, "post"), (z_,))
+    return fn(z), lambda d: _jvp(fn, z.detach(), d)
 
 
 # -- learned feedback: the reverse pass and the weight mirror -----------------------------------------
