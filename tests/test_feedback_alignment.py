@@ -345,15 +345,16 @@ def test_ifa_does_not_print_torchs_jit_script_deprecation():
     assert result.stdout.strip() == "[1.0, 1.0, 1.0]"
 
 
-def test_ifa_carries_the_signal_through_batch_norm_and_pooling_as_torch_func_does():
+@pytest.mark.parametrize("model", ["vgg", "lenet"])
+def test_ifa_carries_the_signal_through_batch_norm_and_pooling_as_torch_func_does(model):
     # vgg's posts: batch norm (forward-mode AD under plain autograd) and batch norm + max pooling;
-    # the torch.func path (jvp) is the reference for both
+    # lenet's: max pooling alone (its forward indices); the torch.func path is the reference
     import copy
 
     from fa_rules.core.autodiff import functional_transforms
 
     torch.manual_seed(0)
-    net = zoo.vgg((1, 8, 8), (10,), width=4)
+    net = zoo.vgg((1, 8, 8), (10,), width=4) if model == "vgg" else zoo.lenet((1, 8, 8), (10,))
     rule = get_registry().rule("indirect_feedback_alignment").make()
     params, state = rule.init(net, {"model": net.init_params()}, torch.Generator().manual_seed(1))
     batch = Batch(torch.rand(6, 1, 8, 8), torch.randint(0, 10, (6,)))

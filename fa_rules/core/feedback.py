@@ -467,15 +467,22 @@ def indirect_feedback_gradients(network: Network, model_params: Params, x: torch
     Each hidden layer's update is `delta_a_i x_i^T`; `post` parameters (batch norm) are not trained.
     The output block receives `e`."""
     last = network.num_blocks - 1
-    pre, carries, layer_pullbacks = [], [], []
+    pre, posts, layer_pullbacks = [], [], []
     h = x
     for i in range(last):
         block, local = network.blocks[i], network.block_params(i, model_params)
         a, fn = vjp(lambda p, _i=i, _x=h: network.block_apply_local(_i, p, _x, pre_activation=True), local)
         pre.append(a)
         layer_pullbacks.append(fn)
-        h, carry = _post_with_carry(block, local, call_with(block.activation, _sub(local, "activation"), (a,)))
-        carries.append(carry)
+        if i == 0:  # the error arrives at this block's output: keep the pullback to its pre-activation
+            h, first_pullback, (z, *indices) = vjp(lambda a_: _nonlinearity_with_aux(block, local, a_), a, has_aux=True)
+            first_shape = tuple(h.shape[1:])
+            post_inputs = (z, indices[0] if indices else None)
+        else:
+            z = call_with(block.activation, _sub(local, "activation"), (a,))
+            h, indices = _post_forward(block, local, z)
+            post_inputs = (z, indices)
+        posts.append(post_inputs)
     logits, out_pullback = block_pullback(network, last, model_params, h, input_grad=False)
     e, loss = output_error(logits, y)
     grads: Params = dict(out_pullback(e)[0])
@@ -484,8 +491,7 @@ def indirect_feedback_gradients(network: Network, model_params: Params, x: torch
         block = network.blocks[i]
         local = network.block_params(i, model_params)
         if i == 0:
-            h0, nl_fn = vjp(lambda a: _nonlinearity(block, local, a), pre[0])
-            (delta,) = nl_fn(_project(e, projection, tuple(h0.shape[1:])))
+            (delta,) = first_pullback(_project(e, projection, first_shape))
         else:
             shadow = {k: v if k == "weight" else torch.zeros_like(v) for k, v in _sub(local, "layer").items()}
             delta = call_with(block.layer, shadow, (_reshape(block, t),))
@@ -494,24 +500,38 @@ def indirect_feedback_gradients(network: Network, model_params: Params, x: torch
                 delta = _jvp(act, pre[i], delta)
         (gp,) = layer_pullbacks[i](delta)
         grads.update(_globalize(network, i, gp))
-        t = carries[i](delta)
+        t = _carry(block, local, *posts[i], delta)
     return grads, loss
 
 
-def _post_with_carry(block, local: Params, z: torch.Tensor):
-    """`(post(z), carry)`, where `carry(d)` is the derivative of `post` at `z` along `d`: how a
-    signal rides forward through the block's pooling or batch norm. The identity carries `d`
-    itself, max pooling the entries of `d` at the positions its forward picked (its indices, so no
-    second pooling), anything else forward-mode AD."""
+def _post_forward(block, local: Params, z: torch.Tensor):
+    """`(post(z), indices)`: max pooling also returns the positions it picked, anything else None."""
     post = block.post
     if isinstance(post, nn.Identity):
-        return z, lambda d: d
+        return z, None
     if type(post) is nn.MaxPool2d and not post.return_indices:
-        out, indices = torch.nn.functional.max_pool2d(z, post.kernel_size, post.stride, post.padding, post.dilation,
-                                                      ceil_mode=post.ceil_mode, return_indices=True)
-        return out, lambda d: d.flatten(2).gather(2, indices.flatten(2)).view_as(out)
-    fn = lambda z_: call_with(post, _sub(local, "post"), (z_,))
-    return fn(z), lambda d: _jvp(fn, z.detach(), d)
+        return torch.nn.functional.max_pool2d(z, post.kernel_size, post.stride, post.padding, post.dilation,
+                                              ceil_mode=post.ceil_mode, return_indices=True)
+    return call_with(post, _sub(local, "post"), (z,)), None
+
+
+def _nonlinearity_with_aux(block, local: Params, a: torch.Tensor):
+    """`(post(activation(a)), (activation(a), [indices]))`: the block after its layer, and what
+    `_carry` needs (tensors only: torch.func's auxiliary outputs take no None)."""
+    z = call_with(block.activation, _sub(local, "activation"), (a,))
+    h, indices = _post_forward(block, local, z)
+    return h, (z,) if indices is None else (z, indices)
+
+
+def _carry(block, local: Params, z: torch.Tensor, indices: torch.Tensor | None, d: torch.Tensor) -> torch.Tensor:
+    """The derivative of the block's `post` at `z` along `d`: how a signal rides forward through
+    pooling or batch norm. The identity carries `d` itself, max pooling the entries of `d` at the
+    positions its forward picked (no second pooling), anything else forward-mode AD."""
+    if isinstance(block.post, nn.Identity):
+        return d
+    if indices is not None:
+        return d.flatten(2).gather(2, indices.flatten(2)).view(indices.shape)
+    return _jvp(lambda z_: call_with(block.post, _sub(local, "post"), (z_,)), z.detach(), d)
 
 
 # -- learned feedback: the reverse pass and the weight mirror -----------------------------------------
