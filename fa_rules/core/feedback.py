@@ -142,6 +142,14 @@ def block_output_shapes(network: Network, model_params: Params) -> list[tuple[in
 
 
 # -- layer-level feedback: the weight sends nothing back, its feedback tensor does -----------------
+def _needs_input_grad(ctx) -> tuple[bool, ...]:
+    # traced by torch.compile under torch.func.grad, needs_input_grad reads False for the weight
+    # and bias (zero gradients, silently): there every gradient is computed, autograd drops the unused
+    if torch.compiler.is_compiling():
+        return (True,) * len(ctx.needs_input_grad)
+    return ctx.needs_input_grad
+
+
 class _FeedbackLinear(torch.autograd.Function):
     """`linear(x; W, b)` whose backward sends the input gradient through `B` (`g B`) and gives `W`
     and `b` their true gradients (`g^T x`, `sum g`). The feedback tensor gets no gradient."""
@@ -159,10 +167,11 @@ class _FeedbackLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x, feedback = ctx.saved_tensors
-        gx = g @ feedback if ctx.needs_input_grad[0] else None
+        needs = _needs_input_grad(ctx)
+        gx = g @ feedback if needs[0] else None
         g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
-        gw = g2.T @ x2 if ctx.needs_input_grad[1] else None
-        gb = g2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        gw = g2.T @ x2 if needs[1] else None
+        gb = g2.sum(0) if ctx.has_bias and needs[2] else None
         return gx, gw, gb, None
 
 
@@ -187,7 +196,8 @@ class _FeedbackConvolution(torch.autograd.Function):
     def backward(ctx, g):
         x, feedback = ctx.saved_tensors
         stride, padding, dilation, transposed, output_padding, groups = ctx.geometry
-        mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.bias_sizes is not None and ctx.needs_input_grad[2]]
+        needs = _needs_input_grad(ctx)
+        mask = [needs[0], needs[1], ctx.bias_sizes is not None and needs[2]]
         gx, gw, gb = torch.ops.aten.convolution_backward(g, x, feedback, ctx.bias_sizes, stride, padding, dilation,
                                                          transposed, output_padding, groups, mask)
         return gx, gw, gb, None, None, None, None, None, None, None
@@ -451,9 +461,11 @@ def _jvp(fn: Callable, primal: torch.Tensor, tangent: torch.Tensor) -> torch.Ten
     """The directional derivative of `fn` at `primal` along `tangent` (forward mode): with torch's
     dual tensors under plain autograd (a fraction of `torch.func.jvp`'s per-call cost), with
     `torch.func.jvp` inside a `torch.func` transform, where it composes."""
-    _load_forward_ad()
     if not plain_autograd():
+        if not torch.compiler.is_compiling():
+            _load_forward_ad()
         return torch.func.jvp(fn, (primal,), (tangent,))[1]
+    _load_forward_ad()
     with forward_ad.dual_level():
         return forward_ad.unpack_dual(fn(forward_ad.make_dual(primal, tangent))).tangent
 
