@@ -630,7 +630,7 @@ def reverse_feedback_gradients(network: Network, model_params: Params, feedback:
             break
         t = _layer_without_bias(block, locals_[l], locals_[l]["layer.weight"], d_in)
         post = lambda z, _b=block, _l=locals_[l]: call_with(_b.post, _sub(_l, "post"), (z,))
-        t = torch.func.jvp(post, (acts[l],), (t,))[1]
+        t = _jvp(post, acts[l], t)
         act = lambda a, _b=network.blocks[l], _l=locals_[l]: call_with(_b.activation, _sub(_l, "activation"), (a,))
         _, act_fn = vjp(act, pre[l])
         delta = act_fn(t)[0]  # elementwise activations: f'(pre) * t
