@@ -174,7 +174,7 @@ backprop = 0.5
     report = (out / "report.md").read_text()
     assert "test error % (anchor)" in report and "| 50.00 |" in report and "made up for the test" in report
     assert "broken on purpose" in report and "## Failures and notes" in report
-    assert (out / "memory_vs_width.png").stat().st_size > 1000
+    assert (out / "memory_vs_width.png").stat().st_size > 1000 and (out / "metrics_vs_width.png").stat().st_size > 1000
 
     # rerun: finished and diverged cells are skipped (their rows untouched), failed ones retried
     stamp = (out / by[("backprop", 8)]["run_dir"] / "row.json").stat().st_mtime_ns
@@ -281,3 +281,25 @@ def test_ratios_and_aggregates_follow_seed_and_every_varied_setting():
     assert fa2["ok"] == 1 and fa2["seeds"] == 2 and fa2["step_time_s"] == 5.0 and fa2["step_time_s_std"] == 0.0
     assert fa2["errors"] == ["diverged: loss nan"]
     assert bench.add_ratios(rows, None, ["epochs"])[1].get("step_time_ratio") is None
+
+
+def test_final_metrics_and_the_angle_are_plotted_against_a_varied_setting():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from fa_rules.benchmark.plots import _FINAL_METRICS, plot_against
+
+    cells = [("backprop", 8, 0.90, 0.0), ("fa", 8, 0.80, 60.0), ("backprop", 20, 0.92, 0.0), ("fa", 20, 0.78, 70.0)]
+    rows = [{"rule": r, "label": r, "seed": s, "depth": d, "status": "ok", "test_accuracy": acc + 0.01 * s,
+             "test_error": 1 - acc - 0.01 * s, "alignment_angle_deg": ang + s} for r, d, acc, ang in cells for s in (0, 1)]
+    fig = plot_against(rows, "depth", ["depth"], plt, _FINAL_METRICS, "metrics")
+    error_ax, angle_ax = fig.axes  # only the metrics the rows have: test error and the angle
+    assert error_ax.get_ylabel() == "final test error" and angle_ax.get_ylabel().startswith("angle to backprop")
+    lines = {c.get_label(): c.lines[0] for c in error_ax.containers}  # (errorbar: the data line of each)
+    assert list(lines["fa"].get_xdata()) == [8, 20]
+    assert lines["fa"].get_ydata() == pytest.approx([0.195, 0.215])  # mean over the two seeds
+    angles = {c.get_label(): c.lines[0] for c in angle_ax.containers}
+    assert angles["fa"].get_ydata() == pytest.approx([60.5, 70.5]) and list(angles["backprop"].get_ydata()) == [0.5, 0.5]
+    plt.close(fig)

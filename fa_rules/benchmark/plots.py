@@ -1,4 +1,4 @@
-"""Plots of a suite: learning curves, metric against time, memory against a varied setting."""
+"""Plots of a suite: learning curves, metric against time, metrics and memory against a varied setting."""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def _read_history(out_dir: Path, row: dict) -> list[dict]:
 
 
 def make_plots(out_dir: Path, rows: list[dict], vkeys=()) -> list[str]:
-    """Learning curves, final metric against step time, memory against each numeric varied setting."""
+    """Learning curves, final metric against step time, the final metrics (angle to backprop
+    included) and memory against each numeric varied setting."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -49,11 +50,12 @@ def make_plots(out_dir: Path, rows: list[dict], vkeys=()) -> list[str]:
     for key in vkeys:
         values = [r.get(key) for r in rows]
         if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-            fig = plot_memory_against(rows, key, vkeys, plt)
-            if fig is not None:
-                fig.savefig(out_dir / f"memory_vs_{key}.png", dpi=100)
-                plt.close(fig)
-                written.append(f"memory_vs_{key}.png")
+            for name, kinds in (("metrics", _FINAL_METRICS), ("memory", _MEMORY_METRICS)):
+                fig = plot_against(rows, key, vkeys, plt, kinds, name)
+                if fig is not None:
+                    fig.savefig(out_dir / f"{name}_vs_{key}.png", dpi=100)
+                    plt.close(fig)
+                    written.append(f"{name}_vs_{key}.png")
     return written
 
 
@@ -105,26 +107,34 @@ def plot_metric_vs_time(out_dir: Path, rows: list[dict], vkeys, plt):
     return fig
 
 
-def plot_memory_against(rows: list[dict], key: str, vkeys, plt):
-    """Peak saved-for-backward memory (and CUDA memory, on GPU) against one varied setting."""
+_FINAL_METRICS = (("test_error", "final test error", 1.0), ("test_recon_mse", "final test recon MSE", 1.0),
+                  ("fid", "FID", 1.0), ("alignment_angle_deg", "angle to backprop (degrees)", 1.0))
+_MEMORY_METRICS = (("peak_saved_bytes", "peak saved for backward (MiB)", 1024**-2),
+                   ("peak_cuda_bytes", "peak CUDA memory (MiB)", 1024**-2))
+
+
+def plot_against(rows: list[dict], key: str, vkeys, plt, kinds, name: str):
+    """Each metric of `kinds` that some row has (the final task metric and the angle to backprop,
+    or the memory), mean over seeds with the std as error bars, against one varied setting: one
+    line per rule (and other varied settings)."""
     aggs = aggregate(rows, vkeys)
-    kinds = [(m, h) for m, h in (("peak_saved_bytes", "peak saved for backward (MiB)"),
-                                 ("peak_cuda_bytes", "peak CUDA memory (MiB)")) if any(a.get(m) for a in aggs)]
+    kinds = [k for k in kinds if any(a.get(k[0]) for a in aggs)]
     if not kinds:
         return None
     others = [k for k in vkeys if k != key]
     fig, axes = plt.subplots(1, len(kinds), figsize=(5.5 * len(kinds), 3.8), squeeze=False)
-    for ax, (metric, heading) in zip(axes[0], kinds):
+    for ax, (metric, heading, scale) in zip(axes[0], kinds):
         lines: dict[str, list[tuple]] = {}
         for a in aggs:
-            if a.get(metric):
-                lines.setdefault(_series_label(a, others), []).append((a[key], a[metric] / 1024**2))
+            if a.get(metric) is not None:
+                std = a.get(metric + "_std") or 0.0
+                lines.setdefault(_series_label(a, others), []).append((a[key], a[metric] * scale, std * scale))
         for n, (label, points) in enumerate(lines.items()):
-            points.sort()  # rules that save the same bytes overlap: tell them apart by marker and line
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="os^vDP*X"[n % 8],
-                    linestyle=("-", "--", ":", "-.")[n % 4], label=label)
+            points.sort()  # rules that measure the same overlap: tell them apart by marker and line
+            ax.errorbar([p[0] for p in points], [p[1] for p in points], yerr=[p[2] for p in points],
+                        marker="os^vDP*X"[n % 8], linestyle=("-", "--", ":", "-.")[n % 4], capsize=3, label=label)
         ax.set(xlabel=key, ylabel=heading)
         ax.legend(fontsize=7)
-    fig.suptitle(f"memory against {key}")
+    fig.suptitle(f"{name} against {key}")
     fig.tight_layout()
     return fig
