@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from fa_rules import models as zoo
-from fa_rules.core import Rule, no_state_init
 from fa_rules.core.compiled import CompiledStep, updates_mismatch
 from fa_rules.core.rule import Batch
 from fa_rules.core.trainer import TrainConfig, Trainer
