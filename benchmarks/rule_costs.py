@@ -8,6 +8,7 @@ also runs with `compile=True` (the first, compiling step falls in the warm-up) a
 compiled step times; a rule that does not compile runs eager there and says so.
 
     OMP_NUM_THREADS=1 python benchmarks/rule_costs.py --steps 10 --warmup 2 [--compile]
+    python benchmarks/rule_costs.py --device cuda --compile      # on a GPU (steps synchronised)
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ MODELS = {
 REFERENCE = {"classify": "backprop", "reconstruct": "ae", "generate": "ae"}
 
 
-def make_trainer(registry, rule_name: str, model_name: str, dataset, data_name: str, compile: bool) -> Trainer | None:
+def make_trainer(registry, rule_name: str, model_name: str, dataset, data_name: str, compile: bool,
+                 device: str = "cpu") -> Trainer | None:
     """A trainer of `rule_name` on a model of MODELS, sharing `dataset`; None where the rule does
     not take that model."""
     model, model_options, batch_size = MODELS[model_name]
@@ -43,7 +45,7 @@ def make_trainer(registry, rule_name: str, model_name: str, dataset, data_name: 
     if rule_spec.models is not None and model not in rule_spec.models:
         return None
     config = TrainConfig(rule=rule_name, dataset=data_name, model=model, model_options=dict(model_options),
-                         batch_size=batch_size, device="cpu", compile=compile)
+                         batch_size=batch_size, device=device, compile=compile)
     rule = rule_spec.make()
     options = {k: v for k, v in rule_spec.model_defaults.items() if k in model_spec.options}
     options.update(model_options)
@@ -62,11 +64,16 @@ def plain_loop(trainer: Trainer):
             p.copy_(trainer.params["model"][name])
     optimizer = torch.optim.Adam(module.parameters(), lr=trainer.config.lr)
 
+    # on a GPU the clock waits for the queued kernels, as Trainer.train_step's does
+    sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
+
     def step(batch):
+        sync()
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(module(batch.x), batch.y).backward()
         optimizer.step()
+        sync()
         return time.perf_counter() - start
 
     return step
@@ -106,7 +113,7 @@ def rule_rows(registry, model_name: str, rules: list[str], dataset, data_name: s
     for name in rules:
         for compiled in (False, True) if args.compile else (False,):
             try:
-                trainer = make_trainer(registry, name, model_name, dataset, data_name, compiled)
+                trainer = make_trainer(registry, name, model_name, dataset, data_name, compiled, args.device)
             except Exception as e:
                 print(f"{model_name}: {name} not built ({type(e).__name__}: {e})", file=sys.stderr)
                 trainer = None
@@ -147,7 +154,7 @@ def rule_rows(registry, model_name: str, rules: list[str], dataset, data_name: s
 def engine_rows(registry, dataset, data_name: str, args) -> list[str]:
     rows = []
     for model_name in ("tiny_mlp", "lenet"):
-        trainer = make_trainer(registry, "backprop", model_name, dataset, data_name, False)
+        trainer = make_trainer(registry, "backprop", model_name, dataset, data_name, False, args.device)
         medians = interleave({"engine": trainer, "plain": plain_loop(trainer)}, trainer, args.steps * 5, args.warmup * 5)
         engine, plain = medians["engine"], medians["plain"]
         rows.append(f"| {model_name} (batch {MODELS[model_name][2]}) | {engine * 1e3:.3f} | {plain * 1e3:.3f} | "
@@ -163,7 +170,10 @@ def main() -> None:
     parser.add_argument("--models", default="mlp3x256,lenet")
     parser.add_argument("--rules", default="", help="comma-separated rules (default: every built-in rule)")
     parser.add_argument("--compile", action="store_true", help="also time each rule with compile=True")
+    parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: no CUDA device on this machine")
 
     registry = get_registry()
     if args.rules:
@@ -174,9 +184,10 @@ def main() -> None:
     rules = sorted(builtin, key=lambda r: (r not in REFERENCE.values(), r))
     dataset = registry.dataset(args.dataset).load(None)
     start = time.perf_counter()
+    where = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else "CPU"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {platform.platform()}, "
-          f"{platform.processor() or platform.machine()}; {args.dataset}, medians of {args.steps} interleaved "
-          f"steps after {args.warmup} warm-up\n")
+          f"{platform.processor() or platform.machine()}, {where}; {args.dataset}, medians of {args.steps} "
+          f"interleaved steps after {args.warmup} warm-up\n")
     compiled_cols = " compiled ms/step | compiled / eager |" if args.compile else ""
     print(f"| model | rule | task | ms/step | × reference |{compiled_cols}")
     print("|---|---|---|---:|---:|" + ("---:|---:|" if args.compile else ""))

@@ -24,3 +24,15 @@ def test_rule_costs_prints_ratios_to_each_tasks_reference():
     assert rows["feature_alignment"][2] == "reconstruct" and rows["dtp"][2] == "classify"
     assert re.search(r"^\| tiny_mlp \(batch 8\) \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", result.stdout, re.M)
     assert re.search(r"^\| lenet \(batch 64\) \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", result.stdout, re.M)
+
+
+def test_a_cuda_device_without_cuda_is_a_usage_error():
+    import pytest
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: --device cuda is taken, not refused")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "rule_costs.py"), "--device", "cuda"],
+                            capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 2 and "--device cuda: no CUDA device on this machine" in result.stderr
