@@ -10,8 +10,6 @@ rank 1 dies mid-run, and one that resumes it and trains every rule in turn throu
 """
 
 import json
-import os
-import shutil
 import subprocess
 
 import pytest
@@ -22,6 +20,8 @@ from fa_rules.cli.app import app
 from fa_rules.core.checkpoint import load_checkpoint
 from fa_rules.core.distributed import floating_leaves
 from fa_rules.plugins.manager import get_registry
+
+from torchrun_launch import LAUNCH, launch_env, needs_torchrun
 
 B = 32  # per process; the one-process reference uses 2 * B
 EPOCHS = 3
@@ -36,9 +36,7 @@ RULES = {
 }
 # dtp trains its decoders inside its step; it matches the one-process run because it averages each
 # decoder gradient and its batch normaliser with `average_across_processes` (see docs/distributed.md).
-TORCHRUN = shutil.which("torchrun")
 # 1 s between torchrun's health checks leaves the survivor time to report a lost peer itself
-LAUNCH = [TORCHRUN, "--nproc_per_node", "2", "--monitor-interval", "1"]
 
 # Trains each argument list in turn through the CLI app; records per run whether it raised.
 DRIVER = """
@@ -72,19 +70,12 @@ trainer.Trainer.train_step = train_step
 app(sys.argv[1:], standalone_mode=False)
 """
 
-pytestmark = pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not on PATH")
-
-
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    return env
+pytestmark = needs_torchrun
 
 
 def _launch(args, timeout=300):
     """Run torchrun; a hang fails the test through the timeout instead of blocking the suite."""
-    return subprocess.run([*LAUNCH, *args], capture_output=True, text=True, timeout=timeout, env=_env())
+    return subprocess.run([*LAUNCH, *args], capture_output=True, text=True, timeout=timeout, env=launch_env())
 
 
 def _train_args(rule, batch_size, out):

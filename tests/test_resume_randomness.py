@@ -11,8 +11,6 @@ comparison must stop the run with one line).
 """
 
 import json
-import os
-import shutil
 import subprocess
 
 import pytest
@@ -23,6 +21,8 @@ from fa_rules.core.checkpoint import load_checkpoint
 from fa_rules.core.config import TrainConfig
 from fa_rules.core.trainer import Trainer
 from fa_rules.runs import new_trainer, resume_trainer
+
+from torchrun_launch import LAUNCH, launch_env, needs_torchrun
 
 NOISY_RULES = ("dtp", "vfa", "vfa_gan")
 EPOCHS, STOP = 2, 1
@@ -72,8 +72,6 @@ def test_resume_of_a_rule_that_draws_noise_every_step_is_bit_identical(rule, tmp
 
 
 # -- under torchrun (one launch, 2 processes on the CPU) -------------------------------------------
-TORCHRUN = shutil.which("torchrun")
-LAUNCH = [TORCHRUN, "--nproc_per_node", "2", "--monitor-interval", "1"]
 B = 128  # per process; the one-process reference takes 2 * B
 
 # Runs the jobs in argv[2] (JSON) one after the other; records every step's seed and its
@@ -118,14 +116,6 @@ with open(sys.argv[1] + ".rank" + os.environ["RANK"], "w") as f:
     json.dump({"outcomes": outcomes, "records": records}, f)
 """
 
-needs_torchrun = pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not on PATH")
-
-
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(var, None)
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +130,7 @@ def launch(tmp_path_factory):
         jobs.append([f"{rule}-resumed", _config(rule, STOP, B), str(root / f"{rule}-resumed"), EPOCHS])
     jobs.append(["fork", _config("backprop", 1, B), str(root / "fork"), None])
     proc = subprocess.run([*LAUNCH, str(root / "driver.py"), str(root / "out"), json.dumps(jobs)],
-                          capture_output=True, text=True, timeout=400, env=_env())
+                          capture_output=True, text=True, timeout=400, env=launch_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     ranks = [json.loads((root / f"out.rank{r}").read_text()) for r in range(2)]
     names = [job[0] for job in jobs]
