@@ -461,11 +461,10 @@ def _jvp(fn: Callable, primal: torch.Tensor, tangent: torch.Tensor) -> torch.Ten
     """The directional derivative of `fn` at `primal` along `tangent` (forward mode): with torch's
     dual tensors under plain autograd (a fraction of `torch.func.jvp`'s per-call cost), with
     `torch.func.jvp` inside a `torch.func` transform, where it composes."""
+    if not torch.compiler.is_compiling():  # (under tracing the warm-up itself would be traced)
+        _load_forward_ad()
     if not plain_autograd():
-        if not torch.compiler.is_compiling():
-            _load_forward_ad()
         return torch.func.jvp(fn, (primal,), (tangent,))[1]
-    _load_forward_ad()
     with forward_ad.dual_level():
         return forward_ad.unpack_dual(fn(forward_ad.make_dual(primal, tangent))).tangent
 
@@ -505,8 +504,7 @@ def indirect_feedback_gradients(network: Network, model_params: Params, x: torch
         if i == 0:
             (delta,) = first_pullback(_project(e, projection, first_shape))
         else:
-            shadow = {k: v if k == "weight" else torch.zeros_like(v) for k, v in _sub(local, "layer").items()}
-            delta = call_with(block.layer, shadow, (_reshape(block, t),))
+            delta = _layer_without_bias(block, local, local["layer.weight"], t)
             if not isinstance(block.activation, nn.Identity):  # (the identity's derivative is 1)
                 act = lambda a, _b=block, _l=local: call_with(_b.activation, _sub(_l, "activation"), (a,))
                 delta = _jvp(act, pre[i], delta)
@@ -629,8 +627,7 @@ def reverse_feedback_gradients(network: Network, model_params: Params, feedback:
         if l == last:
             break
         t = _layer_without_bias(block, locals_[l], locals_[l]["layer.weight"], d_in)
-        post = lambda z, _b=block, _l=locals_[l]: call_with(_b.post, _sub(_l, "post"), (z,))
-        t = _jvp(post, acts[l], t)
+        t = _carry(block, locals_[l], acts[l], None, t)
         act = lambda a, _b=network.blocks[l], _l=locals_[l]: call_with(_b.activation, _sub(_l, "activation"), (a,))
         _, act_fn = vjp(act, pre[l])
         delta = act_fn(t)[0]  # elementwise activations: f'(pre) * t
