@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from fa_rules.core.config import TrainConfig
+from fa_rules.core.errors import error_line
 from fa_rules.core.trainer import Trainer
 from fa_rules.runs import get_registry
 
@@ -100,7 +101,7 @@ def interleave(steppers: dict[str, object], data_trainer: Trainer, steps: int, w
                 else:
                     elapsed = stepper(batch)
             except Exception as e:  # one rule's failure should not cost the whole table
-                failed[label] = f"error: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                failed[label] = f"error: {error_line(e)}"
                 continue
             if step >= warmup:
                 times[label].append(elapsed)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from fa_rules.core.checkpoint import write_json
-from fa_rules.core.errors import UserError
+from fa_rules.core.errors import UserError, error_line
 from fa_rules.core.trainer import CONFIG_FILE, Diverged
 from fa_rules.benchmark.cells import Cell, check_cells, plan_cells
 from fa_rules.benchmark.report import _machine_info, record_machine, write_outputs
@@ -21,9 +21,10 @@ from fa_rules.benchmark.timing import DEFAULT_STEPS, group_key, time_group
 from fa_rules.measures.run import measure_fid, measure_probe, time_per_sample
 
 def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    msg = text[0] if text else ""
-    return msg if isinstance(e, (UserError, Diverged)) else f"{type(e).__name__}: {msg}".rstrip(": ")
+    if isinstance(e, (UserError, Diverged)):  # messages written for the user: no type name
+        text = str(e).strip().splitlines()
+        return text[0] if text else ""
+    return error_line(e)
 
 
 def _base_row(cell: Cell, run_dir: Path, root: Path) -> dict:

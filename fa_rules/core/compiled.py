@@ -16,6 +16,7 @@ import time
 import torch
 
 from fa_rules.core.autodiff import functional_transforms
+from fa_rules.core.errors import error_line
 from fa_rules.core.rule import Batch, Groups, StepFn
 
 # compiled against eager updates: float reassociation in fused kernels, far below any rule error
@@ -60,8 +61,7 @@ class CompiledStep:
             eager = self.eager_step(network, params, state, batch)
             reason = updates_mismatch(out[0], eager[0])
         except Exception as e:  # whatever the compiler raises, the rule still trains eager
-            lines = str(e).strip().splitlines()
-            reason = f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+            reason = error_line(e)
         self.compile_time_s = time.perf_counter() - start
         self.compiled = reason is None
         if reason is not None:

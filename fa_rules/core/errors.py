@@ -21,3 +21,10 @@ def unknown_name_error(kind: str, name: str, known: list[str]) -> UserError:
 
 class RuleError(UserError):
     """A rule broke its contract (a plugin's bug, not the engine's): one line naming the rule."""
+
+
+def error_line(e: BaseException) -> str:
+    """`Type: first line of the message` (just the type when there is no message): an exception
+    as one line for a warning, a note or a failed row."""
+    lines = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {lines[0] if lines else ''}".rstrip(": ")
