@@ -86,6 +86,14 @@ def _trainer(config, rule, build_network, dataset, out_dir, progress: bool) -> T
     return trainer
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path` itself or its nearest ancestor that exists: where creating `path` starts."""
+    path = Path(path)
+    while not path.exists():
+        path = path.parent
+    return path
+
+
 def check_out_dir(out_dir: Path) -> None:
     """Before any work: `out_dir` can become a new run directory (cheap checks; creating it is the
     last step of `new_trainer`, so a run that fails a check leaves nothing behind)."""
@@ -94,9 +102,7 @@ def check_out_dir(out_dir: Path) -> None:
         raise UserError(f"--out {out_dir} is a file, not a directory; pick a new --out")
     if (out_dir / CHECKPOINT_FILE).exists() or (out_dir / CONFIG_FILE).exists():
         raise UserError(f"{out_dir} already holds a run; continue it with --resume {out_dir} or pick a new --out")
-    parent = out_dir
-    while not parent.exists():  # the nearest folder that exists must take new entries
-        parent = parent.parent
+    parent = nearest_existing(out_dir)  # it must take new entries
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise UserError(f"cannot create run directory {out_dir}: {parent} is not a writable directory")
 

@@ -36,9 +36,9 @@ def check_out_file(path: Path | None) -> None:
         return
     if path.is_dir():
         raise UserError(f"--out {path} is a directory; name an image file, e.g. {path / 'grid.png'}")
-    parent = path.parent
-    while not parent.exists():  # the nearest folder that exists must take new entries
-        parent = parent.parent
+    from fa_rules.runs import nearest_existing
+
+    parent = nearest_existing(path.parent)  # it must take new entries
     if not parent.is_dir():
         raise UserError(f"cannot write {path}: {parent} is a file, not a directory")
 
