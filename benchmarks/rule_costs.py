@@ -16,15 +16,14 @@ from __future__ import annotations
 import argparse
 import copy
 import platform
-import statistics
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
+from fa_rules.benchmark.timing import batch_index, interleave, trainer_stepper
 from fa_rules.core.config import TrainConfig
-from fa_rules.core.errors import error_line
 from fa_rules.core.trainer import Trainer
 from fa_rules.runs import get_registry
 
@@ -56,9 +55,10 @@ def make_trainer(registry, rule_name: str, model_name: str, dataset, data_name: 
                    dataset, out_dir="/dev/null", progress=False)
 
 
-def plain_loop(trainer: Trainer):
+def plain_loop(trainer: Trainer, order: torch.Tensor):
     """A hand-written loop: the trainer's network as an ordinary nn.Module, the same initial
-    weights, Adam, cross-entropy; returns a function timing one step."""
+    weights, Adam, cross-entropy; returns a stepper (`interleave`) timing one step on the batch of
+    `order` that the trainer would get."""
     module = copy.deepcopy(trainer.network)
     with torch.no_grad():
         for name, p in module.named_parameters():
@@ -68,7 +68,9 @@ def plain_loop(trainer: Trainer):
     # on a GPU the clock waits for the queued kernels, as Trainer.train_step's does
     sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
 
-    def step(batch):
+    def step(step_number: int) -> float:
+        index = batch_index(order, step_number, trainer.config.batch_size).to(trainer.device)
+        batch = trainer.make_batch(index, step_number)
         sync()
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
@@ -80,32 +82,10 @@ def plain_loop(trainer: Trainer):
     return step
 
 
-def interleave(steppers: dict[str, object], data_trainer: Trainer, steps: int, warmup: int) -> dict[str, float | str]:
-    """Median step time per label; each stepper is a Trainer or a function of a batch. A stepper
-    that raises is dropped, its entry the error's first line."""
-    n = data_trainer.data.train_x.shape[0]
-    batch_size = data_trainer.config.batch_size
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
-    times: dict[str, list[float]] = {label: [] for label in steppers}
-    failed: dict[str, str] = {}
-    for step in range(warmup + steps):
-        index = order[(step * batch_size) % (n - batch_size):][:batch_size]
-        batch = data_trainer.make_batch(index, step)
-        for label, stepper in steppers.items():
-            if label in failed:
-                continue
-            try:
-                if isinstance(stepper, Trainer):
-                    stepper.train_step(batch)
-                    elapsed = stepper.step_times[-1]
-                else:
-                    elapsed = stepper(batch)
-            except Exception as e:  # one rule's failure should not cost the whole table
-                failed[label] = f"error: {error_line(e)}"
-                continue
-            if step >= warmup:
-                times[label].append(elapsed)
-    return {label: failed.get(label) or statistics.median(times[label]) for label in steppers}
+def shared_order(trainer: Trainer) -> torch.Tensor:
+    """One fixed random order of the training examples, shared by every stepper of a table."""
+    n = trainer.data.train_x.shape[0]
+    return torch.randperm(n, generator=torch.Generator().manual_seed(0))
 
 
 def rule_rows(registry, model_name: str, rules: list[str], dataset, data_name: str, args) -> list[str]:
@@ -124,7 +104,8 @@ def rule_rows(registry, model_name: str, rules: list[str], dataset, data_name: s
             trainers[name + (" compiled" if compiled else "")] = trainer
     if not trainers:
         return []
-    medians = interleave(trainers, next(iter(trainers.values())), args.steps, args.warmup)
+    order = shared_order(next(iter(trainers.values())))
+    medians = interleave({label: trainer_stepper(t, order) for label, t in trainers.items()}, args.steps, args.warmup)
     rows = []
     for name in rules:
         if name not in trainers:
@@ -156,7 +137,9 @@ def engine_rows(registry, dataset, data_name: str, args) -> list[str]:
     rows = []
     for model_name in ("tiny_mlp", "lenet"):
         trainer = make_trainer(registry, "backprop", model_name, dataset, data_name, False, args.device)
-        medians = interleave({"engine": trainer, "plain": plain_loop(trainer)}, trainer, args.steps * 5, args.warmup * 5)
+        order = shared_order(trainer)
+        medians = interleave({"engine": trainer_stepper(trainer, order), "plain": plain_loop(trainer, order)},
+                             args.steps * 5, args.warmup * 5)
         engine, plain = medians["engine"], medians["plain"]
         rows.append(f"| {model_name} (batch {MODELS[model_name][2]}) | {engine * 1e3:.3f} | {plain * 1e3:.3f} | "
                     f"{engine / plain:.2f} |")

@@ -43,3 +43,23 @@ def test_the_timing_phase_fills_the_rows_once_and_can_be_turned_off(tmp_path, mo
     assert calls == [2, 2] and all("interleaved_step_time_s" not in r for r in off)
     with pytest.raises(Exception, match="timing_steps must be like 20"):
         _suite(timing_steps=0)
+
+
+def test_interleave_takes_steps_in_turn_and_drops_a_failing_stepper():
+    from fa_rules.benchmark.timing import interleave
+
+    calls = []
+
+    def stepper(label, seconds, fail_at=None):
+        def step(n):
+            calls.append((label, n))
+            if n == fail_at:
+                raise ValueError("bad shape\nsecond line")
+            return seconds + n
+        return step
+
+    medians = interleave({"a": stepper("a", 1.0), "b": stepper("b", 5.0, fail_at=2)}, steps=3, warmup=1)
+    assert calls[:4] == [("a", 0), ("b", 0), ("a", 1), ("b", 1)]  # in turn, step after step
+    assert medians["a"] == 3.0  # warm-up step 0 dropped: median of 2, 3, 4
+    assert medians["b"] == "error: ValueError: bad shape"
+    assert ("b", 3) not in calls

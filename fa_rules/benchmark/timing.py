@@ -11,10 +11,15 @@ from __future__ import annotations
 
 import copy
 import statistics
+from collections.abc import Callable, Mapping
+from typing import TypeVar
 
 import torch
 
 from fa_rules.benchmark.cells import Cell
+from fa_rules.core.errors import error_line
+
+K = TypeVar("K")
 
 DEFAULT_STEPS, WARMUP = 20, 3
 
@@ -23,38 +28,59 @@ def group_key(cell: Cell) -> tuple:
     return (cell.seed, *(repr(v) for v in cell.point.values()))
 
 
+def interleave(steppers: Mapping[K, Callable[[int], float]], steps: int, warmup: int) -> dict[K, float | str]:
+    """Median seconds per step of each stepper, all stepping in turn, step after step (so every one
+    sees the same machine state). A stepper takes the step number and returns its step's seconds;
+    one that raises is dropped, its entry `"error: Type: first line"`."""
+    times: dict[K, list[float]] = {key: [] for key in steppers}
+    failed: dict[K, str] = {}
+    for step in range(warmup + steps):
+        for key, stepper in steppers.items():
+            if key in failed:
+                continue
+            try:
+                elapsed = stepper(step)
+            except Exception as e:  # one rule's failure should not cost the others their times
+                failed[key] = f"error: {error_line(e)}"
+                continue
+            if step >= warmup:
+                times[key].append(elapsed)
+    return {key: failed.get(key) or statistics.median(times[key]) for key in steppers}
+
+
+def batch_index(order: torch.Tensor, step: int, batch_size: int) -> torch.Tensor:
+    """The example indices of `step`: consecutive slices of a fixed random `order`, wrapping around."""
+    n = order.shape[0]
+    return order[(step * batch_size) % max(n - batch_size, 1):][:batch_size]
+
+
+def trainer_stepper(trainer, order: torch.Tensor) -> Callable[[int], float]:
+    """A stepper (see `interleave`) taking `Trainer.train_step` on the batch of `order` for each step."""
+    def step(step_number: int) -> float:
+        index = batch_index(order, step_number, trainer.config.batch_size).to(trainer.device)
+        trainer.train_step(trainer.make_batch(index, step_number))
+        return trainer.step_times[-1]
+
+    return step
+
+
 def time_group(cells: list[Cell], steps: int = DEFAULT_STEPS, warmup: int = WARMUP) -> list[float | None]:
     """Median `Trainer.train_step` seconds of each cell, all stepping in turn on the same batches
     (those of the first cell's data); None for a cell that cannot be built or fails a step."""
     from fa_rules.core.trainer import Trainer
     from fa_rules.runs import resolve
 
-    trainers: list[Trainer | None] = []
-    for cell in cells:
+    trainers: dict[int, Trainer] = {}
+    for i, cell in enumerate(cells):
         try:
             config = copy.deepcopy(cell.config)
             rule, dataset, build_network = resolve(config)
-            trainers.append(Trainer(config, rule, build_network, dataset, out_dir="/dev/null", progress=False))
+            trainers[i] = Trainer(config, rule, build_network, dataset, out_dir="/dev/null", progress=False)
         except Exception:  # the cell's own row already says why it failed
-            trainers.append(None)
-    first = next((t for t in trainers if t is not None), None)
-    if first is None:
+            pass
+    if not trainers:
         return [None] * len(cells)
-    n = first.data.train_x.shape[0]
+    n = next(iter(trainers.values())).data.train_x.shape[0]
     order = torch.randperm(n, generator=torch.Generator().manual_seed(cells[0].seed))
-    times: list[list[float]] = [[] for _ in cells]
-    for step in range(warmup + steps):
-        for i, trainer in enumerate(trainers):
-            if trainer is None:
-                continue
-            size = trainer.config.batch_size
-            index = order[(step * size) % max(n - size, 1):][:size]
-            try:
-                trainer.train_step(trainer.make_batch(index.to(trainer.device), step))
-            except Exception:
-                trainers[i] = None
-                times[i] = []
-                continue
-            if step >= warmup:
-                times[i].append(trainer.step_times[-1])
-    return [statistics.median(t) if t and trainers[i] is not None else None for i, t in enumerate(times)]
+    medians = interleave({i: trainer_stepper(t, order) for i, t in trainers.items()}, steps, warmup)
+    return [m if isinstance(m := medians.get(i), float) else None for i in range(len(cells))]
