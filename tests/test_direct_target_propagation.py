@@ -135,8 +135,8 @@ def test_decoder_order_after_uses_the_previous_decoders_for_the_targets():
     net = _chain([5, 7, 6, 4], [nn.Tanh(), nn.Tanh(), nn.Identity()], seed=7)
     x, y = torch.randn(8, 5), torch.arange(8) % 4
     batch = Batch(x, y, seed=2)
-    before = get_registry().rule("dtp").make(decoder_order="before")
-    after = get_registry().rule("dtp").make(decoder_order="after")
+    before = get_registry().rule("dtp").make(decoder_order="before", first_target="output")
+    after = get_registry().rule("dtp").make(decoder_order="after", first_target="output")
     params, state = before.init(net, {"model": net.init_params()}, torch.Generator().manual_seed(0))
     up_before, st_before, _ = before.step(net, params, state, batch)
     up_after, st_after, _ = after.step(net, params, state, batch)
