@@ -21,8 +21,9 @@ def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
     fig, axes = plt.subplots(1, 2 if metric else 1, figsize=(9 if metric else 4.5, 3.4), squeeze=False)
     axes[0, 0].plot(epochs, [r.get("train_loss") for r in history], marker="o")
     axes[0, 0].set(xlabel="epoch", ylabel="train loss")
-    if metric:
-        axes[0, 1].plot(epochs, [r.get(metric) for r in history], marker="o", color="tab:orange")
+    if metric:  # only the evaluated epochs (`eval_every`)
+        evaluated = [r for r in history if r.get(metric) is not None]
+        axes[0, 1].plot([r["epoch"] for r in evaluated], [r[metric] for r in evaluated], marker="o", color="tab:orange")
         axes[0, 1].set(xlabel="epoch", ylabel=metric.replace("_", " "))
     fig.suptitle(title)
     fig.tight_layout()

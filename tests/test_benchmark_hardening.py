@@ -143,6 +143,7 @@ def test_cli_unknown_rule_is_one_line_exit_2_and_no_directory(tmp_path):
     ('[settings]\noptimizer = "adamw"', "optimizer must be adam or sgd, got 'adamw'"),
     ('[vary]\nbatch_size = [1, 0]', "seed 0 batch_size=0: batch_size must be an integer >= 1"),
     ('[[rules]]\nname = "vae"\nlatent_dim = "big"', "latent_dim must be an integer >= 1, got 'big'"),
+    ('[[rules]]\nname = "gan"\neval_every = 0', "eval_every must be an integer >= 1, got 0"),
     ('[[rules]]\nname = "dtp"\noptions = { noise = nan }', "rule_options.noise must be true/false, a finite number or a string, got nan"),
 ])
 def test_untrusted_suites_are_refused_in_one_line_before_any_allocation(tmp_path, text, message):
@@ -246,3 +247,31 @@ def test_suite_path_that_is_a_directory_or_missing_says_which(tmp_path):
         bench.load_suite(tmp_path)
     with pytest.raises(UserError, match=f"^suite file {tmp_path / 'nope.toml'} does not exist$"):
         bench.load_suite(tmp_path / "nope.toml")
+
+
+def test_a_stored_cell_must_match_in_what_it_trains_not_in_where_data_lives_or_how_often_it_is_tested(tmp_path):
+    from fa_rules.benchmark.runner import check_cell_dir
+
+    def cell_with(settings):
+        path = tmp_path / "suite.toml"
+        path.write_text('rules = ["backprop"]\n[settings]\nepochs = 4\n' + settings)
+        return bench.plan_cells(bench.load_suite(path))[0]
+
+    cell = cell_with("eval_every = 2\n")
+    path = tmp_path / "per_rule.toml"  # a rule's own eval_every (a GAN's evaluation is costly)
+    path.write_text('rules = ["backprop", { name = "readout_only", eval_every = 3 }]\n')
+    assert [c.config.eval_every for c in bench.plan_cells(bench.load_suite(path))] == [1, 3]
+    run_dir = tmp_path / "cell"
+    run_dir.mkdir()
+    stored = cell.config.to_dict()
+    for key in ("eval_every", "divergence_factor"):  # written before these settings existed
+        stored.pop(key)
+    stored["data_dir"] = "/elsewhere"
+    (run_dir / "cell.json").write_text(json.dumps(stored))
+    check_cell_dir(run_dir, cell)  # eval_every 1 (the default) against 2, and data_dir: both fine
+    with pytest.raises(UserError, match="was run with divergence_factor=1000.0, this suite asks for 50.0"):
+        check_cell_dir(run_dir, cell_with("divergence_factor = 50.0\n"))  # a missing key is its default
+    stored["lr"] = 0.5
+    (run_dir / "cell.json").write_text(json.dumps(stored))
+    with pytest.raises(UserError, match="was run with lr=0.5, this suite asks for 0.001"):
+        check_cell_dir(run_dir, cell)

@@ -111,6 +111,7 @@ def test_user_mistakes_are_one_line_with_exit_code_2(tmp_path, monkeypatch, caps
         (["train", "--resume", str(tmp_path / "missing")], "does not exist"),
         (["train", "--opt", "nonsense=1"], "has no option nonsense"),
         (["train", "--lr-schedule", "linear", "--epochs", "1"], "--lr-schedule must be constant or cosine"),
+        (["train", "--eval-every", "0", "--epochs", "1"], "--eval-every must be an integer >= 1, got 0"),
         (["train", "--group-lr", "feedback=0.1", "--epochs", "1"], "--group-lr names group"),
         (["train", "--device", "cuda:7" if not torch.cuda.is_available() else "tpu"], "device"),
     ]
@@ -192,3 +193,23 @@ def test_cosine_schedule_ends_near_zero_and_resumes_after_an_interruption_bit_id
     assert load_checkpoint(b / "checkpoint.pt")["epoch"] == 1
     invoke("train", "--resume", str(b), "-q")
     _assert_identical(a, b)
+
+
+def test_eval_every_skips_test_evaluations_without_changing_what_is_trained(tmp_path):
+    # vae: its evaluation runs the rule's reconstruction (random, from its own generator), so a
+    # skipped evaluation that touched the training's randomness would show in the parameters
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ("train", "--rule", "vae", "--dataset", "digits", "--latent-dim", "8", "--epochs", "4", *SMALL)
+    invoke(*common, "--out", str(a))
+    invoke(*common, "--out", str(b), "--eval-every", "3")
+    pa, ha = _final(a)
+    pb, hb = _final(b)
+    for group in pa:
+        for key in pa[group]:
+            assert torch.equal(pa[group][key], pb[group][key]), key
+    assert [("test_recon_mse" in r) for r in hb] == [False, False, True, True]  # epoch 3, and the last
+    assert hb[3]["test_recon_mse"] == ha[3]["test_recon_mse"]
+    assert [r["train_loss"] for r in ha] == [r["train_loss"] for r in hb]
+    summary = json.loads((b / "summary.json").read_text())
+    assert summary["test_recon_mse"] == hb[3]["test_recon_mse"]
+    assert (b / "curves.png").stat().st_size > 1000

@@ -41,8 +41,8 @@ Suite format (every key but `rules` is optional):
     epochs = 1
 
 A rule table may hold `name`, `label` (unique; default the name), `options` (rule options) and
-the per-rule settings `model`, `model_options`, `group_lr` (groups the rule owns, never `model`) and
-`latent_dim`; the report lists such overrides. Optimiser settings of the model are never per rule.
+the per-rule settings `model`, `model_options`, `group_lr` (groups the rule owns, never `model`),
+`latent_dim` and `eval_every`; the report lists such overrides. Optimiser settings of the model are never per rule.
 
 Outputs in DIR, rewritten atomically after every cell: `results.json` (a list of rows, one per
 rule and seed and varied setting), `results.csv`, `report.md`; the plots at the end (and on

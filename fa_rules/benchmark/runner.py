@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable
 
 from fa_rules.core.checkpoint import write_json
+from fa_rules.core.config import TrainConfig
 from fa_rules.core.errors import UserError, error_line
 from fa_rules.core.trainer import CONFIG_FILE, Diverged
 from fa_rules.benchmark.cells import Cell, check_cells, plan_cells
@@ -129,16 +130,23 @@ def _read_json(path: Path):
         return None
 
 
+# where the data lives and how often the test set is evaluated do not change what a cell trains
+_NOT_TRAINED = ("data_dir", "eval_every")
+
+
 def check_cell_dir(run_dir: Path, cell: Cell) -> None:
-    """A cell directory from an earlier run must hold this cell's settings (else a one-line error)."""
+    """A cell directory from an earlier run must hold this cell's settings (else a one-line error).
+    A setting missing from the stored cell (written before the setting existed) is its default."""
     stored = _read_json(run_dir / CELL_FILE)
     if not isinstance(stored, dict):  # none yet, or damaged: rewritten before the cell runs again
         return
     wanted = cell.config.to_dict()
+    defaults = TrainConfig().to_dict()
     for k in sorted(set(stored) | set(wanted)):
-        if k != "data_dir" and stored.get(k) != wanted.get(k):
+        ran = stored.get(k, defaults.get(k))
+        if k not in _NOT_TRAINED and ran != wanted.get(k):
             raise UserError(
-                f"{run_dir} was run with {k}={stored.get(k)!r}, this suite asks for {wanted.get(k)!r}; "
+                f"{run_dir} was run with {k}={ran!r}, this suite asks for {wanted.get(k)!r}; "
                 f"use another --out (or delete {run_dir})")
 
 

@@ -21,7 +21,7 @@ MAX_CELLS = 10_000
 
 # TrainConfig fields a suite may set in [settings] (rule and seed come from the suite itself)
 _SETTING_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"rule", "seed", "rule_options"}
-_PER_RULE_KEYS = {"name", "label", "options", "model", "model_options", "group_lr", "latent_dim"}
+_PER_RULE_KEYS = {"name", "label", "options", "model", "model_options", "group_lr", "latent_dim", "eval_every"}
 _TOP_KEYS = {"name", "description", "rules", "seeds", "reference", "settings", "vary", "measure", "anchors", "quick"}
 _QUICK_KEYS = {"rules", "seeds", "settings", "vary", "measure", "description"}
 MEASURE_DEFAULTS = {"probe": False, "fid": True, "fid_samples": 10000, "sample_batch": 1, "sample_repeats": 20,
@@ -52,7 +52,7 @@ class RuleEntry:
     name: str
     label: str
     options: dict = field(default_factory=dict)
-    overrides: dict = field(default_factory=dict)  # model, model_options, group_lr, latent_dim
+    overrides: dict = field(default_factory=dict)  # model, model_options, group_lr, latent_dim, eval_every
 
 
 @dataclass
@@ -163,7 +163,7 @@ def _rule_entries(value, where: str) -> list[RuleEntry]:
                 raise _err(where, f"rule '{label}': '{key}' must be a table")
         if "model" in item.get("group_lr", {}):
             raise _err(where, f"rule '{label}': group_lr may not set the 'model' group (shared by every rule)")
-        overrides = {k: item[k] for k in ("model", "model_options", "group_lr", "latent_dim") if k in item}
+        overrides = {k: item[k] for k in ("model", "model_options", "group_lr", "latent_dim", "eval_every") if k in item}
         entries.append(RuleEntry(item["name"], label, dict(item.get("options", {})), overrides))
     labels = [e.label for e in entries]
     dup = sorted({lab for lab in labels if labels.count(lab) > 1})

@@ -41,6 +41,9 @@ def train(
     resume: Optional[Path] = typer.Option(None, help="Continue the run in this directory."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
     fid: int = typer.Option(0, "--fid", help="Generative rules: FID of N samples vs N test images at the end (0: none)."),
+    eval_every: int = typer.Option(
+        1, help="Evaluate on the test set every N epochs and after the last (test metrics of the others are absent)."
+    ),
     divergence_factor: float = typer.Option(
         1000.0, help="Stop as diverged when an epoch's mean training loss exceeds this factor times the first's (0: off)."
     ),
@@ -80,7 +83,8 @@ def train(
             latent_dim=latent_dim, epochs=20 if epochs is None else epochs, batch_size=batch_size, lr=lr,
             group_lr={k: parse_value(v, 0.0, f"--group-lr {k}") for k, v in parse_pairs(group_lr, "--group-lr").items()},
             optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, lr_schedule=lr_schedule, seed=seed,
-            device=device, data_dir=data_dir, divergence_factor=divergence_factor, compile=compile,
+            device=device, data_dir=data_dir, eval_every=eval_every, divergence_factor=divergence_factor,
+            compile=compile,
         )
         check_config(config)  # before any work, each field named by its flag
         trainer = new_trainer(config, out_dir, progress=not quiet, check=check)

@@ -37,6 +37,9 @@ class TrainConfig:
     device: str = "auto"
     data_dir: str | None = None
     eval_batch_size: int = 1000
+    # Evaluate on the test set after every this many epochs (and always after the last): a
+    # generative rule's evaluation can cost more than its epoch (a GAN inverts every test image)
+    eval_every: int = 1
     # The run counts as diverged when an epoch's mean training loss exceeds this factor times the
     # first epoch's (a non-finite loss always does); 0 turns this check off.
     divergence_factor: float = 1000.0
@@ -108,6 +111,7 @@ _FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "epochs": ("an integer >= 0", lambda v: _is_int(v) and v >= 0),
     "batch_size": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
     "eval_batch_size": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
+    "eval_every": ("an integer >= 1", lambda v: _is_int(v) and v >= 1),
     "lr": ("a finite number > 0", lambda v: _is_number(v) and v > 0),
     "optimizer": (" or ".join(OPTIMIZERS), lambda v: isinstance(v, str) and v in OPTIMIZERS),
     "momentum": ("a number in [0, 1)", lambda v: _is_number(v) and 0 <= v < 1),

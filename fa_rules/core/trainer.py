@@ -524,7 +524,8 @@ class Trainer:
                 self.epoch += 1
                 record = {"epoch": self.epoch, "train_loss": mean_loss}
                 record.update({f"train_{name}": statistics.fmean(v) for name, v in others.items()})
-                record.update(self.evaluate())
+                if self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs:
+                    record.update(self.evaluate())
                 record["epoch_time_s"] = time.perf_counter() - epoch_start
                 self.history.append(record)
                 if self.device.type == "cuda":
