@@ -1,6 +1,8 @@
 """Median step time and peak saved bytes per rule against backprop: LeNet, a Fashion-MNIST batch of 64,
 one torch thread. Usage: OMP_NUM_THREADS=1 python benchmarks/feedback_step_memory.py relu|tanh"""
-import statistics, time, json, sys
+import statistics
+import sys
+import time
 import torch
 torch.set_num_threads(1)
 from fa_rules.plugins.manager import get_registry

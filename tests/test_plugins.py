@@ -7,7 +7,7 @@ import pytest
 from typer.testing import CliRunner
 
 from fa_rules.cli.app import app
-from fa_rules.core import RuleSpec, UserError, hookimpl
+from fa_rules.core import RuleSpec, hookimpl
 from fa_rules.plugins import manager
 from fa_rules.rules.backprop import backprop
 
