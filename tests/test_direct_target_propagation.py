@@ -183,3 +183,20 @@ def test_cli_trains_on_digits(tmp_path, rule, metric, bound):
     assert summary["test_accuracy"] >= 0.85
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows[-1][metric]) == 2 and all(0 <= e < bound for e in rows[-1][metric])
+
+
+def test_dtp_default_on_one_hidden_block_is_backprop_up_to_scale_with_no_decoder():
+    # Lee et al.'s first target is the exact gradient step on the only hidden block: nothing is
+    # left for a decoder, and every block's update points along the loss gradient
+    from fa_rules.core.metrics import angle_deg, backprop_gradient
+
+    net = _chain([5, 7, 4], [nn.Tanh(), nn.Identity()], seed=3)
+    batch = Batch(torch.randn(16, 5), torch.arange(16) % 4, seed=1)
+    rule = get_registry().rule("dtp").make()
+    params, state = rule.init(net, {"model": net.init_params()}, torch.Generator().manual_seed(0))
+    assert state["feedback"] == {}
+    updates, new_state, _ = rule.step(net, params, state, batch)
+    assert new_state["feedback"] == {}
+    exact = backprop_gradient(net, params["model"], batch)
+    for key, g in exact.items():
+        assert angle_deg(updates["model"][key], g) < 1e-2, key

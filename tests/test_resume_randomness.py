@@ -30,8 +30,11 @@ MODEL = {"width": 16, "depth": 1}
 
 
 def _config(rule: str, epochs: int, batch_size: int) -> dict:
+    # dtp's first target on the logits: with one hidden block, Lee et al.'s (the default) leaves
+    # no decoder to train, so no noise to draw
+    options = {"first_target": "output"} if rule == "dtp" else {}
     return dict(rule=rule, dataset="digits", epochs=epochs, batch_size=batch_size, device="cpu",
-                model_options=dict(MODEL), latent_dim=4, seed=3)
+                model_options=dict(MODEL), rule_options=options, latent_dim=4, seed=3)
 
 
 def _train_straight_and_resumed(root, rule, batch_size):

@@ -273,6 +273,8 @@ def train_feedback(network, model, feedback, values, s: Settings, generator):
     decs = decoders(network, s.space)
     autoencoder = s.feedback_objective == "autoencoder"
     blocks = decoder_blocks(network, s)
+    if not blocks:  # one hidden block with the first target on it: nothing to train
+        return {}
     params = {str(i): feedback[str(i)] for i in blocks}
     if s.feedback_objective == "ldrl":
         return _train_ldrl(network, model, params, values, s, blocks, decs, generator)
