@@ -1,0 +1,68 @@
+"""The floor of eager feedback alignment's cost: a hand-written PyTorch loop whose linear layers
+run through the engine's feedback `autograd.Function` (`fa_rules.core.feedback`, the form used
+under plain autograd), against the same loop with `F.linear`. No engine, no rule: the ratio is
+what routing the input gradient through `B` in a Python `Function` costs by itself, so the engine's
+`feedback_alignment` / `backprop` ratio (`rule_costs.py`) cannot go below it in eager mode.
+
+    OMP_NUM_THREADS=1 python benchmarks/feedback_function_floor.py [--width 256 --depth 3 --batch 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fa_rules.core.feedback import _CLASSIC, _FeedbackLinear
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--depth", type=int, default=3)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=200, help="timed steps per loop and round")
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+
+    feedback_linear = _CLASSIC[_FeedbackLinear]
+    generator = torch.Generator().manual_seed(0)
+    dims = [784, *[args.width] * args.depth, 10]
+    weights = [nn.Parameter(torch.randn(o, i, generator=generator) / i**0.5) for i, o in zip(dims, dims[1:])]
+    biases = [nn.Parameter(torch.zeros(o)) for o in dims[1:]]
+    feedback = [torch.randn(w.shape, generator=generator) / w.shape[1] ** 0.5 for w in weights]
+    optimizer = torch.optim.Adam(weights + biases, lr=1e-3)
+    x = torch.rand(args.batch, 784, generator=generator)
+    y = torch.randint(0, 10, (args.batch,), generator=generator)
+
+    def step(routed: bool) -> float:
+        start = time.perf_counter()
+        optimizer.zero_grad(set_to_none=True)
+        h = x
+        for k, (w, b, fb) in enumerate(zip(weights, biases, feedback)):
+            h = feedback_linear.apply(h, w, b, fb) if routed else F.linear(h, w, b)
+            if k < len(weights) - 1:
+                h = torch.tanh(h)
+        F.cross_entropy(h, y).backward()
+        optimizer.step()
+        return time.perf_counter() - start
+
+    for _ in range(20):  # warm-up, both loops
+        step(False), step(True)
+    print(f"MLP {'x'.join(map(str, dims))}, batch {args.batch}, {torch.get_num_threads()} thread(s); "
+          f"medians of {args.steps} interleaved steps")
+    for round_ in range(args.rounds):
+        plain, routed = [], []
+        for _ in range(args.steps):  # interleaved: both loops see the same machine state
+            plain.append(step(False))
+            routed.append(step(True))
+        p, r = statistics.median(plain), statistics.median(routed)
+        print(f"round {round_ + 1}: F.linear {p * 1e3:.3f} ms, feedback Function {r * 1e3:.3f} ms, ratio {r / p:.3f}")
+
+
+if __name__ == "__main__":
+    main()
