@@ -36,3 +36,15 @@ def test_a_cuda_device_without_cuda_is_a_usage_error():
     result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "rule_costs.py"), "--device", "cuda"],
                             capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 2 and "--device cuda: no CUDA device on this machine" in result.stderr
+
+
+def test_feedback_function_floor_prints_one_ratio_per_round():
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "feedback_function_floor.py"), "--width", "16", "--depth", "2",
+         "--batch", "4", "--steps", "3", "--rounds", "2"],
+        capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    ratios = [float(r) for r in re.findall(r"^round \d: .* ratio ([\d.]+)$", result.stdout, re.M)]
+    assert len(ratios) == 2 and all(r > 0 for r in ratios), result.stdout  # a smoke run, not a timing
