@@ -365,3 +365,35 @@ def test_ifa_carries_the_signal_through_batch_norm_and_pooling_as_torch_func_doe
     for k in plain["model"]:  # (batch norm amplifies the signal to hundreds: float32 rounding, relative)
         assert (plain["model"][k] - func["model"][k]).norm() <= 1e-5 * func["model"][k].norm() + 1e-7, k
     assert any(v.abs().sum() > 0 for k, v in plain["model"].items() if k.startswith("blocks.1."))
+
+
+@pytest.mark.parametrize("activation", [nn.Tanh(), nn.ReLU(), nn.LeakyReLU(0.1), nn.Identity()])
+def test_ifas_closed_forms_equal_autograd(activation):
+    """IFA's shortcuts (a zoo activation's derivative, a layer's linear part, its weight gradient in
+    closed form) give what forward- and reverse-mode AD give."""
+    from fa_rules.core import feedback as fb
+    from fa_rules.core.network import Block, call_with
+
+    fb._load_forward_ad()  # (torch's first jvp warns about torch.jit.script; see that helper)
+    torch.manual_seed(0)
+    for layer, shape in ((nn.Linear(6, 5), (8, 6)), (nn.Conv2d(3, 4, 3, padding=1, stride=2), (2, 3, 7, 7))):
+        block = Block(layer, activation)
+        local = {f"layer.{k}": v.detach().double() for k, v in layer.named_parameters()}
+        layer.double()
+        x = torch.randn(*shape, dtype=torch.float64)
+        a = call_with(layer, fb._sub(local, "layer"), (x,))
+        z = activation(a)
+        d = torch.randn_like(a)
+        expected = torch.func.jvp(activation, (a,), (d,))[1]
+        assert torch.allclose(fb._activation_jvp(block, local, a, z, d), expected, atol=1e-12)
+        zero_bias = {"weight": local["layer.weight"], "bias": torch.zeros_like(local["layer.bias"])}
+        assert torch.allclose(fb._layer_without_bias(block, local, local["layer.weight"], x),
+                              call_with(layer, zero_bias, (x,)), atol=1e-12)
+        assert fb._has_closed_form_grads(layer)
+        (grads,) = fb._closed_form_grads(block, local, x, d)
+        _, pullback = torch.func.vjp(lambda p: call_with(layer, fb._sub(p, "layer"), (x,)), local)
+        (reference,) = pullback(d)
+        assert grads.keys() == reference.keys()
+        for k in grads:
+            assert torch.allclose(grads[k], reference[k], atol=1e-10), k
+    assert not fb._has_closed_form_grads(nn.Conv2d(3, 4, 3, padding="same"))

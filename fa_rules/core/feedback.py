@@ -476,13 +476,25 @@ def indirect_feedback_gradients(network: Network, model_params: Params, x: torch
     hidden block `delta_a_i = f'(a_i) * layer_i(t_{i-1}; W_i, no bias)`, where `t` is the signal
     carried through the block's `post` (pooling) as the activations are (`t = delta_a` without one).
     Each hidden layer's update is `delta_a_i x_i^T`; `post` parameters (batch norm) are not trained.
-    The output block receives `e`."""
+    The output block receives `e`.
+
+    Under plain autograd, plain Linear and convolution layers run without a graph and take that
+    update in closed form, and tanh and relu derivatives use the stored activations (the arithmetic
+    of a hand-written IFA loop); other layers and activations, and `torch.func` transforms, take
+    the generic `vjp` / forward-mode path (the two agree: `tests/test_feedback_alignment.py`)."""
     last = network.num_blocks - 1
     pre, posts, layer_pullbacks = [], [], []
     h = x
     for i in range(last):
         block, local = network.blocks[i], network.block_params(i, model_params)
-        a, fn = vjp(lambda p, _i=i, _x=h: network.block_apply_local(_i, p, _x, pre_activation=True), local)
+        if plain_autograd() and _has_closed_form_grads(block.layer):
+            # no graph: the update `delta_a x^T` is taken in closed form below
+            layer_input = _reshape(block, h)
+            with torch.no_grad():
+                a = call_with(block.layer, _sub(local, "layer"), (layer_input,))
+            fn = functools.partial(_closed_form_grads, block, local, layer_input)
+        else:
+            a, fn = vjp(lambda p, _i=i, _x=h: network.block_apply_local(_i, p, _x, pre_activation=True), local)
         pre.append(a)
         layer_pullbacks.append(fn)
         if i == 0:  # the error arrives at this block's output: keep the pullback to its pre-activation
@@ -504,14 +516,59 @@ def indirect_feedback_gradients(network: Network, model_params: Params, x: torch
         if i == 0:
             (delta,) = first_pullback(_project(e, projection, first_shape))
         else:
-            delta = _layer_without_bias(block, local, local["layer.weight"], t)
-            if not isinstance(block.activation, nn.Identity):  # (the identity's derivative is 1)
-                act = lambda a, _b=block, _l=local: call_with(_b.activation, _sub(_l, "activation"), (a,))
-                delta = _jvp(act, pre[i], delta)
+            delta = _activation_jvp(block, local, pre[i], posts[i][0],
+                                    _layer_without_bias(block, local, local["layer.weight"], t))
         (gp,) = layer_pullbacks[i](delta)
         grads.update(_globalize(network, i, gp))
         t = _carry(block, local, *posts[i], delta)
     return grads, loss
+
+
+_CONV_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+
+
+def _has_closed_form_grads(layer: nn.Module) -> bool:
+    """A plain Linear, or a convolution with numeric zero padding: layers whose weight gradient for
+    a signal at their output `_closed_form_grads` takes without a graph."""
+    if type(layer) is nn.Linear:
+        return True
+    return type(layer) in _CONV_DIMS and not isinstance(layer.padding, str) and layer.padding_mode == "zeros"
+
+
+def _closed_form_grads(block, local: Params, x: torch.Tensor, delta: torch.Tensor) -> tuple[Params]:
+    """`(grads,)` like a block pullback's: the layer's true weight and bias gradients for the
+    signal `delta` at its output, `x` its input (`delta^T x` for Linear, one `convolution_backward`
+    call for a convolution), and zeros for the block's other parameters (batch norm in `post`)."""
+    layer, weight = block.layer, local["layer.weight"]
+    grads = {k: torch.zeros_like(v) for k, v in local.items()}
+    if type(layer) is nn.Linear:
+        d2 = delta.reshape(-1, delta.shape[-1])
+        grads["layer.weight"] = d2.T @ x.reshape(-1, x.shape[-1])
+        if "layer.bias" in local:
+            grads["layer.bias"] = d2.sum(0)
+        return (grads,)
+    n = _CONV_DIMS[type(layer)]
+    bias_sizes = list(local["layer.bias"].shape) if "layer.bias" in local else None
+    _, gw, gb = torch.ops.aten.convolution_backward(
+        delta, x, weight, bias_sizes, _ntuple(layer.stride, n), _ntuple(layer.padding, n),
+        _ntuple(layer.dilation, n), False, [0] * n, layer.groups, [False, True, bias_sizes is not None])
+    grads["layer.weight"] = gw
+    if bias_sizes is not None:
+        grads["layer.bias"] = gb
+    return (grads,)
+
+
+def _activation_jvp(block, local: Params, a: torch.Tensor, z: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+    """The derivative of the block's activation at `a` (`z` its value there) along `d`: in closed
+    form for the identity, tanh and relu, by forward-mode AD for any other."""
+    activation = block.activation
+    if isinstance(activation, nn.Identity):
+        return d
+    if type(activation) is nn.Tanh:
+        return d * (1 - z * z)
+    if type(activation) is nn.ReLU:
+        return d * (a > 0)
+    return _jvp(lambda a_: call_with(activation, _sub(local, "activation"), (a_,)), a, d)
 
 
 def _post_forward(block, local: Params, z: torch.Tensor):
@@ -546,9 +603,15 @@ def _carry(block, local: Params, z: torch.Tensor, indices: torch.Tensor | None, 
 
 # -- learned feedback: the reverse pass and the weight mirror -----------------------------------------
 def _layer_without_bias(block, local: Params, weight: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """`block`'s layer with `weight` and no bias: the linear part of an affine layer."""
-    layer = {k: weight if k == "weight" else torch.zeros_like(v) for k, v in _sub(local, "layer").items()}
-    return call_with(block.layer, layer, (_reshape(block, x),))
+    """`block`'s layer with `weight` and no bias: the linear part of an affine layer (a plain
+    Linear or convolution called directly; any other layer with its other parameters zeroed)."""
+    layer, x = block.layer, _reshape(block, x)
+    if type(layer) is nn.Linear:
+        return torch.nn.functional.linear(x, weight)
+    if type(layer) in _CONV_DIMS:
+        return layer._conv_forward(x, weight, None)
+    zeroed = {k: weight if k == "weight" else torch.zeros_like(v) for k, v in _sub(local, "layer").items()}
+    return call_with(layer, zeroed, (x,))
 
 
 def _layer_adjoint(block, local: Params, weight: torch.Tensor, g: torch.Tensor, in_like: torch.Tensor):
