@@ -275,3 +275,22 @@ def test_a_stored_cell_must_match_in_what_it_trains_not_in_where_data_lives_or_h
     (run_dir / "cell.json").write_text(json.dumps(stored))
     with pytest.raises(UserError, match="was run with lr=0.5, this suite asks for 0.001"):
         check_cell_dir(run_dir, cell)
+
+
+def test_seeds_run_in_two_directories_then_merged_are_skipped_not_retrained(tmp_path):
+    import shutil
+
+    spec = {"rules": ["backprop", "readout_only"], "settings": {**TINY, "epochs": 1}}
+    part_a, part_b, merged = tmp_path / "a", tmp_path / "b", tmp_path / "all"
+    bench.run_suite(bench.suite_from_dict({**spec, "seeds": [0]}), part_a)
+    bench.run_suite(bench.suite_from_dict({**spec, "seeds": [1]}), part_b)
+    shutil.copytree(part_a, merged)
+    for cell_dir in (part_b / "runs").iterdir():
+        shutil.move(str(cell_dir), merged / "runs" / cell_dir.name)
+    events = []
+    rows = bench.run_suite(bench.suite_from_dict({**spec, "seeds": [0, 1]}), merged,
+                           on_event=lambda kind, i, payload: events.append(kind))
+    assert events == ["skip"] * 4
+    assert sorted((r["rule"], r["seed"], r["status"]) for r in rows) == [
+        ("backprop", 0, "ok"), ("backprop", 1, "ok"), ("readout_only", 0, "ok"), ("readout_only", 1, "ok")]
+    assert len(_rows(merged)) == 4
