@@ -397,3 +397,19 @@ def test_ifas_closed_forms_equal_autograd(activation):
         for k in grads:
             assert torch.allclose(grads[k], reference[k], atol=1e-10), k
     assert not fb._has_closed_form_grads(nn.Conv2d(3, 4, 3, padding="same"))
+    # the first block's transpose: the activation, then max pooling (overlapping windows included)
+    for pool in (nn.MaxPool2d(2), nn.MaxPool2d(3, stride=2), nn.Identity()):
+        block = Block(nn.Conv2d(3, 4, 3), activation, pool)
+        generic = isinstance(activation, nn.LeakyReLU)  # not in the closed-form table: a vjp instead
+        assert fb._has_closed_form_transpose(block) is not generic
+        if generic:
+            continue
+        a = torch.randn(2, 4, 9, 9, dtype=torch.float64)
+        z = activation(a)
+        h, indices = fb._post_forward(block, {}, z)
+        g = torch.randn_like(h)
+        _, pullback = torch.func.vjp(lambda a_: pool(activation(a_)), a)
+        (expected,) = pullback(g)
+        (got,) = fb._closed_form_transpose(block, {}, a, z, indices, g)
+        assert torch.allclose(got, expected, atol=1e-12), pool
+    assert not fb._has_closed_form_transpose(Block(nn.Linear(3, 3), nn.Softplus()))

@@ -479,9 +479,11 @@ def indirect_feedback_gradients(network: Network, model_params: Params, x: torch
     The output block receives `e`.
 
     Under plain autograd, plain Linear and convolution layers run without a graph and take that
-    update in closed form, and tanh and relu derivatives use the stored activations (the arithmetic
-    of a hand-written IFA loop); other layers and activations, and `torch.func` transforms, take
-    the generic `vjp` / forward-mode path (the two agree: `tests/test_feedback_alignment.py`)."""
+    update in closed form (the output block's too, when it is a bare layer), the first block's
+    relu/tanh and max pooling are transposed in closed form, and tanh and relu derivatives use
+    autograd's own kernels on the stored activations (the arithmetic of a hand-written IFA loop);
+    other layers and activations, and `torch.func` transforms, take the generic `vjp` /
+    forward-mode path (the two agree: `tests/test_feedback_alignment.py`)."""
     last = network.num_blocks - 1
     pre, posts, layer_pullbacks = [], [], []
     h = x
@@ -497,18 +499,30 @@ def indirect_feedback_gradients(network: Network, model_params: Params, x: torch
             a, fn = vjp(lambda p, _i=i, _x=h: network.block_apply_local(_i, p, _x, pre_activation=True), local)
         pre.append(a)
         layer_pullbacks.append(fn)
-        if i == 0:  # the error arrives at this block's output: keep the pullback to its pre-activation
+        if i == 0 and not (plain_autograd() and _has_closed_form_transpose(block)):
+            # the error arrives at this block's output: keep the pullback to its pre-activation
             h, first_pullback, (z, *indices) = vjp(lambda a_: _nonlinearity_with_aux(block, local, a_), a, has_aux=True)
-            first_shape = tuple(h.shape[1:])
             post_inputs = (z, indices[0] if indices else None)
         else:
             z = call_with(block.activation, _sub(local, "activation"), (a,))
             h, indices = _post_forward(block, local, z)
             post_inputs = (z, indices)
+            if i == 0:  # relu/tanh, then identity or max pooling: transposed in closed form
+                first_pullback = functools.partial(_closed_form_transpose, block, local, a, z, indices)
+        if i == 0:
+            first_shape = tuple(h.shape[1:])
         posts.append(post_inputs)
-    logits, out_pullback = block_pullback(network, last, model_params, h, input_grad=False)
-    e, loss = output_error(logits, y)
-    grads: Params = dict(out_pullback(e)[0])
+    out = network.blocks[last]
+    if plain_autograd() and _has_closed_form_grads(out.layer) and _is_identity(out.activation) and _is_identity(out.post):
+        out_local, out_input = network.block_params(last, model_params), _reshape(out, h)
+        with torch.no_grad():
+            logits = call_with(out.layer, _sub(out_local, "layer"), (out_input,))
+        e, loss = output_error(logits, y)
+        grads: Params = _globalize(network, last, _closed_form_grads(out, out_local, out_input, e)[0])
+    else:
+        logits, out_pullback = block_pullback(network, last, model_params, h, input_grad=False)
+        e, loss = output_error(logits, y)
+        grads = dict(out_pullback(e)[0])
     t = None
     for i in range(last):
         block = network.blocks[i]
@@ -564,11 +578,32 @@ def _activation_jvp(block, local: Params, a: torch.Tensor, z: torch.Tensor, d: t
     activation = block.activation
     if isinstance(activation, nn.Identity):
         return d
-    if type(activation) is nn.Tanh:
-        return d * (1 - z * z)
-    if type(activation) is nn.ReLU:
-        return d * (a > 0)
+    if type(activation) is nn.Tanh:  # d * (1 - z^2), autograd's own fused kernel
+        return torch.ops.aten.tanh_backward(d, z)
+    if type(activation) is nn.ReLU:  # d where a > 0, else 0
+        return torch.ops.aten.threshold_backward(d, a, 0.0)
     return _jvp(lambda a_: call_with(activation, _sub(local, "activation"), (a_,)), a, d)
+
+
+def _is_identity(module: nn.Module) -> bool:
+    return isinstance(module, nn.Identity)
+
+
+def _has_closed_form_transpose(block) -> bool:
+    """An activation `_activation_jvp` differentiates in closed form (elementwise, so its transpose
+    is itself), then no post or a max pooling that `_post_forward` runs with indices."""
+    elementwise = _is_identity(block.activation) or type(block.activation) in (nn.Tanh, nn.ReLU)
+    post = block.post
+    return elementwise and (_is_identity(post) or (type(post) is nn.MaxPool2d and not post.return_indices))
+
+
+def _closed_form_transpose(block, local: Params, a: torch.Tensor, z: torch.Tensor, indices: torch.Tensor | None,
+                           g: torch.Tensor) -> tuple[torch.Tensor]:
+    """`(delta_a,)`: the signal `g` at the block's output taken back through its post (max pooling
+    sends each entry to the position its forward picked) and its elementwise activation."""
+    if indices is not None:
+        g = torch.zeros_like(z).flatten(2).scatter_add_(2, indices.flatten(2), g.flatten(2)).view_as(z)
+    return (_activation_jvp(block, local, a, z, g),)
 
 
 def _post_forward(block, local: Params, z: torch.Tensor):
