@@ -701,7 +701,8 @@ def reverse_feedback_gradients(network: Network, model_params: Params, feedback:
         posts.append(fn)
     # reverse pass, from the target down to the input
     g = one_hot(y, classes, x)
-    u, pre = [None] * (last + 1), [None] * (last + 1)  # u_l = P_l^T g_l; pre[l-1] = B_l^T u_l
+    # u_l = P_l^T g_l; pre[l-1] = B_l^T u_l; reverse_act[l-1] = f_{l-1}(pre[l-1]) = g_{l-1}
+    u, pre, reverse_act = [None] * (last + 1), [None] * (last + 1), [None] * (last + 1)
     for l in range(last, -1, -1):
         block = network.blocks[l]
         u[l] = posts[l](g)[0]
@@ -712,7 +713,7 @@ def reverse_feedback_gradients(network: Network, model_params: Params, feedback:
             r = r.reshape(inputs[l].shape)
             pre[l - 1] = r
             prev = network.blocks[l - 1]
-            g = call_with(prev.activation, _sub(locals_[l - 1], "activation"), (r,))
+            g = reverse_act[l - 1] = call_with(prev.activation, _sub(locals_[l - 1], "activation"), (r,))
     n = x.shape[0]
     loss = 0.5 * ((x_hat - x) ** 2).sum() / n
     # reverse errors, from the input back up, through the forward weights
@@ -726,9 +727,8 @@ def reverse_feedback_gradients(network: Network, model_params: Params, feedback:
             break
         t = _layer_without_bias(block, locals_[l], locals_[l]["layer.weight"], d_in)
         t = _carry(block, locals_[l], acts[l], None, t)
-        act = lambda a, _b=network.blocks[l], _l=locals_[l]: call_with(_b.activation, _sub(_l, "activation"), (a,))
-        _, act_fn = vjp(act, pre[l])
-        delta = act_fn(t)[0]  # elementwise activations: f'(pre) * t
+        # elementwise activations: the transpose is the derivative itself, f'(pre) * t
+        delta = _activation_jvp(block, locals_[l], pre[l], reverse_act[l], t)
     return grads, loss
 
 
