@@ -22,7 +22,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fa_rules.benchmark.timing import batch_index, interleave, trainer_stepper
+from fa_rules.benchmark.timing import batch_index, example_order, interleave, trainer_stepper
 from fa_rules.core.config import TrainConfig
 from fa_rules.core.trainer import Trainer
 from fa_rules.runs import get_registry
@@ -82,12 +82,6 @@ def plain_loop(trainer: Trainer, order: torch.Tensor):
     return step
 
 
-def shared_order(trainer: Trainer) -> torch.Tensor:
-    """One fixed random order of the training examples, shared by every stepper of a table."""
-    n = trainer.data.train_x.shape[0]
-    return torch.randperm(n, generator=torch.Generator().manual_seed(0))
-
-
 def rule_rows(registry, model_name: str, rules: list[str], dataset, data_name: str, args) -> list[str]:
     trainers: dict[str, Trainer] = {}
     skipped = []
@@ -104,7 +98,7 @@ def rule_rows(registry, model_name: str, rules: list[str], dataset, data_name: s
             trainers[name + (" compiled" if compiled else "")] = trainer
     if not trainers:
         return []
-    order = shared_order(next(iter(trainers.values())))
+    order = example_order(next(iter(trainers.values())), 0)
     medians = interleave({label: trainer_stepper(t, order) for label, t in trainers.items()}, args.steps, args.warmup)
     rows = []
     for name in rules:
@@ -137,7 +131,7 @@ def engine_rows(registry, dataset, data_name: str, args) -> list[str]:
     rows = []
     for model_name in ("tiny_mlp", "lenet"):
         trainer = make_trainer(registry, "backprop", model_name, dataset, data_name, False, args.device)
-        order = shared_order(trainer)
+        order = example_order(trainer, 0)
         medians = interleave({"engine": trainer_stepper(trainer, order), "plain": plain_loop(trainer, order)},
                              args.steps * 5, args.warmup * 5)
         engine, plain = medians["engine"], medians["plain"]

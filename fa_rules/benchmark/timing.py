@@ -54,6 +54,12 @@ def batch_index(order: torch.Tensor, step: int, batch_size: int) -> torch.Tensor
     return order[(step * batch_size) % max(n - batch_size, 1):][:batch_size]
 
 
+def example_order(trainer, seed: int) -> torch.Tensor:
+    """A fixed random order of `trainer`'s training examples, shared by every stepper of a group."""
+    n = trainer.data.train_x.shape[0]
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+
+
 def trainer_stepper(trainer, order: torch.Tensor) -> Callable[[int], float]:
     """A stepper (see `interleave`) taking `Trainer.train_step` on the batch of `order` for each step."""
     def step(step_number: int) -> float:
@@ -80,7 +86,6 @@ def time_group(cells: list[Cell], steps: int = DEFAULT_STEPS, warmup: int = WARM
             pass
     if not trainers:
         return [None] * len(cells)
-    n = next(iter(trainers.values())).data.train_x.shape[0]
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(cells[0].seed))
+    order = example_order(next(iter(trainers.values())), cells[0].seed)
     medians = interleave({i: trainer_stepper(t, order) for i, t in trainers.items()}, steps, warmup)
     return [m if isinstance(m := medians.get(i), float) else None for i in range(len(cells))]
