@@ -10,13 +10,13 @@ what routing the input gradient through `B` in a Python `Function` costs by itse
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fa_rules.benchmark.timing import interleave
 from fa_rules.core.feedback import _CLASSIC, _FeedbackLinear
 
 
@@ -51,16 +51,14 @@ def main() -> None:
         optimizer.step()
         return time.perf_counter() - start
 
-    for _ in range(20):  # warm-up, both loops
-        step(False), step(True)
     print(f"MLP {'x'.join(map(str, dims))}, batch {args.batch}, {torch.get_num_threads()} thread(s); "
           f"medians of {args.steps} interleaved steps")
-    for round_ in range(args.rounds):
-        plain, routed = [], []
-        for _ in range(args.steps):  # interleaved: both loops see the same machine state
-            plain.append(step(False))
-            routed.append(step(True))
-        p, r = statistics.median(plain), statistics.median(routed)
+    steppers = {"plain": lambda _: step(False), "routed": lambda _: step(True)}
+    for round_ in range(args.rounds):  # the first round also warms both loops up
+        medians = interleave(steppers, args.steps, warmup=20 if round_ == 0 else 0)
+        p, r = medians["plain"], medians["routed"]
+        if isinstance(p, str) or isinstance(r, str):  # a loop raised: its entry is the error line
+            raise SystemExit(f"plain: {p}; routed: {r}")
         print(f"round {round_ + 1}: F.linear {p * 1e3:.3f} ms, feedback Function {r * 1e3:.3f} ms, ratio {r / p:.3f}")
 
 
