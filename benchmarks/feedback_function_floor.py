@@ -18,6 +18,7 @@ from torch import nn
 
 from fa_rules.benchmark.timing import interleave
 from fa_rules.core.feedback import _CLASSIC, _FeedbackLinear
+from fa_rules.core.trainer import fused_kernels
 
 
 def main() -> None:
@@ -35,7 +36,7 @@ def main() -> None:
     weights = [nn.Parameter(torch.randn(o, i, generator=generator) / i**0.5) for i, o in zip(dims, dims[1:])]
     biases = [nn.Parameter(torch.zeros(o)) for o in dims[1:]]
     feedback = [torch.randn(w.shape, generator=generator) / w.shape[1] ** 0.5 for w in weights]
-    optimizer = torch.optim.Adam(weights + biases, lr=1e-3)
+    optimizer = torch.optim.Adam(weights + biases, lr=1e-3, fused=fused_kernels(weights + biases))
     x = torch.rand(args.batch, 784, generator=generator)
     y = torch.randint(0, 10, (args.batch,), generator=generator)
 

@@ -184,3 +184,39 @@ def test_a_forked_process_stops_the_run_with_one_line(launch):
         assert f"(process {rank} of 2)" in error
     # the forked epoch's checkpoint is not written
     assert not (launch["root"] / "fork" / "checkpoint.pt").exists()
+
+
+# -- the fused optimiser kernels ------------------------------------------------------------------
+def test_fused_optimisers_match_torchs_loop_and_survive_a_checkpoint_from_the_loop(tmp_path):
+    """The engine steps with torch's fused Adam; its parameters follow the per-tensor loop to float
+    rounding, and a checkpoint whose optimiser state says `fused: None` (written before the fused
+    kernels) still resumes on them, as a straight run does."""
+    from fa_rules.core.checkpoint import save_checkpoint
+    from fa_rules.core.trainer import make_optimizers
+
+    torch.manual_seed(0)
+    weights = {"w": torch.randn(32, 16), "b": torch.randn(32)}
+    fused_params = {"model": {k: v.clone().requires_grad_() for k, v in weights.items()}}
+    loop_params = [v.clone().requires_grad_() for v in weights.values()]
+    fused_opt = make_optimizers(TrainConfig(lr=1e-2), fused_params)["model"]
+    loop_opt = torch.optim.Adam(loop_params, lr=1e-2, foreach=False)
+    assert fused_opt.param_groups[0]["fused"] is True
+    for _ in range(20):
+        grads = [torch.randn_like(v) for v in weights.values()]
+        for p, q, g in zip(fused_params["model"].values(), loop_params, grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        fused_opt.step()
+        loop_opt.step()
+    for p, q in zip(fused_params["model"].values(), loop_params):
+        assert not torch.equal(p, weights["w"] if p.dim() == 2 else weights["b"])  # it moved
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+
+    run = tmp_path / "run"
+    new_trainer(TrainConfig(**_config("backprop", STOP, 256)), run, progress=False).run()
+    ckpt = load_checkpoint(run / "checkpoint.pt")
+    for state in ckpt["optimizers"].values():
+        for group in state["param_groups"]:
+            group["fused"] = None
+    save_checkpoint(run / "checkpoint.pt", ckpt)
+    trainer = resume_trainer(run, EPOCHS, progress=False)
+    assert all(g["fused"] is True for opt in trainer.optimizers.values() for g in opt.param_groups)
