@@ -37,16 +37,17 @@ REFERENCE = {"classify": "backprop", "reconstruct": "ae", "generate": "ae"}
 
 
 def make_trainer(registry, rule_name: str, model_name: str, dataset, data_name: str, compile: bool,
-                 device: str = "cpu") -> Trainer | None:
-    """A trainer of `rule_name` on a model of MODELS, sharing `dataset`; None where the rule does
-    not take that model."""
+                 device: str = "cpu", rule_options: dict | None = None) -> Trainer | None:
+    """A trainer of `rule_name` (with `rule_options`) on a model of MODELS, sharing `dataset`;
+    None where the rule does not take that model."""
     model, model_options, batch_size = MODELS[model_name]
     rule_spec, model_spec = registry.rule(rule_name), registry.model(model)
     if rule_spec.models is not None and model not in rule_spec.models:
         return None
+    rule_options = dict(rule_options or {})
     config = TrainConfig(rule=rule_name, dataset=data_name, model=model, model_options=dict(model_options),
-                         batch_size=batch_size, device=device, compile=compile)
-    rule = rule_spec.make()
+                         rule_options=rule_options, batch_size=batch_size, device=device, compile=compile)
+    rule = rule_spec.make(**rule_options)
     options = {k: v for k, v in rule_spec.model_defaults.items() if k in model_spec.options}
     options.update(model_options)
     out_shape = (dataset.num_classes,) if rule.task == "classify" else (config.latent_dim,)
@@ -55,14 +56,18 @@ def make_trainer(registry, rule_name: str, model_name: str, dataset, data_name: 
                    dataset, out_dir="/dev/null", progress=False)
 
 
-def plain_loop(trainer: Trainer, order: torch.Tensor):
+def plain_loop(trainer: Trainer, order: torch.Tensor, convert=None, forward=None):
     """A hand-written loop: the trainer's network as an ordinary nn.Module, the same initial
     weights, Adam, cross-entropy; returns a stepper (`interleave`) timing one step on the batch of
-    `order` that the trainer would get."""
+    `order` that the trainer would get. `convert(module)` may swap its layers (another library's
+    rule) and `forward(module, x, y)` replace the plain call."""
     module = copy.deepcopy(trainer.network)
     with torch.no_grad():
         for name, p in module.named_parameters():
             p.copy_(trainer.params["model"][name])
+    if convert is not None:
+        module = convert(module)
+    forward = forward or (lambda m, x, y: m(x))
     # the engine's Adam kernels (fused where torch has them), so the ratio is the engine's overhead alone
     optimizer = torch.optim.Adam(module.parameters(), lr=trainer.config.lr, fused=fused_kernels(module.parameters()))
 
@@ -75,7 +80,7 @@ def plain_loop(trainer: Trainer, order: torch.Tensor):
         sync()
         start = time.perf_counter()
         optimizer.zero_grad(set_to_none=True)
-        F.cross_entropy(module(batch.x), batch.y).backward()
+        F.cross_entropy(forward(module, batch.x, batch.y), batch.y).backward()
         optimizer.step()
         sync()
         return time.perf_counter() - start

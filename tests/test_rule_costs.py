@@ -48,3 +48,32 @@ def test_feedback_function_floor_prints_one_ratio_per_round():
     assert result.returncode == 0, result.stderr
     ratios = [float(r) for r in re.findall(r"^round \d: .* ratio ([\d.]+)$", result.stdout, re.M)]
     assert len(ratios) == 2 and all(r > 0 for r in ratios), result.stdout  # a smoke run, not a timing
+
+
+# -- benchmarks/biotorch_costs.py: the same rules in BioTorch -------------------------------------
+def _biotorch_costs(*args, block_biotorch=False):
+    # `sys.modules["biotorch"] = None` makes the import fail as if BioTorch were not installed
+    prelude = "import sys, runpy; " + ("sys.modules['biotorch'] = None; " if block_biotorch else "")
+    script = ROOT / "benchmarks" / "biotorch_costs.py"
+    code = prelude + f"sys.argv = [{str(script)!r}, *{list(args)!r}]; runpy.run_path({str(script)!r}, run_name='__main__')"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+
+
+def test_biotorch_costs_without_biotorch_is_a_usage_error():
+    result = _biotorch_costs("--steps", "1", block_biotorch=True)
+    assert result.returncode == 2 and "BioTorch is not installed" in result.stderr
+
+
+def test_biotorch_costs_prints_both_libraries_ratios():
+    # CI installs BioTorch (`pip install --no-deps biotorch==0.0.16`, see .ci/run)
+    result = _biotorch_costs("--steps", "1", "--warmup", "1", "--models", "lenet")
+    assert result.returncode == 0, result.stderr
+    number = r"([\d.]+)"
+    rows = re.findall(rf"^\| lenet \| ([\w =]+) \| {number} \| {number} \| ([\w()]+(?: loop\))?) \| {number} \| "
+                      rf"{number} \| {number} \|$", result.stdout.replace("(plain loop)", "plain"), re.M)
+    assert {r[0] for r in rows} == {"backprop", "feedback_alignment", "direct_feedback_alignment",
+                                    "sign_symmetry magnitude=xavier", "brsf", "frsf"}
+    modes = {r[0]: r[3] for r in rows}
+    assert modes["feedback_alignment"] == "fa" and modes["sign_symmetry magnitude=xavier"] == "usf"
+    assert all(float(r[1]) > 0 and float(r[4]) > 0 for r in rows)
