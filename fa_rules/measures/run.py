@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any
 
 
 def time_per_sample(trainer, batch: int, repeats: int) -> float | None:
@@ -31,31 +30,16 @@ def time_per_sample(trainer, batch: int, repeats: int) -> float | None:
     return statistics.median(times) / batch
 
 
-_REAL_FEATURES: dict[tuple, Any] = {}  # Inception features of real images, shared by the cells of a process
-
-
 def measure_fid(trainer, num_samples: int, batch: int = 100) -> float:
-    """FID between `num_samples` samples of a generative rule and as many test images (the first
-    ones; fewer if the split is smaller), with `fa_rules.measures.fid`'s Inception network."""
-    import torch
+    """FID between `num_samples` samples of a generative rule (seeded by the run's seed) and as many
+    test images (the first ones; fewer if the split is smaller): `fa_rules.measures.fid.rule_fid`,
+    whose real-image features are cached on disk, so the cells of a benchmark, in one process or
+    several, compute them once."""
+    from fa_rules.measures.fid import rule_fid
 
-    from fa_rules.core.data import as_float
-    from fa_rules.measures.fid import frechet_distance, inception_features, load_inception
-
-    model = load_inception(device=trainer.device)
-    real_x = trainer.data.test_x[:num_samples]
-    n = real_x.shape[0]
-    key = (trainer.config.dataset, n, str(trainer.device))
-    if key not in _REAL_FEATURES:
-        _REAL_FEATURES[key] = inception_features((as_float(real_x[i : i + batch]) for i in range(0, n, batch)), model)
-    generator = torch.Generator(device=trainer.device).manual_seed(trainer.config.seed)
-
-    def samples():
-        for i in range(0, n, batch):
-            k = min(batch, n - i)
-            yield trainer.rule.sample(trainer.network, trainer.params, trainer.state, k, generator).detach()
-
-    return frechet_distance(inception_features(samples(), model), _REAL_FEATURES[key])
+    real = trainer.data.test_x
+    return rule_fid(trainer.rule, trainer.network, trainer.params, trainer.state, real,
+                    min(num_samples, real.shape[0]), seed=trainer.config.seed, batch_size=batch)["fid"]
 
 
 def measure_probe(trainer) -> float:
