@@ -244,3 +244,35 @@ def test_sample_command_writes_grids_of_the_right_size(tmp_path):
 
     result = runner.invoke(app, ["sample", str(run), "--label", "3"])
     assert result.exit_code != 0 and "conditional" in str(result.exception)
+
+
+def test_vfa_gan_diagnostics_reads_a_trained_run_and_refuses_other_rules(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    from fa_rules.core.errors import UserError
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("vfa_gan_diagnostics", root / "benchmarks" / "vfa_gan_diagnostics.py")
+    diagnostics = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(diagnostics)
+
+    checkerboard = (torch.arange(8)[:, None] + torch.arange(8)[None, :]).remainder(2).float()[None, None]
+    assert diagnostics.high_frequency_energy(checkerboard) == 16.0  # |Laplacian| = 4 at every pixel
+    assert diagnostics.high_frequency_energy(torch.full((2, 1, 8, 8), 0.7)) < 1e-12
+
+    runner = CliRunner()
+    runs = {}
+    for rule in ("vfa_gan", "vae"):
+        runs[rule] = tmp_path / rule
+        result = runner.invoke(app, ["train", "--rule", rule, "--dataset", "digits", "--epochs", "1", "--width", "16",
+                                     "--latent-dim", "4", "--batch-size", "256", "--out", str(runs[rule]), "-q"])
+        assert result.exit_code == 0, result.output
+    r = diagnostics.diagnose(runs["vfa_gan"], num=50, seed=0)
+    assert r["num"] == 50 and r["perceptual_weight"] == 0.01 and r["perceptual"] > 0
+    assert set(r["discriminator"]) == set(r["high_frequency"]) == {"x", "r_hat", "G(r_hat)", "samples"}
+    # mean (D - 1)^2 >= (mean D - 1)^2: the adversarial term and the mean output come from the same D
+    assert r["adversarial"] >= (r["discriminator"]["G(r_hat)"] - 1) ** 2 - 1e-6
+    assert all(0 < v < 1 for v in r["mse"].values())
+    with pytest.raises(UserError, match="vae run"):
+        diagnostics.diagnose(runs["vae"], num=10, seed=0)
