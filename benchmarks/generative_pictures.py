@@ -7,9 +7,9 @@ that shows them.
         --out docs/img/generative-width --link-prefix ../img/generative-width
 
 Every picture comes from the `fa-rules sample` and `fa-rules reconstruct` commands on the
-benchmark's run directory (its last checkpoint); a rule that cannot make one (`gan` has no encoder
-to reconstruct or interpolate with, `ae` no prior to sample from) gets that command's one-line
-reason in the table instead.
+benchmark's run directory (its last checkpoint); a rule that cannot make one (`ae` has no prior to
+sample from; `gan` reconstructs and interpolates through its latent search) gets that command's
+one-line reason in the table instead.
 """
 
 from __future__ import annotations
