@@ -107,8 +107,11 @@ def test_user_mistake_is_one_line_exit_2_and_leaves_nothing_behind(args, expecte
 
 def test_ctrl_c_during_training_says_how_to_resume(tmp_path):
     run = tmp_path / "run"
+    # Ctrl-C's default action, as in a terminal: a test run started in the background of a
+    # non-interactive shell inherits SIGINT ignored, and Python then installs no KeyboardInterrupt
     proc = subprocess.Popen([sys.executable, "-m", "fa_rules", "train", "--epochs", "200", "--width", "32", "-q",
-                             "--out", str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--out", str(run)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None and not (run / "metrics.jsonl").exists():
         time.sleep(0.1)
