@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from fa_rules.core.data import as_float
 from fa_rules.core.errors import UserError
 from fa_rules.rules.generative_baselines import build_aux, least_squares
-from fa_rules.runs import load_run
+from fa_rules.rules.variational_feature_alignment import perceptual_distance
+from fa_rules.runs import get_registry, load_run
 
 LAPLACIAN = torch.tensor([[0.0, 1.0, 0.0], [1.0, -4.0, 1.0], [0.0, 1.0, 0.0]])
 
@@ -46,7 +47,7 @@ def diagnose(run_dir: Path, num: int, seed: int) -> dict:
     config, rule, network, params, state, dataset = load_run(run_dir)
     if config.rule != "vfa_gan":
         raise UserError(f"{run_dir} is a {config.rule} run; this script reads vfa_gan runs")
-    weight = float(config.rule_options.get("perceptual_weight", 0.01))
+    weight = float({**get_registry().rule("vfa_gan").options, **config.rule_options}["perceptual_weight"])
     x = as_float(dataset.test_x[:num])
     generator = torch.Generator().manual_seed(seed)
     stages = rule.reconstruct(network, params, state, x, generator, stages=True)
@@ -57,9 +58,9 @@ def diagnose(run_dir: Path, num: int, seed: int) -> dict:
         d = {name: discriminator.apply(params["discriminator"], images).mean().item()
              for name, images in (("x", x), ("r_hat", r_hat), ("G(r_hat)", refined), ("samples", samples))}
         adversarial = least_squares(discriminator.apply(params["discriminator"], refined), 1.0).item()
-        real, fake = network.apply(params["model"], x), network.apply(params["model"], refined)
-        perceptual = ((real["mu"] - fake["mu"]).pow(2).sum(1)
-                      + (real["logvar"].exp() - fake["logvar"].exp()).pow(2).sum(1)).mean().item()
+        real = network.apply(params["model"], x)
+        perceptual = perceptual_distance(real["mu"], real["logvar"].exp(),
+                                         network.apply(params["model"], refined)).item()
     mse = {name: (images - x).pow(2).mean().item() for name, images in (("r_hat", r_hat), ("G(r_hat)", refined))}
     energy = {name: high_frequency_energy(images.clamp(0, 1))
               for name, images in (("x", x), ("r_hat", r_hat), ("G(r_hat)", refined), ("samples", samples))}

@@ -95,6 +95,12 @@ def _options(gan: bool) -> dict:
     return options
 
 
+def perceptual_distance(mu: torch.Tensor, var: torch.Tensor, out: dict) -> torch.Tensor:
+    """Eq. 7's perceptual term: `|mu - mu'|^2 + |var - var'|^2` between the encoder's posterior of
+    the real images (`mu`, `var`) and of the refined ones (`out`), averaged over the batch."""
+    return ((mu - out["mu"]).pow(2).sum(1) + (var - out["logvar"].exp()).pow(2).sum(1)).mean()
+
+
 def _variational_fa(
     name: str,
     gan: bool,
@@ -207,9 +213,7 @@ def _variational_fa(
             def generator_loss(g_params):  # Eq. 7
                 refined = g_net.apply(g_params, r_hat)
                 adversarial = least_squares(d_net.apply(params["discriminator"], refined), 1.0)
-                out = network.apply(model, refined)
-                perceptual = ((extras["mu"] - out["mu"]).pow(2).sum(1)
-                              + (extras["var"] - out["logvar"].exp()).pow(2).sum(1)).mean()
+                perceptual = perceptual_distance(extras["mu"], extras["var"], network.apply(model, refined))
                 return adversarial + perceptual_weight * perceptual
 
             def discriminator_loss(d_params):  # Eq. 8
