@@ -23,15 +23,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import platform
 import sys
 from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rule_costs import MODELS, make_trainer, plain_loop  # noqa: E402
+from rule_costs import MODELS, make_trainer, plain_loop, setting_line  # noqa: E402
 
 from fa_rules.benchmark.timing import example_order, interleave, trainer_stepper  # noqa: E402
 from fa_rules.runs import get_registry  # noqa: E402
@@ -106,8 +104,7 @@ def main() -> None:
 
     registry = get_registry()
     dataset = registry.dataset(args.dataset).load(None)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {platform.platform()}, CPU; "
-          f"{args.dataset}, medians of {args.steps} interleaved steps after {args.warmup} warm-up\n")
+    print(setting_line("cpu", args.dataset, args.steps, args.warmup) + "\n")
     print("| model | rule | ours ms/step | ours × BP | BioTorch mode | BioTorch ms/step | BioTorch × BP | ours / BioTorch |")
     print("|---|---|---:|---:|---|---:|---:|---:|")
     for model_name in args.models.split(","):

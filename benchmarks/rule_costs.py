@@ -146,6 +146,14 @@ def engine_rows(registry, dataset, data_name: str, args) -> list[str]:
     return rows
 
 
+def setting_line(device: str, dataset: str, steps: int, warmup: int) -> str:
+    """The machine and measurement a table was taken with, for its first line."""
+    where = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "CPU"
+    return (f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {platform.platform()}, "
+            f"{platform.processor() or platform.machine()}, {where}; {dataset}, medians of {steps} "
+            f"interleaved steps after {warmup} warm-up")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="fashion_mnist")
@@ -168,10 +176,7 @@ def main() -> None:
     rules = sorted(builtin, key=lambda r: (r not in REFERENCE.values(), r))
     dataset = registry.dataset(args.dataset).load(None)
     start = time.perf_counter()
-    where = torch.cuda.get_device_name(torch.device(args.device)) if args.device.startswith("cuda") else "CPU"
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {platform.platform()}, "
-          f"{platform.processor() or platform.machine()}, {where}; {args.dataset}, medians of {args.steps} "
-          f"interleaved steps after {args.warmup} warm-up\n")
+    print(setting_line(args.device, args.dataset, args.steps, args.warmup) + "\n")
     compiled_cols = " compiled ms/step | compiled / eager |" if args.compile else ""
     print(f"| model | rule | task | ms/step | × reference |{compiled_cols}")
     print("|---|---|---|---:|---:|" + ("---:|---:|" if args.compile else ""))
