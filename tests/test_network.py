@@ -52,7 +52,7 @@ def _tied_mlp():
 def test_call_with_is_functional_call_values_gradients_and_restores_the_module():
     from torch.func import functional_call
 
-    from fa_rules.core.network import _parameter_slots, call_with
+    from fa_rules.core.network import parameter_slots, call_with
 
     torch.manual_seed(0)
     cases = [(zoo.lenet((1, 12, 12), (10,)), torch.rand(4, 1, 12, 12)),
@@ -79,7 +79,7 @@ def test_call_with_is_functional_call_values_gradients_and_restores_the_module()
         assert all(torch.equal(before[k], after[k]) for k in before)  # restored (the resnet is in eval mode)
         assert all(isinstance(p, torch.nn.Parameter) for _, p in net.named_parameters())
     # the fast swap serves the block networks; tied weights go through functional_call
-    assert _parameter_slots(cases[0][0]) is not None and _parameter_slots(cases[2][0]) is None
+    assert parameter_slots(cases[0][0]) is not None and parameter_slots(cases[2][0]) is None
 
 
 def test_call_with_restores_the_parameters_when_the_forward_raises():

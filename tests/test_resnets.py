@@ -88,6 +88,33 @@ def test_feedback_call_is_the_same_under_plain_autograd_and_torch_func():
     assert not torch.allclose(by_func[1], backprop_x)
 
 
+@pytest.mark.parametrize("model", ["mlp", "lenet"])
+def test_direct_layer_routing_equals_the_function_mode_and_puts_the_layers_back(model, monkeypatch):
+    import fa_rules.core.feedback as fb
+
+    torch.manual_seed(0)
+    network = REGISTRY.model(model).make((1, 8, 8), (10,), **({"width": 24} if model == "mlp" else {}))
+    params = network.init_params()
+    feedback = {k: torch.randn_like(v) for k, v in params.items() if k.endswith("weight") and k != "blocks.0.layer.weight"}
+    assert fb._direct_routes(network, feedback) is not None  # every routed layer is a plain one
+    x = torch.rand(4, 1, 8, 8)
+
+    def grads():
+        return torch.func.grad(lambda p: feedback_call(network, p, (x,), feedback).square().sum())(params)
+
+    direct = grads()
+    monkeypatch.setattr(fb, "_direct_routes", lambda module, feedback: None)
+    by_mode = grads()
+    for k in params:
+        assert torch.equal(direct[k], by_mode[k]), k
+    monkeypatch.undo()
+    layers = [b.layer for b in network.blocks]
+    assert not any("forward" in vars(layer) for layer in layers)
+    with pytest.raises(RuntimeError):  # a failing call leaves no replaced forward behind either
+        feedback_call(network, params, (torch.rand(4, 3, 5, 5),), feedback)
+    assert not any("forward" in vars(layer) for layer in layers)
+
+
 # -- a residual network against an independent implementation --------------------------------------
 def _substituted(op, x, weight, bias, feedback, **geometry):
     """Plain autograd: the value of op(x; W, b), its input derivative through `feedback`."""

@@ -48,6 +48,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+import weakref
 from typing import Callable, Mapping
 
 import torch
@@ -58,7 +59,7 @@ from torch import nn
 from fa_rules.core.autodiff import grad_and_value, plain_autograd, vjp
 from fa_rules.core.errors import UserError
 from fa_rules.core.metrics import classification_loss
-from fa_rules.core.network import Block, Network, Params, call_with
+from fa_rules.core.network import Block, Network, Params, call_with, parameter_slots
 
 AFFINE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                  nn.ConvTranspose3d)
@@ -168,10 +169,13 @@ class _FeedbackLinear(torch.autograd.Function):
     def backward(ctx, g):
         x, feedback = ctx.saved_tensors
         needs = _needs_input_grad(ctx)
-        gx = g @ feedback if needs[0] else None
-        g2, x2 = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
-        gw = g2.T @ x2 if needs[1] else None
-        gb = g2.sum(0) if ctx.has_bias and needs[2] else None
+        if g.dim() != 2:  # a batch of sequences or any other leading shape: the rows are the examples
+            gx = g @ feedback if needs[0] else None
+            g, x = g.reshape(-1, g.shape[-1]), x.reshape(-1, x.shape[-1])
+        else:  # mm, not @: matmul's dispatch is a measurable part of a small layer's backward
+            gx = g.mm(feedback) if needs[0] else None
+        gw = g.t().mm(x) if needs[1] else None
+        gb = g.sum(0) if ctx.has_bias and needs[2] else None
         return gx, gw, gb, None
 
 
@@ -280,17 +284,72 @@ class _FeedbackRouting(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+_CONVOLUTION_OF = {nn.Conv1d: torch.conv1d, nn.Conv2d: torch.conv2d, nn.Conv3d: torch.conv3d}
+
+
+def _routed_layer_forward(layer: nn.Module, feedback: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """What `layer.forward(x)` computes (a plain Linear or zero-padded convolution), routed."""
+    if type(layer) is nn.Linear:
+        return _routed(torch.nn.functional.linear, (x, layer.weight, layer.bias), {}, feedback)
+    return _routed(_CONVOLUTION_OF[type(layer)], (x, layer.weight, layer.bias, layer.stride, layer.padding,
+                                                  layer.dilation, layer.groups), {}, feedback)
+
+
+def _layers_called_once(network: Network) -> dict[int, nn.Module]:
+    """The plain Linear and zero-padded convolution layers (by id) that the network's own forward
+    calls exactly once and nothing else reads: a block itself, a `Block`'s layer, a head's layer."""
+    found = {}
+    for module in [*network.blocks, *network.heads.values()]:
+        layer = module.layer if isinstance(module, Block) else module
+        plain = type(layer) is nn.Linear or (type(layer) in _CONVOLUTION_OF and layer.padding_mode == "zeros")
+        if plain and "forward" not in vars(layer):  # (a forward set on the instance is someone else's)
+            found[id(layer)] = layer
+    return found
+
+
+# network -> {routed keys: their layers, or None where a key is not a plain layer's weight}
+_LAYERS_OF_KEYS: "weakref.WeakKeyDictionary[Network, dict]" = weakref.WeakKeyDictionary()
+
+
+def _direct_routes(module: nn.Module, feedback: Mapping[str, torch.Tensor]) -> list | None:
+    """`[(layer, feedback tensor)]` when every weight in `feedback` belongs to a layer of
+    `_layers_called_once`, else None. Worked out once per network and set of keys."""
+    if not isinstance(module, Network) or torch.compiler.is_compiling():
+        return None
+    keys = tuple(feedback)
+    known = _LAYERS_OF_KEYS.setdefault(module, {})
+    if keys not in known:
+        slots, layers = parameter_slots(module), _layers_called_once(module)
+        owners = [slots.get(k, (None, None)) if slots is not None else (None, None) for k in keys]
+        plain = all(leaf == "weight" and id(owner) in layers for owner, leaf in owners)
+        known[keys] = [owner for owner, _ in owners] if plain else None
+    layers = known[keys]
+    return None if layers is None else list(zip(layers, feedback.values()))
+
+
 def feedback_call(module: nn.Module, params: Params, args: tuple, feedback: Mapping[str, torch.Tensor],
                   kwargs: dict | None = None):
     """`call_with(module, params, args, kwargs)` in which every weight named in `feedback`
     (keys of `params`) sends its layer's input gradient through its feedback tensor, under plain
-    autograd and under `torch.func` alike. No module is swapped and no hook is installed: the
-    layers' own `forward` runs, and the linear maps and convolutions it calls with those weights
-    are routed through autograd Functions with the true weight and bias gradients."""
+    autograd and under `torch.func` alike. The layers' own modules run, and the linear maps and
+    convolutions they call with those weights go through autograd Functions with the true weight
+    and bias gradients. Two ways, one result: where every routed weight is a plain layer of a
+    `Network` (`_layers_called_once`), that layer's `forward` is replaced for the call; anywhere
+    else a torch function mode routes every call made with those weights (by identity), which
+    costs a Python call per torch function of the forward (a few percent of a small MLP's step)."""
     if not feedback:
         return call_with(module, params, args, kwargs)
-    with _FeedbackRouting({id(params[k]): b for k, b in feedback.items()}):
+    routes = _direct_routes(module, feedback)
+    if routes is None:
+        with _FeedbackRouting({id(params[k]): b for k, b in feedback.items()}):
+            return call_with(module, params, args, kwargs)
+    try:
+        for layer, b in routes:
+            layer.forward = functools.partial(_routed_layer_forward, layer, b)
         return call_with(module, params, args, kwargs)
+    finally:
+        for layer, _ in routes:
+            del layer.forward
 
 
 # -- one block -------------------------------------------------------------------------------------

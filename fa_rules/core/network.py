@@ -34,7 +34,9 @@ Params = dict[str, torch.Tensor]
 _SLOTS: "weakref.WeakKeyDictionary[nn.Module, dict | None]" = weakref.WeakKeyDictionary()
 
 
-def _parameter_slots(module: nn.Module) -> dict | None:
+def parameter_slots(module: nn.Module) -> dict | None:
+    """`{parameter name: (owning submodule, attribute)}` of `module`, found once; None where a
+    weight is tied or parametrised."""
     if module not in _SLOTS:
         slots: dict | None = {}
         for name, _ in module.named_parameters(remove_duplicate=False):
@@ -54,7 +56,7 @@ def call_with(module: nn.Module, params: Params, args: tuple = (), kwargs: dict 
     weights on every call, which is most of the engine's overhead on small steps; here the
     parameter slots are found once per module and swapped directly. Under `torch.compile` tracing,
     with tied or parametrised weights, or keys that are not parameters, it is `functional_call`."""
-    slots = None if torch.compiler.is_compiling() else _parameter_slots(module)
+    slots = None if torch.compiler.is_compiling() else parameter_slots(module)
     if slots is None or not params.keys() <= slots.keys():
         return functional_call(module, params, args, kwargs)
     swapped = []
