@@ -457,25 +457,31 @@ def chained_feedback_gradients(network: Network, model_params: Params, x: torch.
     return grads, loss
 
 
+def _cut_chain(network: Network, x: torch.Tensor) -> Callable[[Params], tuple[torch.Tensor, ...]]:
+    """`params -> (h_0, ..., h_L)`: every block's output, each block's input cut from the graph, so
+    that one `vjp` of it gives every block its local parameter gradients for a signal at its own
+    output (one backward pass, no chain through the blocks)."""
+    def outputs(model_params: Params) -> tuple[torch.Tensor, ...]:
+        hs, h = [], x
+        for i in range(network.num_blocks):
+            h = network.block_apply(i, model_params, h.detach())
+            hs.append(h)
+        return tuple(hs)
+
+    return outputs
+
+
 def direct_feedback_gradients(network: Network, model_params: Params, x: torch.Tensor, y: torch.Tensor,
                               projections: Mapping[int, torch.Tensor], outputs: list | None = None):
     """`(grads, loss)` where hidden block `i` receives `projections[i] @ e` at its output (a matrix
     of shape (block output numel, classes), or a conv kernel: see the module docstring); the output
     block receives `e`. Block outputs are appended to `outputs` when it is given."""
-    last = network.num_blocks - 1
-    pullbacks, shapes = [], []
-    h = x
-    for i in range(network.num_blocks):
-        h, pb = block_pullback(network, i, model_params, h, input_grad=False)
-        pullbacks.append(pb)
-        shapes.append(tuple(h.shape[1:]))
-        if outputs is not None:
-            outputs.append(h)
-    e, loss = output_error(h, y)
-    grads: Params = {}
-    for i, pb in enumerate(pullbacks):
-        g = e if i == last else _project(e, projections[i], shapes[i], network, i)
-        grads.update(pb(g)[0])
+    hs, pullback = vjp(_cut_chain(network, x), model_params)
+    if outputs is not None:
+        outputs.extend(hs)
+    e, loss = output_error(hs[-1], y)
+    signals = [_project(e, projections[i], tuple(h.shape[1:]), network, i) for i, h in enumerate(hs[:-1])]
+    (grads,) = pullback((*signals, e))
     return grads, loss
 
 
