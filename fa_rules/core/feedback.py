@@ -233,6 +233,9 @@ def _arg(args, kwargs, i: int, name: str, default=None):
 
 
 _CONVOLUTIONS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
+# convolution module -> the function its forward calls, and -> its spatial dimensions
+_CONVOLUTION_OF = {nn.Conv1d: torch.conv1d, nn.Conv2d: torch.conv2d, nn.Conv3d: torch.conv3d}
+_CONV_DIMS = {module: _CONVOLUTIONS[function] for module, function in _CONVOLUTION_OF.items()}
 _TRANSPOSED = {torch.conv_transpose1d: 1, torch.conv_transpose2d: 2, torch.conv_transpose3d: 3}
 
 
@@ -284,7 +287,10 @@ class _FeedbackRouting(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-_CONVOLUTION_OF = {nn.Conv1d: torch.conv1d, nn.Conv2d: torch.conv2d, nn.Conv3d: torch.conv3d}
+def _is_plain_layer(layer: nn.Module) -> bool:
+    """A plain Linear, or a convolution with zero padding (numeric or "same"): layers whose forward
+    is one linear map or convolution of the weight."""
+    return type(layer) is nn.Linear or (type(layer) in _CONV_DIMS and layer.padding_mode == "zeros")
 
 
 def _routed_layer_forward(layer: nn.Module, feedback: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -301,8 +307,7 @@ def _layers_called_once(network: Network) -> dict[int, nn.Module]:
     found = {}
     for module in [*network.blocks, *network.heads.values()]:
         layer = module.layer if isinstance(module, Block) else module
-        plain = type(layer) is nn.Linear or (type(layer) in _CONVOLUTION_OF and layer.padding_mode == "zeros")
-        if plain and "forward" not in vars(layer):  # (a forward set on the instance is someone else's)
+        if _is_plain_layer(layer) and "forward" not in vars(layer):  # (a forward set on the instance is someone else's)
             found[id(layer)] = layer
     return found
 
@@ -319,8 +324,8 @@ def _direct_routes(module: nn.Module, feedback: Mapping[str, torch.Tensor]) -> l
     keys = tuple(feedback)
     known = _LAYERS_OF_KEYS.setdefault(module, {})
     if keys not in known:
-        slots, layers = parameter_slots(module), _layers_called_once(module)
-        owners = [slots.get(k, (None, None)) if slots is not None else (None, None) for k in keys]
+        slots, layers = parameter_slots(module) or {}, _layers_called_once(module)
+        owners = [slots.get(k, (None, None)) for k in keys]
         plain = all(leaf == "weight" and id(owner) in layers for owner, leaf in owners)
         known[keys] = [owner for owner, _ in owners] if plain else None
     layers = known[keys]
@@ -603,15 +608,10 @@ def indirect_feedback_gradients(network: Network, model_params: Params, x: torch
     return grads, loss
 
 
-_CONV_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
-
-
 def _has_closed_form_grads(layer: nn.Module) -> bool:
     """A plain Linear, or a convolution with numeric zero padding: layers whose weight gradient for
     a signal at their output `_closed_form_grads` takes without a graph."""
-    if type(layer) is nn.Linear:
-        return True
-    return type(layer) in _CONV_DIMS and not isinstance(layer.padding, str) and layer.padding_mode == "zeros"
+    return _is_plain_layer(layer) and not isinstance(getattr(layer, "padding", 0), str)
 
 
 def _closed_form_grads(block, local: Params, x: torch.Tensor, delta: torch.Tensor) -> tuple[Params]:
