@@ -60,3 +60,24 @@ def test_saved_bytes_grow_with_batch_and_are_released():
         assert probe.current == 0  # everything saved was freed with the graph
     # activations dominate: 8x the batch is several times the bytes (weights are shared)
     assert peaks[1] > 3 * peaks[0]
+
+
+def test_first_order_holds_only_where_no_backward_is_differentiated():
+    """Where `first_order()` holds, feedback routing swaps saved tensors (first derivatives only)."""
+    seen = {}
+
+    def record(name, value):
+        seen[name] = autodiff.first_order()
+        return value
+
+    w = torch.randn(3)
+    record("outside", None)
+    autodiff.grad(lambda p: record("grad", (p * p).sum()))(w)
+    autodiff.grad(lambda p: autodiff.grad(lambda q: record("grad in grad", (q ** 3).sum()))(p).sum())(w)
+    autodiff.vjp(lambda p: record("vjp", p * p), w)
+    autodiff.grad(lambda p: autodiff.vjp(lambda q: record("vjp in grad", q * q), p)[0].sum())(w)
+    with autodiff.SavedTensorsProbe():
+        autodiff.grad(lambda p: record("grad in probe", (p * p).sum()))(w)
+    torch.func.grad(lambda p: record("torch.func", (p * p).sum()))(w)
+    assert seen == {"outside": False, "grad": True, "grad in grad": False, "vjp": True, "vjp in grad": False,
+                    "grad in probe": False, "torch.func": False}

@@ -115,6 +115,60 @@ def test_direct_layer_routing_equals_the_function_mode_and_puts_the_layers_back(
     assert not any("forward" in vars(layer) for layer in layers)
 
 
+def _routing_network(model: str):
+    if model != "custom":
+        return REGISTRY.model(model).make((1, 8, 8), (10,), **({"width": 24} if model == "mlp" else {}))
+    from fa_rules.core.network import Block, Network
+    return Network([  # "same" padding with an even kernel, no biases, a Linear on 3-d input (batch, 4, 48)
+        Block(nn.Conv2d(1, 3, 4, padding="same", bias=False), nn.ReLU(), in_shape=(1, 8, 8)),
+        Block(nn.Conv2d(3, 3, 3, padding="same"), nn.Tanh()),
+        Block(nn.Linear(48, 10, bias=False), nn.Tanh(), in_shape=(4, 48)),
+        Block(nn.Linear(40, 10), in_shape=(40,)),
+    ], in_shape=(1, 8, 8), out_shape=(10,))
+
+
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("model", ["mlp", "lenet", "custom"])
+def test_saved_tensor_routing_gives_the_feedback_functions_gradients(model, monkeypatch):
+    """Under plain autograd at first order, routed layers run their own forward with the feedback
+    tensor saved in the weight's place; the gradients are those of the autograd Functions."""
+    import fa_rules.core.feedback as fb
+    from fa_rules.core import autodiff
+
+    torch.manual_seed(0)
+    network = _routing_network(model)
+    params = network.init_params()
+    feedback = {k: torch.randn_like(v) for k, v in params.items() if k.endswith("weight") and k != "blocks.0.layer.weight"}
+    x = torch.rand(4, 1, 8, 8)
+
+    def loss(p):
+        return feedback_call(network, p, (x,), feedback).square().sum()
+
+    packs = []
+
+    class Spy(fb._SaveFeedback):
+        __slots__ = ()
+
+        def __init__(self, *args):
+            super().__init__(*args)
+            packs.append(self)
+
+    monkeypatch.setattr(fb, "_SaveFeedback", Spy)
+    by_hooks = autodiff.grad(loss)(params)
+    routed = [p.routed for p in packs]
+    # every routed layer saved its feedback tensor; the Linear on 3-d input may fall back to a Function
+    assert len(routed) == len(feedback) and (all(routed) if model != "custom" else sum(routed) >= 2)
+    monkeypatch.setattr(fb, "first_order", lambda: False)
+    by_functions = autodiff.grad(loss)(params)
+    by_transform = torch.func.grad(loss)(params)
+    backprop = autodiff.grad(lambda p: fb.call_with(network, p, (x,)).square().sum())(params)
+    for k in params:
+        torch.testing.assert_close(by_hooks[k], by_functions[k], msg=k)
+        torch.testing.assert_close(by_hooks[k], by_transform[k], msg=k)
+    assert not torch.allclose(by_hooks["blocks.0.layer.weight"], backprop["blocks.0.layer.weight"])
+    assert not any("forward" in vars(layer) for layer in network.modules())
+
+
 # -- a residual network against an independent implementation --------------------------------------
 def _substituted(op, x, weight, bias, feedback, **geometry):
     """Plain autograd: the value of op(x; W, b), its input derivative through `feedback`."""

@@ -28,6 +28,9 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 _probing = contextvars.ContextVar("fa_rules_probing", default=False)
 _depth = contextvars.ContextVar("fa_rules_autograd_depth", default=0)
 _force_func = contextvars.ContextVar("fa_rules_force_torch_func", default=False)
+# True while the function of a plain-autograd `grad`/`vjp` runs whose backward pass nothing will
+# differentiate (no create_graph): there a saved tensor may stand in for another (`first_order`)
+_first_order = contextvars.ContextVar("fa_rules_first_order", default=False)
 
 
 def plain_autograd() -> bool:
@@ -35,6 +38,15 @@ def plain_autograd() -> bool:
     if _probing.get():
         return True
     return not _force_func.get() and torch._C._functorch.peek_interpreter_stack() is None
+
+
+def first_order() -> bool:
+    """True inside the function of a `grad`, `grad_and_value` or `vjp` evaluated by plain autograd
+    whose backward pass is not itself differentiated, outside the memory probe: where a caller may
+    set its own `saved_tensors_hooks` and change what the backward pass reads (its first
+    derivatives), as `fa_rules.core.feedback` does to route an input gradient through a feedback
+    tensor. Anywhere else (torch.func, nested differentiation, the probe) False."""
+    return _first_order.get() and not _probing.get() and plain_autograd()
 
 
 class functional_transforms:
@@ -66,11 +78,14 @@ def _autograd_grad_and_value(f, argnums, has_aux) -> Callable:
             leaves = [_as_input(t) for t in leaves]
             flats[n], specs[n] = leaves, spec
             args[n] = tree_unflatten(leaves, spec)
-        token = _depth.set(_depth.get() + 1)
+        outer = _depth.get()  # > 0: an enclosing grad differentiates through this one's backward
+        token = _depth.set(outer + 1)
+        first = _first_order.set(outer == 0)
         try:
             with torch.enable_grad():
                 result = f(*args, **kwargs)
         finally:
+            _first_order.reset(first)
             _depth.reset(token)
         value, aux = result if has_aux else (result, None)
         inputs = [t for n in nums for t in flats[n]]
@@ -117,10 +132,14 @@ def vjp(f: Callable, *primals, has_aux: bool = False):
     leaves, spec = tree_flatten(list(primals))
     leaves = [_as_input(t) for t in leaves]
     inputs = tree_unflatten(leaves, spec)
-    with torch.enable_grad():
-        result = f(*inputs)
-    out, aux = result if has_aux else (result, None)
     nested = _depth.get() > 0
+    first = _first_order.set(not nested)
+    try:
+        with torch.enable_grad():
+            result = f(*inputs)
+    finally:
+        _first_order.reset(first)
+    out, aux = result if has_aux else (result, None)
 
     def vjp_fn(cotangent):
         out_leaves, _ = tree_flatten(out)

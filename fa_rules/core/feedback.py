@@ -1,22 +1,22 @@
 """Sending an error signal through blocks with substitute feedback tensors.
 
 The one mechanism behind the feedback-alignment family. Backprop sends the error at block `i`'s
-output back to its input through the transpose of the block's own weight. Here block `i` is run
-under a `vjp` in which the layer's *forward value* uses the weight `W` but its derivative with
-respect to the block input uses a feedback tensor `B` of the same shape:
+output back to its input through the transpose of the block's own weight. Here the layer's
+*forward value* uses the weight `W` but its derivative with respect to its input uses a feedback
+tensor `B` of the same shape, while `W` and the bias keep their true gradients (`delta_a x^T`
+with `delta_a` the signal at the layer's output, evaluated at the true pre-activation):
 
-    a = layer(x; W, b) + layer(x - stop(x); B, 0)        value: layer(x; W, b)
-                                                         d a / d x: the layer map with B
-    h = post(activation(a))
+    a = layer(x; W, b)        value as usual
+    d a / d x                 the layer map with B: `B^T delta_a` for a Linear layer, the
+                              transposed convolution with `B` for a convolution
 
-`stop(x)` is the input closed over as a constant, so the second term is exactly zero forward and
-contributes only its derivative. One `vjp` of this block with cotangent `g` at `h` then returns
-the block's true local parameter gradient (`delta_a x^T` with `delta_a = g` pulled back through
-`post` and the activation, evaluated at the true pre-activation) and the signal at the input,
-`B^T delta_a` for a Linear layer, the transposed convolution with `B` for a Conv2d layer. Pooling
-or any other parameter-free `post` is handled by the same `vjp`. With `B = W` this is backprop.
+`feedback_call` runs a module so (by saved-tensor hooks, autograd Functions or a function mode;
+its docstring says which where). Its meaning is the additive form, `layer(stop(x); W, b) +
+layer(x - stop(x); B, 0)` with `stop` a constant: value `layer(x; W, b)`, derivative through `B`.
+Pooling, activations or any other parameter-free `post` are differentiated as usual. With `B = W`
+this is backprop.
 
-Three ways of routing the output error `e = dL/d(logits)` are built on it:
+Four ways of routing the output error `e = dL/d(logits)` are built on it:
 
 - `chained_feedback_gradients`: block by block from the output down, each block's input signal
   through its feedback tensor (feedback alignment, sign symmetry, Kolen-Pollack);
@@ -56,7 +56,7 @@ import torch.func
 from torch.autograd import forward_ad
 from torch import nn
 
-from fa_rules.core.autodiff import grad_and_value, plain_autograd, vjp
+from fa_rules.core.autodiff import first_order, grad_and_value, plain_autograd, vjp
 from fa_rules.core.errors import UserError
 from fa_rules.core.metrics import classification_loss
 from fa_rules.core.network import Block, Network, Params, call_with, parameter_slots
@@ -262,9 +262,10 @@ def _routed(func, args, kwargs, feedback: torch.Tensor):
             x, weight, bias, feedback, _ntuple(_arg(args, kwargs, 3, "stride", 1), n),
             _ntuple(_arg(args, kwargs, 4, "padding", 0), n), _ntuple(_arg(args, kwargs, 7, "dilation", 1), n), True,
             _ntuple(_arg(args, kwargs, 5, "output_padding", 0), n), _arg(args, kwargs, 6, "groups", 1))
-    # padding="same": the additive form, layer(x; W, b) + layer(x - stop(x); B, 0), same derivative
+    # padding="same": the additive form, layer(stop(x); W, b) + layer(x - stop(x); B, 0), same derivative
     shadow = [x - x.detach(), feedback, None, *args[3:]]
-    return func(*args, **kwargs) + func(*shadow, **{k: v for k, v in kwargs.items() if k not in ("weight", "bias")})
+    return (func(x.detach(), *args[1:], **kwargs)
+            + func(*shadow, **{k: v for k, v in kwargs.items() if k not in ("weight", "bias")}))
 
 
 _ROUTABLE = (torch.nn.functional.linear, *_CONVOLUTIONS, *_TRANSPOSED)
@@ -293,12 +294,56 @@ def _is_plain_layer(layer: nn.Module) -> bool:
     return type(layer) is nn.Linear or (type(layer) in _CONV_DIMS and layer.padding_mode == "zeros")
 
 
+class _SaveFeedback:
+    """Pack hook for one routed layer call: where autograd saves the weight for the input gradient
+    (`target`: the weight, which a convolution saves, or the view `W^T` a linear map saves), it
+    saves the same view of the feedback tensor (`replacement`) instead. Autograd's own backward then
+    sends the input gradient through `B`, and the weight and bias gradients, which read only the
+    saved input, stay true: no Python runs in the backward pass. Exact for first derivatives only
+    (`first_order`)."""
+
+    __slots__ = ("target", "replacement", "routed")
+
+    def __init__(self, target: torch.Tensor, replacement: torch.Tensor):
+        self.target, self.replacement, self.routed = target, replacement, False
+
+    def __call__(self, saved: torch.Tensor) -> torch.Tensor:
+        if saved is self.target:
+            self.routed = True
+            return self.replacement
+        return saved
+
+
+def _unpack_saved(saved: torch.Tensor) -> torch.Tensor:
+    return saved
+
+
 def _routed_layer_forward(layer: nn.Module, feedback: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """What `layer.forward(x)` computes (a plain Linear or zero-padded convolution), routed."""
+    """What `layer.forward(x)` computes (a plain Linear or zero-padded convolution), routed by the
+    feedback autograd Functions."""
     if type(layer) is nn.Linear:
         return _routed(torch.nn.functional.linear, (x, layer.weight, layer.bias), {}, feedback)
     return _routed(_CONVOLUTION_OF[type(layer)], (x, layer.weight, layer.bias, layer.stride, layer.padding,
                                                   layer.dilation, layer.groups), {}, feedback)
+
+
+def _hooked_layer_forward(layer: nn.Module, feedback: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """What `layer.forward(x)` computes, by the same kernels, with `B` saved where autograd saves
+    the weight (`_SaveFeedback`); the Function route where autograd saved no such tensor."""
+    weight, bias = layer.weight, layer.bias
+    if type(layer) is nn.Linear and x.dim() == 2:
+        # F.linear's own decomposition, with the `W^T` that the product saves at hand to match
+        weight_t = weight.t()
+        pack = _SaveFeedback(weight_t, feedback.t())
+        with torch.autograd.graph.saved_tensors_hooks(pack, _unpack_saved):
+            out = torch.mm(x, weight_t) if bias is None else torch.addmm(bias, x, weight_t)
+    else:
+        pack = _SaveFeedback(weight, feedback)
+        with torch.autograd.graph.saved_tensors_hooks(pack, _unpack_saved):
+            out = type(layer).forward(layer, x)
+    if pack.routed or not (x.requires_grad and torch.is_grad_enabled()):
+        return out
+    return _routed_layer_forward(layer, feedback, x)
 
 
 def _layers_called_once(network: Network) -> dict[int, nn.Module]:
@@ -336,25 +381,32 @@ def feedback_call(module: nn.Module, params: Params, args: tuple, feedback: Mapp
                   kwargs: dict | None = None):
     """`call_with(module, params, args, kwargs)` in which every weight named in `feedback`
     (keys of `params`) sends its layer's input gradient through its feedback tensor, under plain
-    autograd and under `torch.func` alike. The layers' own modules run, and the linear maps and
-    convolutions they call with those weights go through autograd Functions with the true weight
-    and bias gradients. Two ways, one result: where every routed weight is a plain layer of a
-    `Network` (`_layers_called_once`), that layer's `forward` is replaced for the call; anywhere
-    else a torch function mode routes every call made with those weights (by identity), which
-    costs a Python call per torch function of the forward (a few percent of a small MLP's step)."""
+    autograd and under `torch.func` alike, each parameter keeping its true gradient. Three routes,
+    one result (tested against each other):
+
+    - every routed weight a plain layer of a `Network` (`_layers_called_once`), under plain
+      autograd at first order (`first_order`): the layer's own forward runs with `B` saved where
+      autograd saves the weight, so the backward pass is autograd's own (`_hooked_layer_forward`);
+    - the same layers under `torch.func`, nested differentiation or the memory probe: each layer's
+      `forward` is replaced for the call by the feedback autograd Functions;
+    - anywhere else, a torch function mode routes every linear map or convolution made with those
+      weights (by identity), which costs a Python call per torch function of the forward."""
     if not feedback:
         return call_with(module, params, args, kwargs)
     routes = _direct_routes(module, feedback)
     if routes is None:
         with _FeedbackRouting({id(params[k]): b for k, b in feedback.items()}):
             return call_with(module, params, args, kwargs)
-    try:
+    hooks = first_order()
+    try:  # (object's own attribute calls: nn.Module's cost ~3 us each, a visible part of a small step)
         for layer, b in routes:
-            layer.forward = functools.partial(_routed_layer_forward, layer, b)
+            routed = _hooked_layer_forward if hooks else _routed_layer_forward
+            object.__setattr__(layer, "forward", functools.partial(routed, layer, b))
         return call_with(module, params, args, kwargs)
     finally:
         for layer, _ in routes:
-            del layer.forward
+            if "forward" in vars(layer):
+                object.__delattr__(layer, "forward")
 
 
 # -- one block -------------------------------------------------------------------------------------

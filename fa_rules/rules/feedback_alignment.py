@@ -207,9 +207,10 @@ def sign_feedback(weight: torch.Tensor, scale: float, magnitude: str = "mean_abs
     weights) or `scale * sqrt(2 / (fan_in + fan_out))` (BioTorch's usf, fixed by the shape)."""
     if magnitude == "mean_abs":
         signs = torch.sign(weight)
-        # mean|W| = <sign(W), W> / n: one BLAS dot instead of an |W| tensor and its mean
-        mean_abs = torch.dot(signs.reshape(-1), weight.reshape(-1)) / weight.numel()
-        return signs.mul_(mean_abs * scale)  # (in place: one tensor fewer)
+        # mean|W| = <sign(W), W> / n: one BLAS dot instead of an |W| tensor and its mean; the
+        # scalar scaled in place and the signs scaled in place (each op a visible cost on a small step)
+        magnitude_ = torch.dot(signs.reshape(-1), weight.reshape(-1)).mul_(scale / weight.numel())
+        return signs.mul_(magnitude_)
     if magnitude == "xavier":
         return torch.sign(weight) * (scale * xavier_std(weight.shape))
     raise UserError(f"unknown sign-symmetry magnitude '{magnitude}' (use {' or '.join(MAGNITUDES)})")
@@ -290,10 +291,11 @@ def kolen_pollack(init: str = "uniform", scale: float = 1.0, feedback_seed: int 
     def step(network, params, state, batch):
         model, feedback = params["model"], params["feedback"]
         grads, loss = chained_feedback_gradients(network, model, batch.x, batch.y, feedback)
-        # torch.add(g, W, alpha=decay): g + decay W in one pass
-        updates = {k: torch.add(grads[k], model[k], alpha=decay) if k in feedback else grads[k] for k in model}
+        # g + decay B, then g + decay W in place (the gradients are this step's own tensors)
         feedback_updates = {k: torch.add(grads[k], b, alpha=decay) for k, b in feedback.items()}
-        return {"model": updates, "feedback": feedback_updates}, state, {"loss": loss}
+        for k in feedback:
+            grads[k].add_(model[k], alpha=decay)
+        return {"model": _ordered(model, grads), "feedback": feedback_updates}, state, {"loss": loss}
 
     return Rule(init=init_fn, step=step, task="classify")
 
