@@ -77,3 +77,73 @@ def test_biotorch_costs_prints_both_libraries_ratios():
     modes = {r[0]: r[3] for r in rows}
     assert modes["feedback_alignment"] == "fa" and modes["sign_symmetry magnitude=xavier"] == "usf"
     assert all(float(r[1]) > 0 and float(r[4]) > 0 for r in rows)
+
+
+# -- the engine's direct fused-Adam step against torch.optim's own ------------------------------------
+def _adam_pair(**options):
+    import torch
+
+    from fa_rules.core.config import TrainConfig
+    from fa_rules.core.trainer import make_optimizers
+
+    g = torch.Generator().manual_seed(0)
+    shapes = {"w": (7, 5), "b": (7,), "v": (3, 7)}
+    params = {k: torch.randn(s, generator=g) for k, s in shapes.items()}
+    twin = {k: v.clone() for k, v in params.items()}
+    config = TrainConfig(**options)
+    return params, twin, make_optimizers(config, {"model": params}), make_optimizers(config, {"model": twin}), g
+
+
+def test_direct_fused_adam_step_is_torch_optims_step_to_the_bit(monkeypatch):
+    import torch
+
+    from fa_rules.core import trainer as trainer_module
+    from fa_rules.core.rule import Rule
+
+    rule = Rule(init=lambda *a: None, step=lambda *a: None)
+    params, twin, fast, plain, g = _adam_pair(lr=3e-3, weight_decay=1e-2)
+    direct = []
+    original = trainer_module._fused_adam_step
+    for step in range(6):
+        updates = {k: torch.randn(v.shape, generator=g) for k, v in params.items()}
+        if step == 3:  # a schedule's new rate reaches the kernel
+            for opt in (*fast.values(), *plain.values()):
+                opt.param_groups[0]["lr"] = 1e-3
+        monkeypatch.setattr(trainer_module, "_fused_adam_step", lambda *a: direct.append(original(*a)) or direct[-1])
+        trainer_module.apply_updates(rule, {"model": params}, {"model": updates}, fast)
+        monkeypatch.setattr(trainer_module, "_fused_adam_step", lambda *a: False)
+        trainer_module.apply_updates(rule, {"model": twin}, {"model": {k: u.clone() for k, u in updates.items()}}, plain)
+        for k in params:
+            assert torch.equal(params[k], twin[k]), (step, k)
+            assert params[k].grad is None
+    # the first step makes the state (torch.optim's own step); every later one is direct
+    assert direct == [False] + [True] * 5
+    fast_state = fast["model"].state_dict()["state"]
+    plain_state = plain["model"].state_dict()["state"]
+    for i in plain_state:
+        for name in ("step", "exp_avg", "exp_avg_sq"):
+            assert torch.equal(fast_state[i][name], plain_state[i][name]), (i, name)
+
+
+def test_direct_fused_adam_step_declines_what_it_does_not_do():
+    import torch
+
+    from fa_rules.core.trainer import _fused_adam_step
+
+    params, _, fast, _, g = _adam_pair()
+    opt = fast["model"]
+    updates = {k: torch.randn(v.shape, generator=g) for k, v in params.items()}
+    assert not _fused_adam_step(opt, params, updates)  # no state yet
+    for k, u in updates.items():
+        params[k].grad = u
+    opt.step()
+    assert _fused_adam_step(opt, params, updates)
+    assert not _fused_adam_step(opt, params, {"w": updates["w"]})  # an update missing
+    opt.param_groups[0]["amsgrad"] = True
+    assert not _fused_adam_step(opt, params, updates)
+    opt.param_groups[0]["amsgrad"] = False
+    handle = opt.register_step_post_hook(lambda *a: None)
+    assert not _fused_adam_step(opt, params, updates)
+    handle.remove()
+    sgd = torch.optim.SGD(list(params.values()), lr=0.1)
+    assert not _fused_adam_step(sgd, params, updates)
