@@ -397,10 +397,9 @@ def feedback_call(module: nn.Module, params: Params, args: tuple, feedback: Mapp
     if routes is None:
         with _FeedbackRouting({id(params[k]): b for k, b in feedback.items()}):
             return call_with(module, params, args, kwargs)
-    hooks = first_order()
+    routed = _hooked_layer_forward if first_order() else _routed_layer_forward
     try:  # (object's own attribute calls: nn.Module's cost ~3 us each, a visible part of a small step)
         for layer, b in routes:
-            routed = _hooked_layer_forward if hooks else _routed_layer_forward
             object.__setattr__(layer, "forward", functools.partial(routed, layer, b))
         return call_with(module, params, args, kwargs)
     finally:

@@ -183,8 +183,9 @@ def _fused_adam_step(opt: torch.optim.Optimizer, params: dict[str, torch.Tensor]
             or getattr(opt, "grad_scale", None) is not None or getattr(opt, "found_inf", None) is not None):
         return False
     group = opt.param_groups[0]
-    if (not group["fused"] or group["amsgrad"] or group["capturable"] or group["differentiable"]
-            or group["decoupled_weight_decay"] or not isinstance(group["lr"], float)):
+    if (not group.get("fused") or any(group.get(k) for k in ("amsgrad", "capturable", "differentiable",
+                                                              "decoupled_weight_decay"))
+            or not isinstance(group["lr"], float)):
         return False
     ps, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
     for p, (key, own) in zip(group["params"], params.items()):

@@ -207,10 +207,10 @@ def sign_feedback(weight: torch.Tensor, scale: float, magnitude: str = "mean_abs
     weights) or `scale * sqrt(2 / (fan_in + fan_out))` (BioTorch's usf, fixed by the shape)."""
     if magnitude == "mean_abs":
         signs = torch.sign(weight)
-        # mean|W| = <sign(W), W> / n: one BLAS dot instead of an |W| tensor and its mean; the
-        # scalar scaled in place and the signs scaled in place (each op a visible cost on a small step)
-        magnitude_ = torch.dot(signs.reshape(-1), weight.reshape(-1)).mul_(scale / weight.numel())
-        return signs.mul_(magnitude_)
+        # mean|W| = <sign(W), W> / n: one BLAS dot instead of an |W| tensor and its mean; both
+        # scalings in place (each op is a visible cost on a small step)
+        scaled_mean_abs = torch.dot(signs.reshape(-1), weight.reshape(-1)).mul_(scale / weight.numel())
+        return signs.mul_(scaled_mean_abs)
     if magnitude == "xavier":
         return torch.sign(weight) * (scale * xavier_std(weight.shape))
     raise UserError(f"unknown sign-symmetry magnitude '{magnitude}' (use {' or '.join(MAGNITUDES)})")
