@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from fa_rules.core.network import Network
 from fa_rules.core.rule import Batch, Groups, Rule, RuleSpec, state_problem
 from fa_rules.core.config import TrainConfig
-from fa_rules.core.trainer import apply_updates, check_updates, make_optimizers, nonfinite_update
+from fa_rules.core.trainer import apply_updates, check_updates, declared_weight_decay, make_optimizers, nonfinite_update
 
 CHECKS = ("structure", "finite", "state_types", "determinism", "no_mutation", "roundtrip", "learns")
 CONV_MODEL = "lenet"
@@ -185,12 +185,13 @@ def check_learns(spec: RuleSpec, model: str | None = None, steps: int = 100, lr:
     s = make_setup(spec, n=128, model=model)
     config = TrainConfig(lr=lr)
     optimizers = make_optimizers(config, s.params)
+    decay = declared_weight_decay(spec.name, s.rule, s.network, s.params)
     losses = []
     state = s.state
     for i in range(steps):
         batch = Batch(s.batch.x, s.batch.y, seed=i)
         updates, state, metrics = s.rule.step(s.network, s.params, state, batch)
-        apply_updates(s.rule, s.params, updates, optimizers)
+        apply_updates(s.rule, s.params, updates, optimizers, decay)
         losses.append(float(metrics["loss"]))
     first, last = statistics.fmean(losses[:5]), statistics.fmean(losses[-5:])
     if not last < 0.9 * first:

@@ -98,3 +98,39 @@ def test_in_place_clamp_gives_the_values_of_the_pure_clamp_it_replaced():
     weights = [k for k in results[0] if k.endswith("weight")]
     assert weights and all(results[0][k].abs().max() == 0.5 for k in weights)  # the clamp did act
     assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+def decaying_rule(value: float, decay: dict) -> Rule:
+    """constant_rule that declares an L2 term `decay` (group -> key -> lambda)."""
+    return Rule(init=no_state_init, step=constant_rule(value).step, weight_decay=lambda network, params: decay)
+
+
+def test_declared_weight_decay_follows_the_combinators():
+    from fa_rules.core.trainer import declared_weight_decay
+
+    net, params, _ = _setup()
+    w0, w2 = "blocks.0.layer.weight", "blocks.2.layer.weight"
+    first, last = decaying_rule(1.0, {"model": {w0: 0.5, w2: 0.5}}), decaying_rule(1.0, {"model": {w2: 3.0}})
+    # partition: each rule's decay only on the model keys it updates (block 2 belongs to `last`)
+    split = partition(first, {-1: last})
+    assert declared_weight_decay("split", split, net, params) == {"model": {w0: 0.5, w2: 3.0}}
+    assert declared_weight_decay("bare", partition(constant_rule(1.0), {-1: backprop()}), net, params) == {}
+    # weighted sum: sum_i w_i (u_i + lambda_i p), so the decays add with the weights
+    summed = weighted_sum([(2.0, first), (0.5, last)])
+    assert declared_weight_decay("sum", summed, net, params) == {"model": {w0: 1.0, w2: 1.0 + 1.5}}
+    assert constrained(first, clamp(1.0)).weight_decay is first.weight_decay
+
+
+def test_a_bad_weight_decay_declaration_is_a_one_line_rule_error():
+    import pytest
+
+    from fa_rules.core.errors import RuleError
+    from fa_rules.core.trainer import declared_weight_decay
+
+    net, params, _ = _setup()
+    with pytest.raises(RuleError, match=r"rule 'r' declares weight decay for model/nope, which is not a parameter"):
+        declared_weight_decay("r", decaying_rule(1.0, {"model": {"nope": 0.1}}), net, params)
+    with pytest.raises(RuleError, match=r"weight decay of model/blocks.0.layer.bias must be a finite number, got nan"):
+        declared_weight_decay("r", decaying_rule(1.0, {"model": {"blocks.0.layer.bias": float("nan")}}), net, params)
+    # zero entries are dropped: nothing to add
+    assert declared_weight_decay("r", decaying_rule(1.0, {"model": {"blocks.0.layer.bias": 0.0}}), net, params) == {}

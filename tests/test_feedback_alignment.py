@@ -14,7 +14,7 @@ from fa_rules import models as zoo
 from fa_rules.core.feedback import chained_feedback_gradients, draw_feedback, weight_key
 from fa_rules.core.metrics import angle_deg, backprop_gradient
 from fa_rules.core.rule import Batch
-from fa_rules.core.trainer import TrainConfig, apply_updates, check_updates, make_optimizers
+from fa_rules.core.trainer import TrainConfig, apply_updates, check_updates, declared_weight_decay, make_optimizers
 from fa_rules.plugins.manager import get_registry
 
 RULES = ["feedback_alignment", "direct_feedback_alignment", "indirect_feedback_alignment", "sign_symmetry",
@@ -81,6 +81,11 @@ def test_mlp_updates_equal_the_notes_formulas(rule_name):
         "blocks.2.layer.weight": e.T @ h2, "blocks.2.layer.bias": e.sum(0),  # output block: true gradient
     }
     if rule_name == "kolen_pollack":
+        # the decay terms are declared, and the engine adds them: pseudo-gradient = update + lambda p
+        decay = declared_weight_decay(rule_name, rule, net, params)
+        assert decay == {g: {weight_key(1): 0.01, weight_key(2): 0.01} for g in ("model", "feedback")}
+        updates = {g: {k: u + decay.get(g, {}).get(k, 0.0) * params[g][k] for k, u in us.items()}
+                   for g, us in updates.items()}
         fb = params["feedback"]
         assert set(updates["feedback"]) == {weight_key(1), weight_key(2)}
         for k, b in fb.items():
@@ -283,9 +288,10 @@ def test_kolen_pollack_feedback_converges_to_the_forward_weights_under_sgd():
         return [(params["model"][k] - params["feedback"][k]).norm().item() for k in params["feedback"]]
 
     before = gaps()
+    decay_terms = declared_weight_decay("kolen_pollack", rule, net, params)
     for _ in range(steps):
         updates, state, _ = rule.step(net, params, state, batch)
-        apply_updates(rule, params, updates, optimizers)
+        apply_updates(rule, params, updates, optimizers, decay_terms)
     # W - B shrinks by exactly (1 - lr * decay) per step: the common update cancels
     for b, a in zip(before, gaps()):
         assert a == pytest.approx(b * (1 - lr * decay) ** steps, rel=1e-4)
@@ -413,3 +419,37 @@ def test_ifas_closed_forms_equal_autograd(activation):
         (got,) = fb._closed_form_transpose(block, {}, a, z, indices, g)
         assert torch.allclose(got, expected, atol=1e-12), pool
     assert not fb._has_closed_form_transpose(Block(nn.Linear(3, 3), nn.Softplus()))
+
+
+def test_kolen_pollack_with_declared_decay_trains_as_the_rule_adding_it_itself():
+    """The engine adding Kolen-Pollack's decay in its Adam kernel gives the parameters of the rule
+    returning `g + decay W` and `g + decay B` itself (its form before the decay was declared)."""
+    from fa_rules.core import Rule
+
+    decay = 0.05
+    net, rule, params, state, _ = _setup("kolen_pollack", _mlp, (1, 8, 8), n=32, decay=decay)
+    twin = {g: {k: v.clone() for k, v in ts.items()} for g, ts in params.items()}
+
+    def step_adding_decay(network, params, state, batch):
+        updates, state, metrics = rule.step(network, params, state, batch)
+        full = {g: {k: u + decay * params[g][k] if k in params["feedback"] else u for k, u in us.items()}
+                for g, us in updates.items()}
+        return full, state, metrics
+
+    itself = Rule(init=rule.init, step=step_adding_decay)
+    config = TrainConfig(lr=1e-2)
+    optimizers, twin_optimizers = make_optimizers(config, params), make_optimizers(config, twin)
+    declared = declared_weight_decay("kolen_pollack", rule, net, params)
+    g = torch.Generator().manual_seed(0)
+    for i in range(8):
+        batch = Batch(torch.rand(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g))
+        updates, _, _ = rule.step(net, params, state, batch)
+        assert updates["feedback"][weight_key(1)] is updates["model"][weight_key(1)]  # one shared tensor
+        apply_updates(rule, params, updates, optimizers, declared)
+        updates, _, _ = itself.step(net, twin, state, batch)
+        apply_updates(itself, twin, updates, twin_optimizers)
+    for group in params:
+        for k in params[group]:
+            assert torch.allclose(params[group][k], twin[group][k], rtol=1e-5, atol=1e-7), (group, k)
+    moved = (params["feedback"][weight_key(1)] - _setup("kolen_pollack", _mlp, (1, 8, 8), n=32)[2]["feedback"][weight_key(1)])
+    assert moved.abs().max() > 1e-3  # the feedback did learn

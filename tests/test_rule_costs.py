@@ -103,15 +103,16 @@ def test_direct_fused_adam_step_is_torch_optims_step_to_the_bit(monkeypatch):
     rule = Rule(init=lambda *a: None, step=lambda *a: None)
     params, twin, fast, plain, g = _adam_pair(lr=3e-3, weight_decay=1e-2)
     direct = []
-    original = trainer_module._fused_adam_step
+    original = trainer_module._direct_adam_entries
     for step in range(6):
         updates = {k: torch.randn(v.shape, generator=g) for k, v in params.items()}
         if step == 3:  # a schedule's new rate reaches the kernel
             for opt in (*fast.values(), *plain.values()):
                 opt.param_groups[0]["lr"] = 1e-3
-        monkeypatch.setattr(trainer_module, "_fused_adam_step", lambda *a: direct.append(original(*a)) or direct[-1])
+        monkeypatch.setattr(trainer_module, "_direct_adam_entries",
+                            lambda *a: direct.append(original(*a) is not None) or original(*a))
         trainer_module.apply_updates(rule, {"model": params}, {"model": updates}, fast)
-        monkeypatch.setattr(trainer_module, "_fused_adam_step", lambda *a: False)
+        monkeypatch.setattr(trainer_module, "_direct_adam_entries", lambda *a: None)
         trainer_module.apply_updates(rule, {"model": twin}, {"model": {k: u.clone() for k, u in updates.items()}}, plain)
         for k in params:
             assert torch.equal(params[k], twin[k]), (step, k)
@@ -125,25 +126,69 @@ def test_direct_fused_adam_step_is_torch_optims_step_to_the_bit(monkeypatch):
             assert torch.equal(fast_state[i][name], plain_state[i][name]), (i, name)
 
 
+def test_declared_weight_decay_is_the_decay_term_added_to_the_update(monkeypatch):
+    """Two groups stepped directly in merged kernel calls, a declared decay added in the kernel,
+    against torch.optim stepping `update + lambda p` group by group (the rule adding it itself)."""
+    import torch
+
+    from fa_rules.core import trainer as trainer_module
+    from fa_rules.core.config import TrainConfig
+    from fa_rules.core.rule import Rule
+
+    g = torch.Generator().manual_seed(3)
+    shapes = {"model": {"w": (7, 5), "b": (7,)}, "feedback": {"w": (7, 5)}}
+    params = {grp: {k: torch.randn(s, generator=g) for k, s in keys.items()} for grp, keys in shapes.items()}
+    twin = {grp: {k: v.clone() for k, v in ts.items()} for grp, ts in params.items()}
+    config = TrainConfig(lr=3e-3, weight_decay=1e-2)
+    fast, plain = trainer_module.make_optimizers(config, params), trainer_module.make_optimizers(config, twin)
+    decay = {"model": {"w": 0.25}, "feedback": {"w": 0.25}}
+    rule = Rule(init=lambda *a: None, step=lambda *a: None, weight_decay=lambda network, params: decay)
+    bare = Rule(init=lambda *a: None, step=lambda *a: None)
+    assert trainer_module.declared_weight_decay("r", rule, None, params) == decay
+    calls = []
+    for step in range(6):
+        shared = torch.randn(7, 5, generator=g)  # one tensor for W and B, as Kolen-Pollack returns
+        updates = {"model": {"w": shared, "b": torch.randn(7, generator=g)}, "feedback": {"w": shared}}
+        with monkeypatch.context() as m:
+            m.setattr(torch, "_fused_adam_",
+                      lambda *a, _f=torch._fused_adam_, **kw: calls.append(kw["weight_decay"]) or _f(*a, **kw))
+            trainer_module.apply_updates(rule, params, updates, fast, decay)
+        full = {grp: {k: u + decay.get(grp, {}).get(k, 0.0) * twin[grp][k] for k, u in us.items()}
+                for grp, us in updates.items()}
+        with monkeypatch.context() as m:
+            m.setattr(trainer_module, "_direct_adam_entries", lambda *a: None)
+            trainer_module.apply_updates(bare, twin, full, plain)
+        for grp in params:
+            for k in params[grp]:
+                assert torch.allclose(params[grp][k], twin[grp][k], rtol=1e-6, atol=1e-7), (step, grp, k)
+    # step 1 is torch.optim's, one kernel call per group; the others take one call per weight decay
+    # across both groups
+    assert calls[:2] == [1e-2, 1e-2]
+    assert sorted(calls[2:]) == sorted([1e-2, 1e-2 + 0.25] * 5)
+    with __import__("pytest").raises(ValueError, match="declares weight decay"):
+        trainer_module.apply_updates(rule, params, updates, fast)
+
+
 def test_direct_fused_adam_step_declines_what_it_does_not_do():
     import torch
 
-    from fa_rules.core.trainer import _fused_adam_step
+    from fa_rules.core.trainer import _direct_adam_entries
 
     params, _, fast, _, g = _adam_pair()
     opt = fast["model"]
     updates = {k: torch.randn(v.shape, generator=g) for k, v in params.items()}
-    assert not _fused_adam_step(opt, params, updates)  # no state yet
+    assert _direct_adam_entries(opt, params, updates, {}) is None  # no state yet
     for k, u in updates.items():
         params[k].grad = u
     opt.step()
-    assert _fused_adam_step(opt, params, updates)
-    assert not _fused_adam_step(opt, params, {"w": updates["w"]})  # an update missing
-    opt.param_groups[0]["amsgrad"] = True
-    assert not _fused_adam_step(opt, params, updates)
-    opt.param_groups[0]["amsgrad"] = False
+    assert _direct_adam_entries(opt, params, updates, {}) is not None
+    assert _direct_adam_entries(opt, params, {"w": updates["w"]}, {}) is None  # an update missing
+    for setting in ("amsgrad", "maximize"):
+        opt.param_groups[0][setting] = True
+        assert _direct_adam_entries(opt, params, updates, {}) is None, setting
+        opt.param_groups[0][setting] = False
     handle = opt.register_step_post_hook(lambda *a: None)
-    assert not _fused_adam_step(opt, params, updates)
+    assert _direct_adam_entries(opt, params, updates, {}) is None
     handle.remove()
     sgd = torch.optim.SGD(list(params.values()), lr=0.1)
-    assert not _fused_adam_step(sgd, params, updates)
+    assert _direct_adam_entries(sgd, params, updates, {}) is None

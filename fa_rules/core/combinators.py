@@ -4,6 +4,8 @@
   assigned to it (e.g. feedback alignment for the body, backprop for the last block).
 - `weighted_sum([(w, rule), ...])`: updates and losses add with weights (e.g. a supervised loss
   plus the feature-alignment reversibility loss, Eq. 3-4 of the feature alignment paper).
+- A sub-rule's declared weight decay (`Rule.weight_decay`) holds where its updates do: under
+  `partition` on the model keys it owns and its own groups, under `weighted_sum` with its weight.
 - `constrained(rule, clamp(...))`: parameter constraints the engine applies after each optimiser
   step (e.g. the weight clamp to +-sqrt(2), Eq. 9).
 """
@@ -61,7 +63,7 @@ def _sub_call(fn_name: str, rules: Sequence[Rule]):
     return None
 
 
-def _combined(rules: Sequence[Rule], step, task: str) -> Rule:
+def _combined(rules: Sequence[Rule], step, task: str, weight_decay=None) -> Rule:
     return Rule(
         init=lambda network, params, generator: _init_all(rules, network, params, generator),
         step=step,
@@ -71,7 +73,14 @@ def _combined(rules: Sequence[Rule], step, task: str) -> Rule:
         evaluate=_sub_call("evaluate", rules),
         constraints=tuple(c for r in rules for c in r.constraints),
         heads=_first(rules, "heads"),
+        weight_decay=weight_decay if any(r.weight_decay is not None for r in rules) else None,
     )
+
+
+def _declared(rule: Rule, network: Network, params: Groups) -> dict[str, dict[str, float]]:
+    if rule.weight_decay is None:
+        return {}
+    return rule.weight_decay(network, params) or {}
 
 
 def partition(default: Rule, blocks: dict[int | str, Rule]) -> Rule:
@@ -110,7 +119,17 @@ def partition(default: Rule, blocks: dict[int | str, Rule]) -> Rule:
         new_state = {"states": [r[1] for r in results], "owners": owners}
         return updates, new_state, metrics
 
-    return _combined(rules, step, default.task)
+    def weight_decay(network: Network, params: Groups):
+        # a sub-rule's declared decay holds where its updates are used: the model keys it owns, its own groups
+        out: dict[str, dict[str, float]] = {}
+        for i, rule in enumerate(rules):
+            for group, decays in _declared(rule, network, params).items():
+                for key, value in decays.items():
+                    if group != "model" or owner_of(network, key) == i:
+                        out.setdefault(group, {})[key] = value
+        return out
+
+    return _combined(rules, step, default.task, weight_decay)
 
 
 def weighted_sum(terms: Iterable[tuple[float, Rule]]) -> Rule:
@@ -138,7 +157,17 @@ def weighted_sum(terms: Iterable[tuple[float, Rule]]) -> Rule:
         metrics["loss"] = total_loss
         return updates, {"states": new_states, "owners": owners}, metrics
 
-    return _combined(rules, step, rules[0].task)
+    def weight_decay(network: Network, params: Groups):
+        # sum_i w_i (u_i + lambda_i p) = sum_i w_i u_i + (sum_i w_i lambda_i) p
+        out: dict[str, dict[str, float]] = {}
+        for w, rule in zip(weights, rules):
+            for group, decays in _declared(rule, network, params).items():
+                acc = out.setdefault(group, {})
+                for key, value in decays.items():
+                    acc[key] = acc.get(key, 0.0) + w * value
+        return out
+
+    return _combined(rules, step, rules[0].task, weight_decay)
 
 
 def constrained(rule: Rule, *constraints: Constraint) -> Rule:

@@ -25,6 +25,13 @@ inputs and draws samples. Parameter constraints are maps the engine applies afte
 step: pure (parameters in, the constrained values out, which the engine copies back), or, for a
 function with the attribute `in_place = True`, changing the parameters itself and returning None
 (the weight clamp does this: `clamp_` costs no second copy of every parameter).
+
+A rule whose pseudo-gradient carries an L2 term, `g + lambda p` for some parameters `p`, may leave
+that term out of its updates and declare it as `weight_decay(network, params) -> {group: {key:
+lambda}}` (computed once, after `init`). The engine adds `lambda p` to those updates when it steps:
+inside the optimiser's fused Adam kernel where that runs (which reads `p` anyway, so the term costs
+no pass of its own), otherwise as `update + lambda p` handed to the optimiser. It comes on top of
+the optimiser's own `--weight-decay`, which applies to every parameter.
 """
 
 from __future__ import annotations
@@ -77,6 +84,9 @@ class Rule:
     constraints: tuple[Constraint, ...] = ()
     # (latent_dim, num_classes) -> {head name: width}; the body then ends in a hidden block
     heads: Callable[[int, int], dict[str, int]] | None = None
+    # (network, params) -> {group: {key: lambda}}: an L2 term `lambda p` the engine adds to those
+    # parameters' updates (see the module docstring)
+    weight_decay: Callable[[Network, Groups], dict[str, dict[str, float]]] | None = None
 
     def __post_init__(self):
         if self.task not in TASKS:

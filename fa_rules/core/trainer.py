@@ -150,10 +150,35 @@ def check_updates(rule_name: str, updates: Groups, params: Groups) -> None:
                 )
 
 
+def declared_weight_decay(rule_name: str, rule: Rule, network: Network, params: Groups) -> Groups:
+    """The rule's `weight_decay` declaration, checked: `{group: {key: lambda}}` with the nonzero
+    entries only ({} for a rule that declares none). A one-line RuleError names a bad entry."""
+    if rule.weight_decay is None:
+        return {}
+    declared = rule.weight_decay(network, params)
+    out: dict[str, dict[str, float]] = {}
+    for group, decays in (declared or {}).items():
+        for key, value in decays.items():
+            if group not in params or key not in params[group]:
+                raise RuleError(f"rule '{rule_name}' declares weight decay for {group}/{key}, which is not a parameter")
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise RuleError(f"rule '{rule_name}': weight decay of {group}/{key} must be a finite number, "
+                                f"got {value!r}")
+            if value:
+                out.setdefault(group, {})[key] = float(value)
+    return out
+
+
 @torch.no_grad()
 def nonfinite_update(updates: Groups) -> tuple[str, str] | None:
-    """(group, key) of the first update holding NaN or inf, else None (one device sync in all)."""
-    keys = [(g, k) for g, tensors in updates.items() for k in tensors]
+    """(group, key) of the first update holding NaN or inf, else None (one device sync in all).
+    A tensor given for several parameters (a rule's shared update) is read once."""
+    keys, seen = [], set()
+    for g, tensors in updates.items():
+        for k, t in tensors.items():
+            if id(t) not in seen:
+                seen.add(id(t))
+                keys.append((g, k))
     if not keys:
         return None
     # a sum is finite unless an entry is NaN or inf, or the sum overflows (the exact check below
@@ -168,42 +193,58 @@ def nonfinite_update(updates: Groups) -> tuple[str, str] | None:
     return keys[int((~finite).nonzero()[0])]
 
 
-def _fused_adam_step(opt: torch.optim.Optimizer, params: dict[str, torch.Tensor],
-                     updates: dict[str, torch.Tensor]) -> bool:
-    """One step of a fused `torch.optim.Adam` by its kernel, called directly on the optimiser's own
-    state tensors with `updates` as the gradients: the arithmetic of `opt.step()` bit for bit
-    (tested), without torch.optim's per-step Python (step hooks, profiling, per-parameter state
-    checks: ~0.1 ms, a few percent of a small step on a CPU, paid once per parameter group).
-    False, having changed nothing, where it does not apply: any other optimiser or setting, step
-    hooks, a parameter without state yet (the first step makes it) or without an update, mixed
-    devices or dtypes; the caller then steps the usual way."""
+# one parameter's share of a direct Adam step: (kernel settings, param, update, exp_avg, exp_avg_sq, step)
+AdamEntry = tuple[tuple, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _direct_adam_entries(opt: torch.optim.Optimizer, params: dict[str, torch.Tensor],
+                         updates: dict[str, torch.Tensor], decay: dict[str, float]) -> list[AdamEntry] | None:
+    """What one step of a fused `torch.optim.Adam` by its kernel needs, read from the optimiser's
+    own state, with `updates` as the gradients and each parameter's declared `decay` added to the
+    group's weight decay (the kernel adds `weight_decay * p` to the gradient). None, having
+    changed nothing, where the direct step does not apply: any other optimiser or setting, step
+    hooks, a parameter without state yet (the first step makes it) or without an update; the
+    caller then steps the usual way (`_direct_adam_step` says why this pays)."""
     if type(opt) is not torch.optim.Adam or len(opt.param_groups) != 1 or not hasattr(torch, "_fused_adam_"):
-        return False
+        return None
     if (opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks or _global_step_hooks()
             or getattr(opt, "grad_scale", None) is not None or getattr(opt, "found_inf", None) is not None):
-        return False
+        return None
     group = opt.param_groups[0]
     if (not group.get("fused") or any(group.get(k) for k in ("amsgrad", "capturable", "differentiable",
-                                                              "decoupled_weight_decay"))
+                                                              "decoupled_weight_decay", "maximize"))
             or not isinstance(group["lr"], float)):
-        return False
-    ps, grads, exp_avgs, exp_avg_sqs, steps = [], [], [], [], []
+        return None
+    beta1, beta2 = group["betas"]
+    entries = []
     for p, (key, own) in zip(group["params"], params.items()):
         state, u = opt.state.get(p), updates.get(key)
-        if p is not own or not state or u is None or "step" not in state:
-            return False
-        ps.append(p)
-        grads.append(u.detach())
-        exp_avgs.append(state["exp_avg"])
-        exp_avg_sqs.append(state["exp_avg_sq"])
-        steps.append(state["step"])
-    if len(ps) != len(group["params"]) or len({(p.device, p.dtype) for p in ps}) != 1 or ps[0].is_complex():
-        return False
-    beta1, beta2 = group["betas"]
-    torch._foreach_add_(steps, 1)
-    torch._fused_adam_(ps, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=group["lr"], beta1=beta1,
-                       beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"])
-    return True
+        if p is not own or not state or u is None or "step" not in state or p.is_complex():
+            return None
+        settings = (p.device, p.dtype, group["lr"], beta1, beta2, group["eps"], group["weight_decay"] + decay.get(key, 0.0))
+        entries.append((settings, p, u.detach(), state["exp_avg"], state["exp_avg_sq"], state["step"]))
+    return entries if len(entries) == len(group["params"]) else None
+
+
+def _direct_adam_step(entries: list[AdamEntry]) -> None:
+    """The fused Adam kernel called directly on the optimisers' state tensors, one call per device,
+    dtype and setting across all groups: the arithmetic of `opt.step()` bit for bit (tested),
+    without torch.optim's per-step Python (step hooks, profiling, per-parameter state checks:
+    ~0.1 ms per optimiser, a few percent of a small step on a CPU)."""
+    if not entries:
+        return
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    calls: dict[tuple, list[list[torch.Tensor]]] = {}
+    for settings, p, u, exp_avg, exp_avg_sq, step in entries:
+        by_device.setdefault(p.device, []).append(step)
+        lists = calls.setdefault(settings, [[], [], [], [], []])
+        for list_, tensor in zip(lists, (p, u, exp_avg, exp_avg_sq, step)):
+            list_.append(tensor)
+    for steps in by_device.values():
+        torch._foreach_add_(steps, 1)
+    for (_, _, lr, beta1, beta2, eps, weight_decay), (ps, grads, exp_avgs, exp_avg_sqs, steps) in calls.items():
+        torch._fused_adam_(ps, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=lr, beta1=beta1,
+                           beta2=beta2, weight_decay=weight_decay, eps=eps, maximize=False)
 
 
 def _global_step_hooks() -> bool:
@@ -215,17 +256,30 @@ def _global_step_hooks() -> bool:
 
 @torch.no_grad()
 def apply_updates(
-    rule: Rule, params: Groups, updates: Groups, optimizers: dict[str, torch.optim.Optimizer]
+    rule: Rule, params: Groups, updates: Groups, optimizers: dict[str, torch.optim.Optimizer],
+    decay: Groups | None = None,
 ) -> None:
-    """Hand pseudo-gradients to the optimisers, step, then apply the rule's constraints."""
+    """Hand pseudo-gradients to the optimisers, step, then apply the rule's constraints. `decay`
+    is the rule's declared weight decay (`declared_weight_decay`), which a rule declaring one must
+    pass: `lambda p` joins those updates (in the fused Adam kernel where it runs)."""
+    if decay is None:
+        if rule.weight_decay is not None:
+            raise ValueError("this rule declares weight decay: pass decay=declared_weight_decay(...)")
+        decay = {}
+    direct: list[AdamEntry] = []
     for group, tensors in updates.items():
-        if _fused_adam_step(optimizers[group], params[group], tensors):
+        group_decay = decay.get(group, {})
+        entries = _direct_adam_entries(optimizers[group], params[group], tensors, group_decay)
+        if entries is not None:
+            direct += entries
             continue
         for key, u in tensors.items():
-            params[group][key].grad = u.detach()
+            p, lam = params[group][key], group_decay.get(key)
+            p.grad = u.detach() if lam is None else torch.add(u.detach(), p, alpha=lam)
         optimizers[group].step()
         for p in params[group].values():
             p.grad = None
+    _direct_adam_step(direct)
     for constraint in rule.constraints:
         if getattr(constraint, "in_place", False):
             constraint(params)  # changes the parameters itself
@@ -308,6 +362,7 @@ class Trainer:
         params = {"model": self.network.init_params()}
         generator = torch.Generator().manual_seed(config.seed + 1)
         self.params, self.state = rule.init(self.network, params, generator)
+        self.decay = declared_weight_decay(config.rule, rule, self.network, self.params)
         self.optimizers = make_optimizers(config, self.params)
         self.step_fn = CompiledStep(config.rule, rule.step) if config.compile else rule.step
         self.base_lr = {g: config.group_lr.get(g, config.lr) for g in self.optimizers}
@@ -456,7 +511,7 @@ class Trainer:
                 f"{self.epoch + 1}, step {self.global_step + 1} (not applied)"
             )
         self.set_learning_rates()
-        apply_updates(self.rule, self.params, updates, self.optimizers)
+        apply_updates(self.rule, self.params, updates, self.optimizers, self.decay)
         if cuda:
             torch.cuda.synchronize(self.device)
         self.step_times.append(time.perf_counter() - start)
