@@ -37,9 +37,9 @@ REFERENCE = {"classify": "backprop", "reconstruct": "ae", "generate": "ae"}
 
 
 def make_trainer(registry, rule_name: str, model_name: str, dataset, data_name: str, compile: bool,
-                 device: str = "cpu", rule_options: dict | None = None) -> Trainer | None:
-    """A trainer of `rule_name` (with `rule_options`) on a model of MODELS, sharing `dataset`;
-    None where the rule does not take that model."""
+                 device: str = "cpu", rule_options: dict | None = None, rule=None) -> Trainer | None:
+    """A trainer of `rule_name` (with `rule_options`; `rule`, when given, in place of the registered
+    rule's) on a model of MODELS, sharing `dataset`; None where the rule does not take that model."""
     model, model_options, batch_size = MODELS[model_name]
     rule_spec, model_spec = registry.rule(rule_name), registry.model(model)
     if rule_spec.models is not None and model not in rule_spec.models:
@@ -47,7 +47,7 @@ def make_trainer(registry, rule_name: str, model_name: str, dataset, data_name: 
     rule_options = dict(rule_options or {})
     config = TrainConfig(rule=rule_name, dataset=data_name, model=model, model_options=dict(model_options),
                          rule_options=rule_options, batch_size=batch_size, device=device, compile=compile)
-    rule = rule_spec.make(**rule_options)
+    rule = rule or rule_spec.make(**rule_options)
     options = {k: v for k, v in rule_spec.model_defaults.items() if k in model_spec.options}
     options.update(model_options)
     out_shape = (dataset.num_classes,) if rule.task == "classify" else (config.latent_dim,)

@@ -192,3 +192,52 @@ def test_direct_fused_adam_step_declines_what_it_does_not_do():
     handle.remove()
     sgd = torch.optim.SGD(list(params.values()), lr=0.1)
     assert _direct_adam_entries(sgd, params, updates, {}) is None
+
+
+# -- benchmarks/own_arithmetic.py: the rules' own work, without their routing ---------------------------
+def test_own_arithmetic_prints_each_stand_in_beside_its_rule():
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "own_arithmetic.py"), "--models", "tiny_mlp", "--steps", "2",
+         "--warmup", "1"],
+        capture_output=True, text=True, timeout=600, env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = {m[0]: m[1:] for m in re.findall(r"^\| tiny_mlp \| ([\w +]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]*) \|$",
+                                            result.stdout, re.M)}
+    assert set(rows) == {"backprop", "feedback_alignment", "sign_symmetry", "kolen_pollack",
+                         "backprop + sign feedback", "backprop + trained copy"}, result.stdout
+    assert rows["backprop"][1] == "1.00" and rows["backprop + trained copy"][2]  # a smoke run, not a timing
+
+
+def test_the_kolen_pollack_stand_in_trains_its_copy_as_kolen_pollack_trains_b():
+    """The stand-in's copy gets the routed weights' gradients and the decay: with B = W at the start
+    and SGD, the copy follows W exactly (what Kolen-Pollack's B does when its feedback equals W)."""
+    import importlib.util
+
+    import torch
+
+    from fa_rules import models as zoo
+    from fa_rules.core.config import TrainConfig
+    from fa_rules.core.rule import Batch
+    from fa_rules.core.trainer import apply_updates, declared_weight_decay, make_optimizers
+
+    spec = importlib.util.spec_from_file_location("own_arithmetic", ROOT / "benchmarks" / "own_arithmetic.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rule = module.backprop_training_a_copy(decay=0.1)
+    net = zoo.mlp((1, 8, 8), (10,), depth=2, width=16)
+    params, state = rule.init(net, {"model": net.init_params()}, torch.Generator().manual_seed(0))
+    assert set(params["feedback"]) == {"blocks.1.layer.weight", "blocks.2.layer.weight"}
+    for k, b in params["feedback"].items():
+        b.copy_(params["model"][k])
+    optimizers = make_optimizers(TrainConfig(optimizer="sgd", momentum=0.0, lr=0.5), params)
+    decay = declared_weight_decay("copy", rule, net, params)
+    batch = Batch(torch.rand(8, 1, 8, 8), torch.randint(0, 10, (8,)))
+    before = params["model"]["blocks.1.layer.weight"].clone()
+    for _ in range(3):
+        updates, state, _ = rule.step(net, params, state, batch)
+        apply_updates(rule, params, updates, optimizers, decay)
+    for k, b in params["feedback"].items():
+        assert torch.allclose(b, params["model"][k], atol=1e-6), k
+    assert not torch.allclose(before, params["model"]["blocks.1.layer.weight"])

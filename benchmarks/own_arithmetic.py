@@ -1,0 +1,105 @@
+"""Where sign symmetry's and Kolen-Pollack's step time goes: the routing they share with feedback
+alignment, and the arithmetic of their own.
+
+Both rules route the error as feedback alignment does, and each does work of its own every step
+over tensors the size of the routed weights: sign symmetry builds `B = mean|W| sign(W)`,
+Kolen-Pollack's optimiser steps `B` (a second Adam, with the same gradient as `W`). Two stand-ins
+time that work without the routing: backprop that also builds sign symmetry's feedback tensors
+(and drops them), and backprop that also trains a copy of the routed weights the way Kolen-Pollack
+trains `B`. All trainers step in turn on the same batches in one process (`interleave`); the table
+gives each one's median over backprop's, and the last column adds FA's routing cost to each
+stand-in's, to compare with the rule's own ratio.
+
+    OMP_NUM_THREADS=1 python benchmarks/own_arithmetic.py --steps 300 --warmup 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from rule_costs import MODELS, make_trainer, setting_line  # noqa: E402
+
+from fa_rules.benchmark.timing import example_order, interleave, trainer_stepper  # noqa: E402
+from fa_rules.core import Rule  # noqa: E402
+from fa_rules.core.feedback import draw_feedback, feedback_weight_keys  # noqa: E402
+from fa_rules.rules.backprop import backprop  # noqa: E402
+from fa_rules.rules.feedback_alignment import sign_feedback  # noqa: E402
+from fa_rules.runs import get_registry  # noqa: E402
+
+
+def backprop_building_sign_feedback(scale: float = 1.0) -> Rule:
+    """Backprop's step plus sign symmetry's feedback tensors, built and unused."""
+    bp = backprop()
+
+    def step(network, params, state, batch):
+        for key in feedback_weight_keys(network):
+            sign_feedback(params["model"][key], scale)
+        return bp.step(network, params, state, batch)
+
+    return Rule(init=bp.init, step=step, task="classify")
+
+
+def backprop_training_a_copy(decay: float = 1e-3) -> Rule:
+    """Backprop's step plus a `feedback` group shaped like the routed weights, given their gradients
+    and the decay, as Kolen-Pollack gives its `B`: its optimiser work without its routing."""
+    bp = backprop()
+
+    def init(network, params, generator):
+        model = params["model"]
+        feedback = {k: draw_feedback(model[k].shape, "uniform", 1.0, generator, like=model[k])
+                    for k in feedback_weight_keys(network)}
+        return {**params, "feedback": feedback}, {}
+
+    def step(network, params, state, batch):
+        updates, state, metrics = bp.step(network, {"model": params["model"]}, state, batch)
+        grads = updates["model"]
+        return {"model": grads, "feedback": {k: grads[k] for k in params["feedback"]}}, state, metrics
+
+    def weight_decay(network, params):
+        keys = params["feedback"]
+        return {"model": {k: decay for k in keys}, "feedback": {k: decay for k in keys}}
+
+    return Rule(init=init, step=step, task="classify", weight_decay=weight_decay)
+
+
+STAND_INS = {"sign_symmetry": ("backprop + sign feedback", backprop_building_sign_feedback),
+             "kolen_pollack": ("backprop + trained copy", backprop_training_a_copy)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="fashion_mnist")
+    parser.add_argument("--models", default="mlp3x256,lenet")
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--warmup", type=int, default=10)
+    args = parser.parse_args()
+    registry = get_registry()
+    dataset = registry.dataset(args.dataset).load(None)
+    start = time.perf_counter()
+    print(setting_line("cpu", args.dataset, args.steps, args.warmup) + "\n")
+    print("| model | trainer | ms/step | × backprop | FA's routing + stand-in |")
+    print("|---|---|---:|---:|---:|")
+    for model_name in args.models.split(","):
+        trainers = {name: make_trainer(registry, name, model_name, dataset, args.dataset, False)
+                    for name in ("backprop", "feedback_alignment", *STAND_INS)}
+        for rule_name, (label, build) in STAND_INS.items():
+            trainers[label] = make_trainer(registry, "backprop", model_name, dataset, args.dataset, False,
+                                           rule=build())
+        order = example_order(trainers["backprop"], 0)
+        medians = interleave({k: trainer_stepper(t, order) for k, t in trainers.items()}, args.steps, args.warmup)
+        ratio = {k: v / medians["backprop"] for k, v in medians.items()}
+        routing = ratio["feedback_alignment"] - 1.0
+        for name, median in medians.items():
+            predicted = f"{ratio[name] + routing:.2f}" if name.startswith("backprop +") else ""
+            print(f"| {model_name} | {name} | {median * 1e3:.2f} | {ratio[name]:.2f} | {predicted} |", flush=True)
+    print(f"\n({time.perf_counter() - start:.0f} s in all; batch {MODELS['mlp3x256'][2]})")
+
+
+if __name__ == "__main__":
+    main()
