@@ -103,16 +103,16 @@ def test_direct_fused_adam_step_is_torch_optims_step_to_the_bit(monkeypatch):
     rule = Rule(init=lambda *a: None, step=lambda *a: None)
     params, twin, fast, plain, g = _adam_pair(lr=3e-3, weight_decay=1e-2)
     direct = []
-    original = trainer_module._direct_adam_entries
+    original = trainer_module._direct_adam_calls
     for step in range(6):
         updates = {k: torch.randn(v.shape, generator=g) for k, v in params.items()}
         if step == 3:  # a schedule's new rate reaches the kernel
             for opt in (*fast.values(), *plain.values()):
                 opt.param_groups[0]["lr"] = 1e-3
-        monkeypatch.setattr(trainer_module, "_direct_adam_entries",
+        monkeypatch.setattr(trainer_module, "_direct_adam_calls",
                             lambda *a: direct.append(original(*a) is not None) or original(*a))
         trainer_module.apply_updates(rule, {"model": params}, {"model": updates}, fast)
-        monkeypatch.setattr(trainer_module, "_direct_adam_entries", lambda *a: None)
+        monkeypatch.setattr(trainer_module, "_direct_adam_calls", lambda *a: None)
         trainer_module.apply_updates(rule, {"model": twin}, {"model": {k: u.clone() for k, u in updates.items()}}, plain)
         for k in params:
             assert torch.equal(params[k], twin[k]), (step, k)
@@ -156,7 +156,7 @@ def test_declared_weight_decay_is_the_decay_term_added_to_the_update(monkeypatch
         full = {grp: {k: u + decay.get(grp, {}).get(k, 0.0) * twin[grp][k] for k, u in us.items()}
                 for grp, us in updates.items()}
         with monkeypatch.context() as m:
-            m.setattr(trainer_module, "_direct_adam_entries", lambda *a: None)
+            m.setattr(trainer_module, "_direct_adam_calls", lambda *a: None)
             trainer_module.apply_updates(bare, twin, full, plain)
         for grp in params:
             for k in params[grp]:
@@ -172,26 +172,26 @@ def test_declared_weight_decay_is_the_decay_term_added_to_the_update(monkeypatch
 def test_direct_fused_adam_step_declines_what_it_does_not_do():
     import torch
 
-    from fa_rules.core.trainer import _direct_adam_entries
+    from fa_rules.core.trainer import _direct_adam_calls
 
     params, _, fast, _, g = _adam_pair()
     opt = fast["model"]
     updates = {k: torch.randn(v.shape, generator=g) for k, v in params.items()}
-    assert _direct_adam_entries(opt, params, updates, {}) is None  # no state yet
+    assert _direct_adam_calls(opt, params, updates, {}) is None  # no state yet
     for k, u in updates.items():
         params[k].grad = u
     opt.step()
-    assert _direct_adam_entries(opt, params, updates, {}) is not None
-    assert _direct_adam_entries(opt, params, {"w": updates["w"]}, {}) is None  # an update missing
+    assert _direct_adam_calls(opt, params, updates, {}) is not None
+    assert _direct_adam_calls(opt, params, {"w": updates["w"]}, {}) is None  # an update missing
     for setting in ("amsgrad", "maximize"):
         opt.param_groups[0][setting] = True
-        assert _direct_adam_entries(opt, params, updates, {}) is None, setting
+        assert _direct_adam_calls(opt, params, updates, {}) is None, setting
         opt.param_groups[0][setting] = False
     handle = opt.register_step_post_hook(lambda *a: None)
-    assert _direct_adam_entries(opt, params, updates, {}) is None
+    assert _direct_adam_calls(opt, params, updates, {}) is None
     handle.remove()
     sgd = torch.optim.SGD(list(params.values()), lr=0.1)
-    assert _direct_adam_entries(sgd, params, updates, {}) is None
+    assert _direct_adam_calls(sgd, params, updates, {}) is None
 
 
 # -- benchmarks/own_arithmetic.py: the rules' own work, without their routing ---------------------------

@@ -173,12 +173,11 @@ def declared_weight_decay(rule_name: str, rule: Rule, network: Network, params: 
 def nonfinite_update(updates: Groups) -> tuple[str, str] | None:
     """(group, key) of the first update holding NaN or inf, else None (one device sync in all).
     A tensor given for several parameters (a rule's shared update) is read once."""
-    keys, seen = [], set()
+    first: dict[int, tuple[str, str]] = {}
     for g, tensors in updates.items():
         for k, t in tensors.items():
-            if id(t) not in seen:
-                seen.add(id(t))
-                keys.append((g, k))
+            first.setdefault(id(t), (g, k))
+    keys = list(first.values())
     if not keys:
         return None
     # a sum is finite unless an entry is NaN or inf, or the sum overflows (the exact check below
@@ -193,18 +192,19 @@ def nonfinite_update(updates: Groups) -> tuple[str, str] | None:
     return keys[int((~finite).nonzero()[0])]
 
 
-# one parameter's share of a direct Adam step: (kernel settings, param, update, exp_avg, exp_avg_sq, step)
-AdamEntry = tuple[tuple, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+# kernel settings (device, dtype, lr, beta1, beta2, eps, weight decay) -> [params, grads, exp_avgs, exp_avg_sqs, steps]
+AdamCalls = dict[tuple, list[list[torch.Tensor]]]
 
 
-def _direct_adam_entries(opt: torch.optim.Optimizer, params: dict[str, torch.Tensor],
-                         updates: dict[str, torch.Tensor], decay: dict[str, float]) -> list[AdamEntry] | None:
-    """What one step of a fused `torch.optim.Adam` by its kernel needs, read from the optimiser's
-    own state, with `updates` as the gradients and each parameter's declared `decay` added to the
-    group's weight decay (the kernel adds `weight_decay * p` to the gradient). None, having
-    changed nothing, where the direct step does not apply: any other optimiser or setting, step
-    hooks, a parameter without state yet (the first step makes it) or without an update; the
-    caller then steps the usual way (`_direct_adam_step` says why this pays)."""
+def _direct_adam_calls(opt: torch.optim.Optimizer, params: dict[str, torch.Tensor],
+                       updates: dict[str, torch.Tensor], decay: dict[str, float]) -> AdamCalls | None:
+    """The tensor lists of one step of a fused `torch.optim.Adam` by its kernel, read from the
+    optimiser's own state, with `updates` as the gradients and each parameter's declared `decay`
+    added to the group's weight decay (the kernel adds `weight_decay * p` to the gradient). None,
+    having changed nothing, where the direct step does not apply: any other optimiser or setting,
+    step hooks, a parameter without state yet (the first step makes it) or without an update,
+    mixed devices or dtypes; the caller then steps the usual way (`_direct_adam_step` says why
+    this pays)."""
     if type(opt) is not torch.optim.Adam or len(opt.param_groups) != 1 or not hasattr(torch, "_fused_adam_"):
         return None
     if (opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks or _global_step_hooks()
@@ -215,34 +215,33 @@ def _direct_adam_entries(opt: torch.optim.Optimizer, params: dict[str, torch.Ten
                                                               "decoupled_weight_decay", "maximize"))
             or not isinstance(group["lr"], float)):
         return None
-    beta1, beta2 = group["betas"]
-    entries = []
-    for p, (key, own) in zip(group["params"], params.items()):
+    ps = group["params"]
+    if len(ps) != len(params) or len({(p.device, p.dtype) for p in ps}) != 1 or ps[0].is_complex():
+        return None
+    weight_decay = group["weight_decay"]
+    by_decay: dict[float, list[list[torch.Tensor]]] = {}  # the group's own weight decay, or it plus a declared one
+    for p, (key, own) in zip(ps, params.items()):
         state, u = opt.state.get(p), updates.get(key)
-        if p is not own or not state or u is None or "step" not in state or p.is_complex():
+        if p is not own or not state or u is None or "step" not in state:
             return None
-        settings = (p.device, p.dtype, group["lr"], beta1, beta2, group["eps"], group["weight_decay"] + decay.get(key, 0.0))
-        entries.append((settings, p, u.detach(), state["exp_avg"], state["exp_avg_sq"], state["step"]))
-    return entries if len(entries) == len(group["params"]) else None
+        total = weight_decay if key not in decay else weight_decay + decay[key]
+        lists = by_decay.get(total) or by_decay.setdefault(total, [[], [], [], [], []])
+        lists[0].append(p)
+        lists[1].append(u.detach())
+        lists[2].append(state["exp_avg"])
+        lists[3].append(state["exp_avg_sq"])
+        lists[4].append(state["step"])
+    settings = (ps[0].device, ps[0].dtype, group["lr"], *group["betas"], group["eps"])
+    return {(*settings, total): lists for total, lists in by_decay.items()}
 
 
-def _direct_adam_step(entries: list[AdamEntry]) -> None:
+def _direct_adam_step(calls: AdamCalls) -> None:
     """The fused Adam kernel called directly on the optimisers' state tensors, one call per device,
     dtype and setting across all groups: the arithmetic of `opt.step()` bit for bit (tested),
     without torch.optim's per-step Python (step hooks, profiling, per-parameter state checks:
     ~0.1 ms per optimiser, a few percent of a small step on a CPU)."""
-    if not entries:
-        return
-    by_device: dict[torch.device, list[torch.Tensor]] = {}
-    calls: dict[tuple, list[list[torch.Tensor]]] = {}
-    for settings, p, u, exp_avg, exp_avg_sq, step in entries:
-        by_device.setdefault(p.device, []).append(step)
-        lists = calls.setdefault(settings, [[], [], [], [], []])
-        for list_, tensor in zip(lists, (p, u, exp_avg, exp_avg_sq, step)):
-            list_.append(tensor)
-    for steps in by_device.values():
-        torch._foreach_add_(steps, 1)
     for (_, _, lr, beta1, beta2, eps, weight_decay), (ps, grads, exp_avgs, exp_avg_sqs, steps) in calls.items():
+        torch._foreach_add_(steps, 1)
         torch._fused_adam_(ps, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False, lr=lr, beta1=beta1,
                            beta2=beta2, weight_decay=weight_decay, eps=eps, maximize=False)
 
@@ -266,12 +265,16 @@ def apply_updates(
         if rule.weight_decay is not None:
             raise ValueError("this rule declares weight decay: pass decay=declared_weight_decay(...)")
         decay = {}
-    direct: list[AdamEntry] = []
+    direct: AdamCalls = {}
     for group, tensors in updates.items():
         group_decay = decay.get(group, {})
-        entries = _direct_adam_entries(optimizers[group], params[group], tensors, group_decay)
-        if entries is not None:
-            direct += entries
+        calls = _direct_adam_calls(optimizers[group], params[group], tensors, group_decay)
+        if calls is not None:
+            for settings, lists in calls.items():
+                merged = direct.setdefault(settings, lists)
+                if merged is not lists:  # a second group with the same settings joins the call
+                    for into, more in zip(merged, lists):
+                        into += more
             continue
         for key, u in tensors.items():
             p, lam = params[group][key], group_decay.get(key)
