@@ -169,6 +169,38 @@ def test_declared_weight_decay_is_the_decay_term_added_to_the_update(monkeypatch
         trainer_module.apply_updates(rule, params, updates, fast)
 
 
+def test_groups_sharing_one_kernel_call_step_as_their_own_optimisers_do(monkeypatch):
+    """Three groups, two with the same settings (one kernel call) and one with its own rate: to the
+    bit what each group's torch.optim step gives."""
+    import torch
+
+    from fa_rules.core import trainer as trainer_module
+    from fa_rules.core.config import TrainConfig
+    from fa_rules.core.rule import Rule
+
+    g = torch.Generator().manual_seed(5)
+    shapes = {"model": {"w": (6, 4), "b": (6,)}, "feedback": {"w": (6, 4)}, "decoder": {"w": (4, 6)}}
+    params = {grp: {k: torch.randn(s, generator=g) for k, s in keys.items()} for grp, keys in shapes.items()}
+    twin = {grp: {k: v.clone() for k, v in ts.items()} for grp, ts in params.items()}
+    config = TrainConfig(lr=2e-3, group_lr={"decoder": 5e-3})
+    fast, plain = trainer_module.make_optimizers(config, params), trainer_module.make_optimizers(config, twin)
+    rule = Rule(init=lambda *a: None, step=lambda *a: None)
+    calls = []
+    for step in range(5):
+        updates = {grp: {k: torch.randn(v.shape, generator=g) for k, v in ts.items()} for grp, ts in params.items()}
+        with monkeypatch.context() as m:
+            m.setattr(torch, "_fused_adam_", lambda *a, _f=torch._fused_adam_, **kw: calls.append(len(a[0])) or _f(*a, **kw))
+            trainer_module.apply_updates(rule, params, updates, fast)
+        with monkeypatch.context() as m:
+            m.setattr(trainer_module, "_direct_adam_calls", lambda *a: None)
+            trainer_module.apply_updates(rule, twin, updates, plain)
+        for grp in params:
+            for k in params[grp]:
+                assert torch.equal(params[grp][k], twin[grp][k]), (step, grp, k)
+    # the first step is torch.optim's, a call per group; then model and feedback share one call
+    assert calls[:3] == [2, 1, 1] and sorted(calls[3:]) == sorted([3, 1] * 4)
+
+
 def test_direct_fused_adam_step_declines_what_it_does_not_do():
     import torch
 
