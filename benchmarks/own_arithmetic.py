@@ -20,16 +20,15 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rule_costs import MODELS, make_trainer, setting_line  # noqa: E402
 
 from fa_rules.benchmark.timing import example_order, interleave, trainer_stepper  # noqa: E402
 from fa_rules.core import Rule  # noqa: E402
-from fa_rules.core.feedback import draw_feedback, feedback_weight_keys  # noqa: E402
+from fa_rules.core.feedback import feedback_weight_keys  # noqa: E402
 from fa_rules.rules.backprop import backprop  # noqa: E402
-from fa_rules.rules.feedback_alignment import sign_feedback  # noqa: E402
+from fa_rules.rules.feedback_alignment import kolen_pollack, sign_feedback  # noqa: E402
 from fa_rules.runs import get_registry  # noqa: E402
 
 
@@ -46,26 +45,17 @@ def backprop_building_sign_feedback(scale: float = 1.0) -> Rule:
 
 
 def backprop_training_a_copy(decay: float = 1e-3) -> Rule:
-    """Backprop's step plus a `feedback` group shaped like the routed weights, given their gradients
-    and the decay, as Kolen-Pollack gives its `B`: its optimiser work without its routing."""
-    bp = backprop()
-
-    def init(network, params, generator):
-        model = params["model"]
-        feedback = {k: draw_feedback(model[k].shape, "uniform", 1.0, generator, like=model[k])
-                    for k in feedback_weight_keys(network)}
-        return {**params, "feedback": feedback}, {}
+    """Backprop's step plus Kolen-Pollack's `feedback` group (its own init and declared decay),
+    given the routed weights' gradients as Kolen-Pollack gives its `B`: its optimiser work without
+    its routing."""
+    bp, kp = backprop(), kolen_pollack(decay=decay)
 
     def step(network, params, state, batch):
         updates, state, metrics = bp.step(network, {"model": params["model"]}, state, batch)
         grads = updates["model"]
         return {"model": grads, "feedback": {k: grads[k] for k in params["feedback"]}}, state, metrics
 
-    def weight_decay(network, params):
-        keys = params["feedback"]
-        return {"model": {k: decay for k in keys}, "feedback": {k: decay for k in keys}}
-
-    return Rule(init=init, step=step, task="classify", weight_decay=weight_decay)
+    return Rule(init=kp.init, step=step, task="classify", weight_decay=kp.weight_decay)
 
 
 STAND_INS = {"sign_symmetry": ("backprop + sign feedback", backprop_building_sign_feedback),

@@ -94,6 +94,19 @@ def _adam_pair(**options):
     return params, twin, make_optimizers(config, {"model": params}), make_optimizers(config, {"model": twin}), g
 
 
+def _grouped_adam_pair(shapes: dict, config, seed: int):
+    """Random parameter groups of `shapes` ({group: {key: shape}}), an untouched twin, and each's
+    optimisers for `config`."""
+    import torch
+
+    from fa_rules.core.trainer import make_optimizers
+
+    g = torch.Generator().manual_seed(seed)
+    params = {grp: {k: torch.randn(s, generator=g) for k, s in keys.items()} for grp, keys in shapes.items()}
+    twin = {grp: {k: v.clone() for k, v in ts.items()} for grp, ts in params.items()}
+    return params, twin, make_optimizers(config, params), make_optimizers(config, twin), g
+
+
 def test_direct_fused_adam_step_is_torch_optims_step_to_the_bit(monkeypatch):
     import torch
 
@@ -135,12 +148,8 @@ def test_declared_weight_decay_is_the_decay_term_added_to_the_update(monkeypatch
     from fa_rules.core.config import TrainConfig
     from fa_rules.core.rule import Rule
 
-    g = torch.Generator().manual_seed(3)
     shapes = {"model": {"w": (7, 5), "b": (7,)}, "feedback": {"w": (7, 5)}}
-    params = {grp: {k: torch.randn(s, generator=g) for k, s in keys.items()} for grp, keys in shapes.items()}
-    twin = {grp: {k: v.clone() for k, v in ts.items()} for grp, ts in params.items()}
-    config = TrainConfig(lr=3e-3, weight_decay=1e-2)
-    fast, plain = trainer_module.make_optimizers(config, params), trainer_module.make_optimizers(config, twin)
+    params, twin, fast, plain, g = _grouped_adam_pair(shapes, TrainConfig(lr=3e-3, weight_decay=1e-2), seed=3)
     decay = {"model": {"w": 0.25}, "feedback": {"w": 0.25}}
     rule = Rule(init=lambda *a: None, step=lambda *a: None, weight_decay=lambda network, params: decay)
     bare = Rule(init=lambda *a: None, step=lambda *a: None)
@@ -178,12 +187,9 @@ def test_groups_sharing_one_kernel_call_step_as_their_own_optimisers_do(monkeypa
     from fa_rules.core.config import TrainConfig
     from fa_rules.core.rule import Rule
 
-    g = torch.Generator().manual_seed(5)
     shapes = {"model": {"w": (6, 4), "b": (6,)}, "feedback": {"w": (6, 4)}, "decoder": {"w": (4, 6)}}
-    params = {grp: {k: torch.randn(s, generator=g) for k, s in keys.items()} for grp, keys in shapes.items()}
-    twin = {grp: {k: v.clone() for k, v in ts.items()} for grp, ts in params.items()}
     config = TrainConfig(lr=2e-3, group_lr={"decoder": 5e-3})
-    fast, plain = trainer_module.make_optimizers(config, params), trainer_module.make_optimizers(config, twin)
+    params, twin, fast, plain, g = _grouped_adam_pair(shapes, config, seed=5)
     rule = Rule(init=lambda *a: None, step=lambda *a: None)
     calls = []
     for step in range(5):
