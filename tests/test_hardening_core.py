@@ -31,10 +31,17 @@ def train_tiny(run_dir: Path, **fields) -> dict:
     return runs.train(tiny_config(**fields), run_dir, progress=False)
 
 
-def cli(*args) -> subprocess.CompletedProcess:
+def cli_all(commands: list[tuple]) -> list[subprocess.CompletedProcess]:
+    """`fa-rules ARGS` for each of `commands` as real processes, run side by side (each spends
+    seconds importing torch)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run([sys.executable, "-m", "fa_rules", *map(str, args)], capture_output=True, text=True,
-                          timeout=300, env=env, cwd=ROOT)
+    procs = [(args, subprocess.Popen([sys.executable, "-m", "fa_rules", *map(str, args)], stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)) for args in commands]
+    results = []
+    for args, proc in procs:
+        stdout, stderr = proc.communicate(timeout=300)
+        results.append(subprocess.CompletedProcess(args, proc.returncode, stdout, stderr))
+    return results
 
 
 def main_in_process(monkeypatch, capsys, *args) -> tuple[int, str]:
@@ -81,8 +88,7 @@ def test_a_malicious_checkpoint_never_runs_in_any_command(tmp_path):
     torch.save({"params": Payload(marker), "state": {}, "epoch": 1}, run / "checkpoint.pt")
     commands = [("train", "--resume", run, "-q"), ("probe", run), ("reconstruct", run, "--out", tmp_path / "r.png"),
                 ("sample", run, "--out", tmp_path / "s.png"), ("fid", run, "--num", "10")]
-    for command in commands:
-        result = cli(*command)
+    for command, result in zip(commands, cli_all(commands)):
         assert not marker.exists(), command
         assert result.returncode == 2, (command, result.stderr)
         assert_one_line(result.stderr, str(run / "checkpoint.pt"), "refused", "GLOBAL")
