@@ -86,6 +86,18 @@ def test_random_magnitude_sign_feedback_matches_moskovitz_et_al(rule_name):
     assert same == (rule_name == "frsf")
 
 
+def test_sign_symmetry_paper_magnitude_is_the_bare_sign():
+    # Liao et al.'s uSF: B = sign(W), times `scale`
+    for scale in (1.0, 2.0):
+        net, rule, params, state, batch = _setup("sign_symmetry", magnitude="unit", scale=scale)
+        updates, _, _ = rule.step(net, params, state, batch)
+        x, (W1, W2, W3), (a1, h1, a2, h2, a3) = _forward(params["model"], batch.x)
+        e = _output_error(a3, batch.y)
+        d2 = (e @ (scale * torch.sign(W3))) * _fprime(a2)
+        d1 = (d2 @ (scale * torch.sign(W2))) * _fprime(a1)
+        _assert_close(updates["model"], _updates(x, h1, h2, e, d1, d2))
+
+
 def test_sign_symmetry_biotorch_magnitude_is_a_xavier_constant():
     net, rule, params, state, batch = _setup("sign_symmetry", magnitude="xavier", scale=2.0)
     updates, _, _ = rule.step(net, params, state, batch)

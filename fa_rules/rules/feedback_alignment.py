@@ -15,7 +15,8 @@ Every rule updates `W_l` by `delta_a_l h_{l-1}^T` and differs only in `delta_a_l
   then forward through the forward weights: `delta_a_2 = (W_2 delta_a_1) * f'(a_2)`, and so on.
 - `sign_symmetry` (Liao, Leibo & Poggio 2016, "How important is weight symmetry in
   backpropagation?", AAAI): feedback alignment with `B_l = scale * mean|W_l| * sign(W_l)`,
-  recomputed from the current weights every step.
+  recomputed from the current weights every step (the paper's uSF, `B_l = sign(W_l)`, is
+  `magnitude=unit`: see below).
 - `kolen_pollack` (Kolen & Pollack 1994, "Backpropagation without weight transport"; Akrout,
   Wilson, Humphreys, Lillicrap & Tweed 2019, "Deep learning without weight transport", NeurIPS):
   feedback alignment with learned `B_l`. `W_l` and `B_l` receive the same update plus weight decay,
@@ -38,9 +39,13 @@ Every rule updates `W_l` by `delta_a_l h_{l-1}^T` and differs only in `delta_a_l
   hidden block is updated as soon as it has run: no backward pass, and no graph spans two blocks
   (`fa_rules.core.feedback.target_projection_gradients`).
 
-Sign symmetry's magnitude: ours (`magnitude=mean_abs`) is `scale * mean|W_l|`, recomputed from
-the current weights every step; BioTorch's `usf` (`magnitude=xavier`) is the constant
-`scale * sqrt(2 / (fan_in + fan_out))`, the standard deviation of Xavier's init, fixed by the shape.
+Sign symmetry's magnitude: ours (`magnitude=mean_abs`, the default) is `scale * mean|W_l|`,
+recomputed from the current weights every step, so the feedback keeps the forward weights' scale;
+the paper's uSF (`magnitude=unit`) is `B_l = scale * sign(W_l)`, whose signal grows by about
+`1 / mean|W|` per block (the paper pairs it with batch norm or its sign-of-update "Batch Manhattan"
+rule; Adam's per-parameter scaling absorbs it, plain SGD in a deep net does not); BioTorch's `usf`
+(`magnitude=xavier`) is the constant `scale * sqrt(2 / (fan_in + fan_out))`, the standard deviation
+of Xavier's init, fixed by the shape.
 
 DFA's `projection=conv` is BioTorch's structured feedback for conv blocks: where the next block's
 layer is a Conv2d, `D_l` is a kernel (classes, channels, kh, kw) and block `l`'s output receives the
@@ -201,21 +206,25 @@ def indirect_feedback_alignment(init: str = "uniform", scale: float = 1.0, feedb
 
 
 # -- sign symmetry -----------------------------------------------------------------------------------
-MAGNITUDES = ("mean_abs", "xavier")
+MAGNITUDES = ("mean_abs", "unit", "xavier")
 
 
 def sign_feedback(weight: torch.Tensor, scale: float, magnitude: str = "mean_abs") -> torch.Tensor:
     """The forward weights' signs at one magnitude: `scale * mean|W|` (ours, recomputed from the
-    weights) or `scale * sqrt(2 / (fan_in + fan_out))` (BioTorch's usf, fixed by the shape)."""
+    weights), `scale` (Liao et al.'s uSF) or `scale * sqrt(2 / (fan_in + fan_out))` (BioTorch's
+    usf, fixed by the shape)."""
     if magnitude == "mean_abs":
         signs = torch.sign(weight)
         # mean|W| = <sign(W), W> / n: one BLAS dot instead of an |W| tensor and its mean; both
         # scalings in place (each op is a visible cost on a small step)
         scaled_mean_abs = torch.dot(signs.reshape(-1), weight.reshape(-1)).mul_(scale / weight.numel())
         return signs.mul_(scaled_mean_abs)
+    if magnitude == "unit":
+        # one pass over W: each pass over the routed weights is ~2% of a small MLP's step
+        return torch.sign(weight) if scale == 1.0 else torch.sign(weight).mul_(scale)
     if magnitude == "xavier":
         return torch.sign(weight) * (scale * xavier_std(weight.shape))
-    raise UserError(f"unknown sign-symmetry magnitude '{magnitude}' (use {' or '.join(MAGNITUDES)})")
+    raise UserError(f"unknown sign-symmetry magnitude '{magnitude}' (use {', '.join(MAGNITUDES)})")
 
 
 def sign_symmetry(scale: float = 1.0, magnitude: str = "mean_abs") -> Rule:
