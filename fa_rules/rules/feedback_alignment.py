@@ -43,7 +43,7 @@ Sign symmetry's magnitude: ours (`magnitude=mean_abs`, the default) is `scale * 
 recomputed from the current weights every step, so the feedback keeps the forward weights' scale;
 the paper's uSF (`magnitude=unit`) is `B_l = scale * sign(W_l)`, whose signal grows by about
 `1 / mean|W|` per block (the paper pairs it with batch norm or its sign-of-update "Batch Manhattan"
-rule; Adam's per-parameter scaling absorbs it, plain SGD in a deep net does not); BioTorch's `usf`
+rule; Adam's per-parameter scaling absorbs it, SGD does not); BioTorch's `usf`
 (`magnitude=xavier`) is the constant `scale * sqrt(2 / (fan_in + fan_out))`, the standard deviation
 of Xavier's init, fixed by the shape.
 
