@@ -8,7 +8,8 @@ time that work without the routing: backprop that also builds sign symmetry's fe
 (and drops them), and backprop that also trains a copy of the routed weights the way Kolen-Pollack
 trains `B`. All trainers step in turn on the same batches in one process (`interleave`); the table
 gives each one's median over backprop's, and the last column adds FA's routing cost to each
-stand-in's, to compare with the rule's own ratio.
+stand-in's, to compare with the rule's own ratio. Sign symmetry with `magnitude=unit` (the paper's
+uSF, `B = sign(W)`: one pass over `W` where `mean|W| sign(W)` makes three) runs beside them.
 
     OMP_NUM_THREADS=1 python benchmarks/own_arithmetic.py --steps 300 --warmup 10
 """
@@ -58,6 +59,7 @@ def backprop_training_a_copy(decay: float = 1e-3) -> Rule:
     return Rule(init=kp.init, step=step, task="classify", weight_decay=kp.weight_decay)
 
 
+UNIT_SIGN = "sign_symmetry (magnitude=unit)"
 STAND_INS = {"sign_symmetry": ("backprop + sign feedback", backprop_building_sign_feedback),
              "kolen_pollack": ("backprop + trained copy", backprop_training_a_copy)}
 
@@ -81,6 +83,9 @@ def main() -> None:
         for rule_name, (label, build) in STAND_INS.items():
             trainers[label] = make_trainer(registry, "backprop", model_name, dataset, args.dataset, False,
                                            rule=build())
+        # the paper's uSF: one pass over W (the sign) where mean|W| sign(W) makes three
+        trainers[UNIT_SIGN] = make_trainer(registry, "sign_symmetry", model_name, dataset, args.dataset, False,
+                                           rule_options={"magnitude": "unit"})
         order = example_order(trainers["backprop"], 0)
         medians = interleave({k: trainer_stepper(t, order) for k, t in trainers.items()}, args.steps, args.warmup)
         ratio = {k: v / medians["backprop"] for k, v in medians.items()}
