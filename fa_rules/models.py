@@ -202,6 +202,9 @@ def gan_generator(in_shape, out_shape, heads=None, activation: str = "leaky_relu
     64x64 images get the table's four upsampling stages; 32x32 and 28x28 drop the last pairs as the
     table caption says (s = 4, 4, 7 respectively).
     """
+    if len(in_shape) != 1 or len(out_shape) != 3:
+        raise UserError(f"gan_generator maps a latent vector to an image (channels, height, width); it cannot map "
+                        f"{tuple(in_shape)} to {tuple(out_shape)}")
     (z,) = tuple(in_shape)
     c, h, w = out_shape
     stages = 0

@@ -64,7 +64,11 @@ def resolve(config: TrainConfig, registry: Registry | None = None):
     else:
         out_shape = (config.latent_dim,)
     heads = rule.heads(config.latent_dim, dataset.num_classes) if rule.heads else None
-    model_spec.make(dataset.in_shape, out_shape, heads, **model_options)  # fail early on bad options
+    network = model_spec.make(dataset.in_shape, out_shape, heads, **model_options)  # fail early on bad options
+    if network.out_shape is not None and tuple(network.out_shape) != tuple(out_shape):
+        # a part of another rule's networks (an image-to-image generator) is not a model to train alone
+        raise UserError(f"model '{config.model}' maps {dataset.name} inputs {tuple(dataset.in_shape)} to "
+                        f"{tuple(network.out_shape)}; rule '{rule_spec.name}' needs outputs of shape {out_shape}")
 
     def build_network():
         return model_spec.make(dataset.in_shape, out_shape, heads, **model_options)
