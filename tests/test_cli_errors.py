@@ -71,6 +71,8 @@ CASES = [
     ("epochs-negative", ["train", "--epochs", "-1"], "--epochs must be an integer >= 0, got -1"),
     ("seed-too-large", [*TRAIN, "--seed", str(2**70)], "--seed must be an integer in 0..9223372036854775807"),
     ("divergence-factor-negative", [*TRAIN, "--divergence-factor", "-1"], "--divergence-factor must be"),
+    ("device-mps", [*TRAIN, "--device", "mps"], "--device must be auto, cpu, cuda or cuda:N, got 'mps'"),
+    ("device-meta", [*TRAIN, "--device", "meta"], "--device must be auto, cpu, cuda or cuda:N, got 'meta'"),
     ("model-gives-images", [*TRAIN, "--model", "fa_generator"],
      "model 'fa_generator' maps digits inputs (1, 8, 8) to (1, 8, 8); rule 'backprop' needs outputs of shape (10,)"),
     ("model-takes-a-latent", [*TRAIN, "--model", "gan_generator"], "gan_generator maps a latent vector to an image"),

@@ -96,10 +96,11 @@ def _is_device(v: Any) -> bool:
     import torch
 
     try:
-        torch.device(v)  # whether CUDA is present is checked when the run starts (resolve_device)
+        device = torch.device(v)  # whether CUDA is present is checked when the run starts (resolve_device)
     except RuntimeError:
         return False
-    return True
+    # the engine runs on these two; torch parses others (mps, meta, xla) that it cannot train on here
+    return device.type in ("cpu", "cuda")
 
 
 # field -> (what its value must be, the test); message: "--lr must be a finite number > 0, got -1"
