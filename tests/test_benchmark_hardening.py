@@ -126,6 +126,18 @@ def test_cli_unknown_rule_is_one_line_exit_2_and_no_directory(tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.parametrize("report, message", [("/proc/x.md", "cannot write the report to /proc/x.md"),
+                                             ("{tmp}", "is a directory; name a file")])
+def test_an_unwritable_report_path_is_one_line_exit_2_before_any_cell(tmp_path, report, message):
+    out = tmp_path / "out"
+    result = _cli("--rules", "backprop", "--epochs", "1", "-q", "--out", str(out),
+                  "--report", report.replace("{tmp}", str(tmp_path)))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert not out.exists() and [p.name for p in tmp_path.iterdir()] == []  # no probe file left either
+
+
 # 4. untrusted suite files: the cell cap and every cell's settings -------------------------------------
 
 @pytest.mark.parametrize("text, message", [

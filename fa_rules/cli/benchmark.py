@@ -61,6 +61,8 @@ def benchmark(
                                       "command line")
     if flags or seeds is not None:
         suite = bench.override_settings(suite, flags, seeds)
+    if report is not None:
+        check_report_path(report)
     target = out_dir or Path("runs") / f"benchmark-{suite.name}"
     command = None
     if len(sys.argv) > 1 and sys.argv[1] == "benchmark":  # recorded in the report (not under test runners)
@@ -73,7 +75,11 @@ def benchmark(
         raise Interrupted(f"interrupted; finished cells are kept in {target} (run the same command again to "
                           "continue; the interrupted cell resumes from its last finished epoch)") from None
     if report is not None:
-        bench.write_report_copy(suite, target, report, command=command)
+        try:
+            bench.write_report_copy(suite, target, report, command=command)
+        except OSError as e:  # (checked before the run; the OS has the last word)
+            raise UserError(f"cannot write the report copy {report}: {e.strerror or e}; the results are in "
+                            f"{target}") from None
     failed = [r for r in rows if r.get("status") != "ok"]
     bench.print_whole(out, bench.comparison_rich(suite, rows))
     out.print(f"{len(rows)} rows ({len(failed)} failed or diverged) -> {target}/results.json, results.csv, "
@@ -82,3 +88,22 @@ def benchmark(
         print(f"{len(failed)} of {len(rows)} cells failed or diverged (see {target}/report.md): exit status 1",
               file=sys.stderr)
         raise typer.Exit(1)
+
+
+def check_report_path(report: Path) -> None:
+    """Before any cell trains: `--report` names a file that can be created where it points (a
+    probe file made and removed in the nearest existing folder)."""
+    import tempfile
+
+    from fa_rules.runs import nearest_existing
+
+    if report.is_dir():
+        raise UserError(f"--report {report} is a directory; name a file, e.g. {report / 'report.md'}")
+    folder = nearest_existing(report.parent)
+    if not folder.is_dir():
+        raise UserError(f"cannot write the report to {report}: {folder} is a file, not a directory")
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".report-check-"):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write the report to {report}: {e.strerror or e}") from None
