@@ -107,6 +107,11 @@ def test_a_second_benchmark_process_on_one_out_is_refused_in_one_line(tmp_path):
     ({"rules": ["backprop"], "settings": {"dataset": "nosuchds"}}, "unknown dataset 'nosuchds'"),
     ({"rules": [{"name": "backprop", "model": "nosuchmodel"}]}, "unknown model 'nosuchmodel'"),
     ({"rules": [{"name": "backprop", "model_options": {"nosuchopt": 2}}]}, "model 'mlp' has no option nosuchopt"),
+    ({"rules": [{"name": "feedback_alignment", "options": {"scale": "abc"}}]},
+     "rule 'feedback_alignment' option scale must be a number, got 'abc'"),
+    ({"rules": [{"name": "feedback_alignment", "options": {"feedback_seed": 1.5}}]},
+     "option feedback_seed must be an integer, got 1.5"),
+    ({"rules": [{"name": "sign_symmetry", "options": {"magnitude": 1}}]}, "option magnitude must be a string, got 1"),
 ])
 def test_unknown_names_and_options_are_refused_before_any_cell_trains(tmp_path, data, message):
     suite = bench.suite_from_dict({**data, "settings": {**TINY, **data.get("settings", {})}})
