@@ -73,6 +73,8 @@ CASES = [
     ("divergence-factor-negative", [*TRAIN, "--divergence-factor", "-1"], "--divergence-factor must be"),
     ("device-mps", [*TRAIN, "--device", "mps"], "--device must be auto, cpu, cuda or cuda:N, got 'mps'"),
     ("device-meta", [*TRAIN, "--device", "meta"], "--device must be auto, cpu, cuda or cuda:N, got 'meta'"),
+    ("model-width-zero", [*TRAIN, "--model", "vgg", "--model-opt", "width=0"],
+     "model 'vgg' cannot be built with width=0 for inputs (1, 8, 8): RuntimeError"),
     ("model-gives-images", [*TRAIN, "--model", "fa_generator"],
      "model 'fa_generator' maps digits inputs (1, 8, 8) to (1, 8, 8); rule 'backprop' needs outputs of shape (10,)"),
     ("model-takes-a-latent", [*TRAIN, "--model", "gan_generator"], "gan_generator maps a latent vector to an image"),

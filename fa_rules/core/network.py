@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -318,7 +319,18 @@ class ModelSpec:
                 f"(options: {', '.join(sorted(self.options)) or 'none'})"
             )
         options = {**self.options, **overrides}
-        network = as_network(self.build(tuple(in_shape), tuple(out_shape), heads, **options), in_shape, out_shape,
-                             family=self.name)
+        try:
+            with warnings.catch_warnings(record=True) as caught:  # shown once the model is built
+                warnings.simplefilter("always")
+                network = as_network(self.build(tuple(in_shape), tuple(out_shape), heads, **options), in_shape,
+                                     out_shape, family=self.name)
+        except UserError:
+            raise
+        except Exception as e:  # torch's own refusal of a size (0 channels, too much memory) is the user's setting
+            changed = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "its defaults"
+            raise UserError(f"model '{self.name}' cannot be built with {changed} for inputs {tuple(in_shape)}: "
+                            f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from None
+        for w in caught:
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         network.options = options  # what it was built with (rules size their own networks from it)
         return network
