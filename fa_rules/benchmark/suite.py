@@ -11,7 +11,7 @@ from pathlib import Path
 import math
 
 from fa_rules.core.errors import UserError
-from fa_rules.core.config import MAX_SEED, TrainConfig
+from fa_rules.core.config import MAX_SEED, TrainConfig, kind_mismatch
 
 RESULTS_JSON, RESULTS_CSV, REPORT_MD, SUITE_JSON = "results.json", "results.csv", "report.md", "suite.json"
 RUNS_DIR, ROW_FILE, CELL_FILE, MACHINE_JSON = "runs", "row.json", "cell.json", "machine.json"
@@ -180,21 +180,12 @@ def _model_options(model: str) -> dict:
 
 def _check_type(key: str, value, where: str) -> None:
     default = getattr(TrainConfig(), key)
-    ok = {
-        bool: lambda v: isinstance(v, bool),
-        int: lambda v: isinstance(v, int) and not isinstance(v, bool),
-        float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-        str: lambda v: isinstance(v, str),
-        dict: lambda v: isinstance(v, dict),
-    }
     if default is None:  # data_dir
-        good = value is None or isinstance(value, str)
-        kind = "a string"
+        must_be = None if value is None or isinstance(value, str) else "a string"
     else:
-        good = ok[type(default)](value)
-        kind = {int: "an integer", float: "a number", str: "a string", dict: "a table", bool: "true or false"}[type(default)]
-    if not good:
-        raise _err(where, f"setting '{key}' must be {kind}, got {value!r}")
+        must_be = kind_mismatch(default, value)
+    if must_be:
+        raise _err(where, f"setting '{key}' must be {must_be}, got {value!r}")
 
 
 def _split_settings(raw: dict, where: str) -> dict:

@@ -76,6 +76,23 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)  # bool is an int to Python, not to a user
 
 
+# a default's type -> (what a value must be to take its place, the test); an integer may stand for a number
+_KINDS: dict[type, tuple[str, Callable[[Any], bool]]] = {
+    bool: ("true or false", lambda v: isinstance(v, bool)),
+    int: ("an integer", _is_int),
+    float: ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    str: ("a string", lambda v: isinstance(v, str)),
+    dict: ("a table", lambda v: isinstance(v, dict)),
+}
+
+
+def kind_mismatch(default: Any, value: Any) -> str | None:
+    """What `value` must be to stand where `default` stands ("an integer", ...), or None where it
+    has the default's type or that type says nothing (None, a plugin's own class)."""
+    kind = _KINDS.get(type(default))
+    return None if kind is None or kind[1](value) else kind[0]
+
+
 def _is_number(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
@@ -86,6 +103,10 @@ def _is_name(v: Any) -> bool:
 
 def _is_plain(v: Any) -> bool:
     return isinstance(v, (bool, str)) or _is_number(v)
+
+
+# the engine runs on these; torch also parses others (mps, meta, xla) that it cannot train on
+DEVICE_TYPES = ("cpu", "cuda")
 
 
 def _is_device(v: Any) -> bool:
@@ -99,8 +120,7 @@ def _is_device(v: Any) -> bool:
         device = torch.device(v)  # whether CUDA is present is checked when the run starts (resolve_device)
     except RuntimeError:
         return False
-    # the engine runs on these two; torch parses others (mps, meta, xla) that it cannot train on here
-    return device.type in ("cpu", "cuda")
+    return device.type in DEVICE_TYPES
 
 
 # field -> (what its value must be, the test); message: "--lr must be a finite number > 0, got -1"

@@ -41,6 +41,8 @@ from typing import Any, Callable
 
 import torch
 
+from fa_rules.core.config import kind_mismatch
+from fa_rules.core.errors import UserError
 from fa_rules.core.network import Network
 
 Groups = dict[str, dict[str, torch.Tensor]]
@@ -153,37 +155,17 @@ class RuleSpec:
     def make(self, **overrides) -> Rule:
         unknown = set(overrides) - set(self.options)
         if unknown:
-            from fa_rules.core.errors import UserError
-
             raise UserError(
                 f"rule '{self.name}' has no option {', '.join(sorted(unknown))} "
                 f"(options: {', '.join(sorted(self.options)) or 'none'})"
             )
         for key, value in overrides.items():
-            _check_option_type(self.name, key, self.options[key], value)
+            must_be = kind_mismatch(self.options[key], value)  # a suite or a hand-edited config holds any JSON
+            if must_be:
+                raise UserError(f"rule '{self.name}' option {key} must be {must_be}, got {value!r}")
         return self.build(**{**self.options, **overrides})
 
     @property
     def task(self) -> str:
         return self.make().task
 
-
-_OPTION_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
-
-
-def _check_option_type(rule: str, key: str, default, value) -> None:
-    """An option's value has its default's type (an integer may stand for a number): a suite file or
-    a hand-edited config.json can hold any JSON value, which would otherwise fail deep in a step."""
-    kind = type(default)
-    if kind not in _OPTION_KINDS:  # a default of None (or a plugin's own type) says nothing
-        return
-    if kind is float:
-        good = isinstance(value, (int, float)) and not isinstance(value, bool)
-    elif kind is int:
-        good = isinstance(value, int) and not isinstance(value, bool)
-    else:
-        good = isinstance(value, kind)
-    if not good:
-        from fa_rules.core.errors import UserError
-
-        raise UserError(f"rule '{rule}' option {key} must be {_OPTION_KINDS[kind]}, got {value!r}")

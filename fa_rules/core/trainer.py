@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 from fa_rules.core import distributed
-from fa_rules.core.config import LR_SCHEDULES, OPTIMIZERS, TrainConfig, check_config, read_config
+from fa_rules.core.config import DEVICE_TYPES, LR_SCHEDULES, OPTIMIZERS, TrainConfig, check_config, read_config
 from fa_rules.core.autodiff import SavedTensorsProbe
 from fa_rules.core.compiled import CompiledStep
 from fa_rules.core.checkpoint import (
@@ -62,7 +62,7 @@ def resolve_device(name: str) -> torch.device:
         device = torch.device(name)
     except RuntimeError:
         device = None
-    if device is None or device.type not in ("cpu", "cuda"):  # (torch also parses mps, meta, ...)
+    if device is None or device.type not in DEVICE_TYPES:
         raise UserError(f"unknown device '{name}' (use auto, cpu, cuda or cuda:N)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device '{name}' asked for, but CUDA is not available here")
