@@ -17,6 +17,7 @@ from typing import Callable
 from fa_rules.core import distributed
 from fa_rules.core.checkpoint import remove_stale_tmp_files, write_json
 from fa_rules.core.config import check_config
+from fa_rules.core.data import check_dataset
 from fa_rules.core.errors import UserError
 from fa_rules.core.trainer import (
     CHECKPOINT_FILE,
@@ -39,8 +40,9 @@ def default_out_dir(config: TrainConfig, root: Path = Path("runs")) -> Path:
     return out
 
 
-def resolve(config: TrainConfig, registry: Registry | None = None):
-    """Check the configuration against the registry; return (rule, dataset, build_network)."""
+def resolve(config: TrainConfig, registry: Registry | None = None, dataset=None):
+    """Check the configuration against the registry; return (rule, dataset, build_network). A
+    `dataset` already loaded for this configuration is used as it is."""
     registry = registry or get_registry()
     rule_spec = registry.rule(config.rule)
     config.rule = rule_spec.name  # aliases resolve to the canonical name in the saved config
@@ -57,8 +59,10 @@ def resolve(config: TrainConfig, registry: Registry | None = None):
     }
     model_options.update(config.model_options)
     config.model_options = model_options
-    with distributed.current().main_first():  # one download, then every process reads the files
-        dataset = dataset_spec.load(config.data_dir)
+    if dataset is None:
+        with distributed.current().main_first():  # one download, then every process reads the files
+            dataset = dataset_spec.load(config.data_dir)
+        check_dataset(dataset)
     if rule.task == "classify":
         out_shape = (dataset.num_classes,)
     else:
@@ -245,10 +249,10 @@ def add_fid(trainer: Trainer, num: int, weights: str | Path | None = None, batch
 
 def check_fid_request(trainer: Trainer, num: int, weights: str | Path | None = None) -> None:
     """Before training: fail now (one line), not after the last epoch, if `--fid` cannot be computed."""
-    from fa_rules.measures.fid import resolve_weights
+    from fa_rules.measures.fid import load_inception
 
     if trainer.rule.sample is None:
         raise UserError(f"--fid needs a rule that draws samples; '{trainer.config.rule}' does not")
     if not 2 <= num <= trainer.data.test_x.shape[0]:
         raise UserError(f"--fid needs 2 <= N <= {trainer.data.test_x.shape[0]} (the test split), got {num}")
-    resolve_weights(weights)
+    load_inception(weights)  # found and readable (a damaged file is one line now, not after training); kept loaded

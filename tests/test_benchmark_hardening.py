@@ -189,7 +189,7 @@ def test_command_line_seeds_are_capped_too():
 def test_failed_cell_exits_1_after_writing_every_output_and_piped_tables_are_whole(tmp_path):
     (tmp_path / "w.toml").write_text("""
 rules = ["backprop", "direct_feedback_alignment",
-         { name = "backprop", label = "negative_width_backprop", model_options = { width = -1 } }]
+         { name = "kolen_pollack", label = "exploding_feedback", group_lr = { feedback = 1e30 } }]
 [settings]
 epochs = 1
 depth = 1
@@ -203,15 +203,17 @@ batch_size = 128
         "1 of 3 cells failed or diverged (see out/report.md): exit status 1"
     out = tmp_path / "out"
     rows = _rows(out)
-    assert [r["status"] for r in rows] == ["ok", "ok", "failed"]
+    # (a model its settings cannot build is refused before any cell: a rule that blows up fails its cell)
+    assert [r["status"] for r in rows] == ["ok", "ok", "diverged"]
     for name in ("results.csv", "report.md", "learning_curves.png", "metric_vs_step_time.png", "machine.json"):
         assert (out / name).is_file(), name
-    assert "negative_width_backprop" in (out / "report.md").read_text()
+    assert "exploding_feedback" in (out / "report.md").read_text()
     # neither the comparison (stdout) nor the final live table (stderr) cuts or wraps names
     for text in (result.stdout, result.stderr):
         assert "…" not in text
-        assert "│ direct_feedback_alignment │" in text and "│ negative_width_backprop   │" in text
-    assert "width >= 1 (got depth=1, width=-1) │" in result.stdout  # the failure note, whole, on one line
+        assert "│ direct_feedback_alignment │" in text and "│ exploding_feedback        │" in text
+    # the failure note, whole, on one line
+    assert "non-finite update for model/blocks.0.layer.weight at epoch 1, step 3 (not applied) │" in result.stdout
 
 
 # 6. damaged files of finished cells --------------------------------------------------------------------

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from test_datasets import write_mnist_like
 
 
 def run_main(args, cwd, monkeypatch, capsys) -> tuple[int, str]:
@@ -53,6 +54,7 @@ def _setup(cwd: Path, run: Path) -> None:
     (cwd / "nan_config" / "config.json").write_text('{"rule": "backprop", "lr": NaN}')
     (cwd / "typed_config").mkdir()
     (cwd / "typed_config" / "config.json").write_text('{"rule": "backprop", "epochs": true}')
+    write_mnist_like(cwd / "no_test_split" / "MNIST" / "raw", n_train=20, n_test=0)
     if run is not None:
         shutil.copytree(run, cwd / "corrupt_summary")
         (cwd / "corrupt_summary" / "summary.json").write_text('{"test_loss": 0.1,')
@@ -92,6 +94,40 @@ CASES = [
     ("reconstruct-out-unwritable", ["reconstruct", "{run}", "--num", "4", "--out", "/proc/x/r.png"], "cannot write /proc/x/r.png"),
     ("sample-out-is-a-directory", ["sample", "{run}", "--out", "not_json"], "--out not_json is a directory"),
     ("probe-corrupt-summary", ["probe", "corrupt_summary"], "corrupt_summary/summary.json is not readable JSON"),
+    # click's own usage errors: one line too, naming where the options are listed
+    ("unknown-option", ["train", "--bogus"], "No such option: --bogus"),
+    ("option-without-value", ["train", "--lr"], "Option '--lr' requires an argument"),
+    ("option-not-an-integer", ["train", "--batch-size", "x"], "Invalid value for '--batch-size'"),
+    ("unknown-command", ["bogus"], "No such command 'bogus' (see 'fa-rules --help')"),
+    ("missing-argument", ["sample"], "Missing argument"),
+    # settings that contradict each other, or that a resumed run cannot take
+    ("flag-and-model-opt", [*TRAIN, "--depth", "2", "--model-opt", "depth=3"],
+     "--depth and --model-opt depth both given"),
+    ("resume-with-settings", ["train", "--resume", "{run}", "--lr", "0.1", "--seed", "3"],
+     "--lr, --seed cannot be given with it (only --epochs, --quiet, --fid, --fid-weights)"),
+    ("empty-test-split", [*TRAIN, "--dataset", "mnist", "--data-dir", "no_test_split"],
+     "dataset 'mnist' has no test examples"),
+    ("fid-weights-not-weights", [*TRAIN, "--rule", "vae", "--fid", "10", "--fid-weights", "a_file"],
+     "cannot read FID Inception weights a_file: not a torch state dict file"),
+    ("sample-too-many", ["sample", "{run}", "--num", "100000000"], "--num must be in 1..10000"),
+    ("sample-label-scale-nan", ["sample", "{run}", "--label-scale", "nan"], "--label-scale must be a finite number"),
+    # rule settings out of range
+    ("kolen-pollack-negative-decay", [*TRAIN, "--rule", "kolen_pollack", "--opt", "decay=-1"],
+     "decay must be >= 0 (got -1.0)"),
+    ("weight-mirror-negative-batch", [*TRAIN, "--rule", "weight_mirror", "--opt", "mirror_batch=-1"],
+     "mirror_batch must be >= 0"),
+    ("weight-mirror-zero-noise", [*TRAIN, "--rule", "weight_mirror", "--opt", "noise_std=0"], "noise_std must be > 0"),
+    ("vfa-negative-beta", [*TRAIN, "--rule", "vfa", "--opt", "beta=-1"], "beta must be >= 0"),
+    ("vae-negative-beta", [*TRAIN, "--rule", "vae", "--opt", "beta=-1"], "beta must be >= 0"),
+    # a benchmark checks every cell's data and model before any cell trains
+    ("benchmark-model-cannot-build", ["benchmark", "--rules", "backprop,feedback_alignment", "--width", "0", "-q"],
+     "mlp needs depth >= 0 and width >= 1"),
+    ("benchmark-unknown-activation", ["benchmark", "--rules", "backprop", "--activation", "foo", "-q"],
+     "unknown activation 'foo'"),
+    ("benchmark-data-not-usable", ["benchmark", "--rules", "backprop", "--dataset", "mnist", "--data-dir",
+                                   "no_test_split", "-q"], "dataset 'mnist' has no test examples"),
+    ("benchmark-data-missing", ["benchmark", "--rules", "backprop", "--dataset", "mnist", "--data-dir", "nowhere",
+                                "-q"], "mnist: no data files found"),
 ]
 
 
@@ -110,6 +146,29 @@ def test_user_mistake_is_one_line_exit_2_and_leaves_nothing_behind(args, expecte
     assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # no runs/, no half run
     if run:
         assert sorted(p.name for p in run.iterdir()) == run_before
+
+
+def test_help_and_version_exit_0_and_no_command_shows_the_help(tmp_path, monkeypatch, capsys):
+    for args in (["--help"], ["train", "--help"], ["--version"]):
+        code, stderr = run_main(args, tmp_path, monkeypatch, capsys)
+        assert code == 0 and stderr == "", (args, stderr)
+    from fa_rules.cli.app import main
+
+    monkeypatch.setattr(sys, "argv", ["fa-rules"])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2 and "Usage: fa-rules" in capsys.readouterr().out
+
+
+def test_resuming_a_run_that_never_finished_an_epoch_says_it_starts_over(finished_run, tmp_path, monkeypatch,
+                                                                          capsys):
+    run = tmp_path / "started"
+    run.mkdir()
+    shutil.copy(finished_run / "config.json", run / "config.json")  # killed before its first checkpoint
+    code, stderr = run_main(["train", "--resume", str(run), "--epochs", "1", "-q"], tmp_path, monkeypatch, capsys)
+    assert code == 0, stderr
+    assert f"note: {run} has no finished epoch to continue from: training starts at the first" in stderr
+    assert (run / "checkpoint.pt").is_file()
 
 
 def test_ctrl_c_during_training_says_how_to_resume(tmp_path):

@@ -57,6 +57,26 @@ def test_missing_files_offline_is_one_clear_line(tmp_path):
     assert "\n" not in msg and "train-images-idx3-ubyte.gz" in msg and str(tmp_path / "MNIST" / "raw") in msg
 
 
+def test_failed_download_removes_the_folders_it_created(tmp_path, monkeypatch):
+    monkeypatch.delenv(ds.OFFLINE_ENV, raising=False)
+    where = tmp_path / "cache" / "data" / "MNIST" / "raw"
+
+    def fetch():  # torchvision makes its folders, writes part of an archive, then the network fails
+        where.mkdir(parents=True)
+        (where / "train-images-idx3-ubyte.gz.part").write_bytes(b"partial")
+        raise ConnectionError("offline")
+
+    with pytest.raises(UserError, match="download failed: ConnectionError"):
+        ds._download("mnist", fetch, where, "files")
+    assert list(tmp_path.iterdir()) == []  # no empty cache left to puzzle over
+    (tmp_path / "kept").mkdir()  # a folder that existed before stays, with what it held
+    (tmp_path / "kept" / "mine").write_text("x")
+    where = tmp_path / "kept" / "MNIST"
+    with pytest.raises(UserError):
+        ds._download("mnist", fetch, where, "files")
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["mine"]
+
+
 def test_truncated_idx_file_is_reported(tmp_path):
     folder = tmp_path / "MNIST" / "raw"
     write_mnist_like(folder, gz=False)

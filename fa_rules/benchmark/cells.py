@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass
 
 from fa_rules.core.config import TrainConfig, check_config
+from fa_rules.core.data import check_dataset
 from fa_rules.core.errors import UserError
 from fa_rules.benchmark.suite import _SETTING_FIELDS, RuleEntry, Suite, check_size
 
@@ -65,8 +66,11 @@ def plan_cells(suite: Suite) -> list[Cell]:
 
 def check_cells(cells: list[Cell], where: str = "suite") -> None:
     """Resolve every cell's rule, rule options, dataset, model and model options against the plugin
-    registry: a misspelt name is one line before any cell trains, not a failed row after hours."""
+    registry, load each dataset once and build each cell's model: a misspelt name, data not in
+    place or a model its settings cannot build is one line before any cell trains, not a failed
+    row after hours."""
     from fa_rules.plugins.manager import get_registry
+    from fa_rules.runs import resolve
 
     registry = get_registry()
     seen = set()
@@ -97,3 +101,21 @@ def check_cells(cells: list[Cell], where: str = "suite") -> None:
         except UserError as e:
             label = f"rule '{cell.entry.label}': " if f"'{cell.entry.label}'" not in str(e) else ""
             raise UserError(f"{where}: {label}{e}") from None
+    datasets = {}
+    for c in {(c.dataset, c.data_dir): c for c in (cell.config for cell in cells)}.values():
+        try:
+            datasets[c.dataset, c.data_dir] = dataset = registry.dataset(c.dataset).load(c.data_dir)
+            check_dataset(dataset)
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+    seen = set()
+    for cell in cells:
+        c = cell.config
+        key = repr((c.rule, c.rule_options, c.dataset, c.data_dir, c.model, c.model_options, c.latent_dim))
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            resolve(copy.deepcopy(c), registry, dataset=datasets[c.dataset, c.data_dir])
+        except UserError as e:
+            raise UserError(f"{where}: rule '{cell.entry.label}': {e}") from None

@@ -64,13 +64,36 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+# click's error classes (typer bundles its own click in newer versions: found through a public one)
+_USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
+
+
+def _usage_error(error) -> str:
+    """click's usage error (unknown option, missing or malformed value) as one line, with where to
+    look: typer would draw it in a box over several lines."""
+    message = " ".join(error.format_message().split()).rstrip(".")
+    command = error.ctx.command_path if error.ctx is not None else "fa-rules"
+    return f"{message} (see '{command} --help')"
+
+
 def main() -> None:
     """Entry point: user mistakes become one line and exit code 2, never a traceback."""
     from fa_rules.core.distributed import DistributedError
     from fa_rules.core.trainer import Diverged
 
     try:
-        app()  # standalone: typer reports its own usage errors (exit 2)
+        # not standalone: click's own errors come here to be printed as one line
+        code = app(standalone_mode=False, prog_name="fa-rules")
+    except _USAGE_ERROR as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # `fa-rules` alone: the help, as click gives it
+            print(e.ctx.get_help())
+            sys.exit(2)
+        _fail(_usage_error(e), 2)
+    except _CLICK_ERROR as e:
+        _fail(" ".join(e.format_message().split()), e.exit_code)
+    except typer.Abort:  # end of input at a prompt
+        _fail("aborted", 1)
     except UserError as e:
         _fail(str(e), 2)
     except (Diverged, DistributedError) as e:
@@ -79,3 +102,5 @@ def main() -> None:
         _fail(str(e), 130)
     except KeyboardInterrupt:  # outside a command (e.g. while importing)
         _fail("interrupted", 130)
+    # a command's return value is not an exit code; typer.Exit (--help, --version) gives one
+    sys.exit(code if isinstance(code, int) else 0)

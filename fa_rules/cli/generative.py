@@ -183,6 +183,9 @@ def interpolation_latents(corners: torch.Tensor, side: int) -> torch.Tensor:
     return grid.reshape(side * side, -1)
 
 
+MAX_GRID = 10_000  # samples in one picture: a 100 x 100 grid
+
+
 def sample(
     run_dir: Path = RUN_DIR,
     num: int = typer.Option(64, help="How many samples (with --interpolate: a grid of about this many)."),
@@ -199,8 +202,10 @@ def sample(
 
     from fa_rules.core.data import as_float
 
-    if num < 1:
-        raise UserError("--num must be >= 1")
+    if not 1 <= num <= MAX_GRID:  # one picture; FID (`fa-rules fid`) draws as many as it needs in batches
+        raise UserError(f"--num must be in 1..{MAX_GRID} (one picture grid; for many samples use fa-rules fid)")
+    if label_scale is not None and not math.isfinite(label_scale):
+        raise UserError(f"--label-scale must be a finite number, got {label_scale}")
     check_out_file(out_file)
     config, rule, network, params, state, dataset = _load(run_dir, device)
     if rule.sample is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -12,7 +13,22 @@ from fa_rules.cli.common import Interrupted, out, parse_pairs, parse_value, regi
 from fa_rules.core.errors import UserError
 
 
+# what a resumed run may be given: the rest of its settings are those of its config.json
+RESUME_OPTIONS = ("resume", "epochs", "quiet", "fid", "fid_weights")
+
+
+def _typed_options(ctx: typer.Context) -> list[tuple[str, str]]:
+    """(name, flag) of each option the user gave (on the command line or through the environment)."""
+    given = []
+    for param in ctx.command.params:
+        source = ctx.get_parameter_source(param.name)
+        if source is not None and source.name in ("COMMANDLINE", "ENVIRONMENT", "PROMPT"):
+            given.append((param.name, max(param.opts, key=len)))
+    return given
+
+
 def train(
+    ctx: typer.Context,
     rule: str = typer.Option("backprop", "--rule", "-r", help="Credit-assignment rule (see `fa-rules rules`)."),
     dataset: str = typer.Option("digits", "--dataset", "-d", help="Dataset (see `fa-rules datasets`)."),
     model: str = typer.Option("mlp", "--model", "-m", help="Model family (see `fa-rules models`)."),
@@ -62,7 +78,15 @@ def train(
     # every check passes before the run directory is made: FID's with the ready trainer
     check = (lambda trainer: check_fid_request(trainer, fid, fid_weights)) if fid else None
     if resume is not None:
+        fixed = [flag for name, flag in _typed_options(ctx) if name not in RESUME_OPTIONS]
+        if fixed:
+            allowed = ", ".join("--" + n.replace("_", "-") for n in RESUME_OPTIONS[1:])
+            raise UserError(f"--resume continues {resume} with the settings of its config.json: {', '.join(fixed)} "
+                            f"cannot be given with it (only {allowed})")
         trainer = resume_trainer(resume, epochs, progress=not quiet, check=check)
+        if trainer.epoch == 0 and trainer.is_main:  # interrupted before its first epoch ended
+            print(f"note: {resume} has no finished epoch to continue from: training starts at the first",
+                  file=sys.stderr)
     else:
         rule_spec = plugins.rule(rule)
         model_spec = plugins.model(model)
@@ -74,6 +98,8 @@ def train(
             if key not in model_spec.options:
                 known = ", ".join(sorted(model_spec.options)) or "none"
                 raise UserError(f"model '{model}' has no setting '{key}' (settings: {known})")
+            if key in model_options:
+                raise UserError(f"--{key} and --model-opt {key} both given: give one")
             model_options[key] = parse_value(text, model_spec.options[key], f"--model-opt {key}")
         rule_options = {
             k: parse_value(v, rule_spec.options.get(k, ""), f"--opt {k}") for k, v in parse_pairs(opt, "--opt").items()

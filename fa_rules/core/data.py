@@ -7,6 +7,8 @@ from typing import Callable
 
 import torch
 
+from fa_rules.core.errors import UserError
+
 
 @dataclass
 class Dataset:
@@ -37,6 +39,21 @@ class Dataset:
             self.test_y.to(device),
             self.num_classes,
         )
+
+
+def check_dataset(dataset: Dataset) -> None:
+    """What training and evaluation need of a loaded dataset (a plugin's, or files the user put in
+    place): examples in both splits, as many labels as images, test images shaped like the
+    training ones. Anything else is one line naming the dataset."""
+    for split, x, y in (("training", dataset.train_x, dataset.train_y), ("test", dataset.test_x, dataset.test_y)):
+        if x.shape[0] == 0:
+            raise UserError(f"dataset '{dataset.name}' has no {split} examples")
+        if y.shape[0] != x.shape[0]:
+            raise UserError(f"dataset '{dataset.name}': its {split} split has {x.shape[0]} images but "
+                            f"{y.shape[0]} labels")
+    if tuple(dataset.test_x.shape[1:]) != dataset.in_shape:
+        raise UserError(f"dataset '{dataset.name}': test images of shape {tuple(dataset.test_x.shape[1:])}, "
+                        f"training images of shape {dataset.in_shape}")
 
 
 def as_float(x: torch.Tensor) -> torch.Tensor:

@@ -94,8 +94,11 @@ def load_inception(weights: str | os.PathLike | None = None, device: str | torch
             return _models[key]
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise UserError(f"cannot read FID Inception weights {path}: {type(e).__name__}: {e}".splitlines()[0]) from None
+        except OSError as e:
+            raise UserError(f"cannot read FID Inception weights {path}: {e.strerror or e}") from None
+        except Exception as e:  # (torch's own message advises weights_only=False: never for a file we did not make)
+            raise UserError(f"cannot read FID Inception weights {path}: not a torch state dict file "
+                            f"({type(e).__name__})") from None
         import pytorch_fid.inception as inception
 
         original = inception.load_state_dict_from_url

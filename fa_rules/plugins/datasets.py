@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import os
 import pickle
+import shutil
 import sys
 import zlib
 from pathlib import Path
@@ -39,13 +40,21 @@ def _offline() -> bool:
 
 
 def _download(name: str, fetch: Callable[[], object], where: Path, files: str) -> None:
-    """Run a torchvision download, turning any failure into one actionable line."""
+    """Run a torchvision download, turning any failure into one actionable line; a failed download
+    leaves no folder behind that it created (a fresh data cache stays absent, not empty)."""
     missing = f"{name}: no data files found; put {files} in {where}"
     if _offline():
         raise UserError(missing + f" ({OFFLINE_ENV} is set, so nothing is downloaded)")
+    created = None  # the outermost folder on the way to `where` that does not exist yet
+    for folder in (Path(where), *Path(where).parents):
+        if folder.exists():
+            break
+        created = folder
     try:
         fetch()
     except Exception as e:  # offline, moved mirrors, quota: all end the same way for the user
+        if created is not None:
+            shutil.rmtree(created, ignore_errors=True)
         raise UserError(f"{missing} (download failed: {type(e).__name__})") from None
 
 

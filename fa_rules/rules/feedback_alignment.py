@@ -293,6 +293,8 @@ def direct_random_target_projection(init: str = "uniform", scale: float = 1.0, f
 # -- Kolen-Pollack -----------------------------------------------------------------------------------
 def kolen_pollack(init: str = "uniform", scale: float = 1.0, feedback_seed: int = -1, decay: float = 1e-3) -> Rule:
     """Learned feedback: forward and feedback weights get the same update plus weight decay."""
+    if not decay >= 0:  # a negative decay would push W and B apart, not together
+        raise UserError(f"decay must be >= 0 (got {decay})")
 
     def init_fn(network, params, generator):
         check_feedback_network(network, "kolen_pollack")

@@ -269,6 +269,8 @@ def vae(beta: float = 1.0, likelihood: str = "bernoulli", orthogonal: bool = Fal
     """Variational autoencoder on the model's `mu`/`logvar` heads, decoder owned by the rule."""
     if likelihood not in LIKELIHOODS:
         raise UserError(f"likelihood must be one of {', '.join(LIKELIHOODS)}, got '{likelihood}'")
+    if not beta >= 0:  # a negative weight rewards the divergence it should penalise
+        raise UserError(f"beta must be >= 0 (got {beta})")
 
     def neg_log_likelihood(x, x_hat):
         if likelihood == "gaussian":

@@ -170,6 +170,12 @@ def weight_mirror(init: str = "uniform", scale: float = 1.0, feedback_seed: int 
     """FA whose feedback weights learn from noise-driven activity in a mirror phase every step."""
     if response not in ("linear", "forward"):
         raise UserError(f"unknown mirror response '{response}' (use linear or forward)")
+    if mirror_batch < 0:
+        raise UserError(f"mirror_batch must be >= 0 (0: the training batch size), got {mirror_batch}")
+    if not noise_std > 0:
+        raise UserError(f"noise_std must be > 0 (got {noise_std})")
+    if not decay >= 0:
+        raise UserError(f"decay must be >= 0 (got {decay})")
 
     def init_fn(network, params, generator):
         check_feedback_network(network, "weight_mirror", needs_layers="to drive with mirror noise")

@@ -123,6 +123,9 @@ def _variational_fa(
         raise UserError(f"beta_schedule must be one of {', '.join(BETA_SCHEDULES)}, got '{beta_schedule}'")
     if noise not in NOISES:
         raise UserError(f"noise must be one of {', '.join(NOISES)}, got '{noise}'")
+    for name, value in (("beta", beta), ("class_weight", class_weight), ("perceptual_weight", perceptual_weight)):
+        if not value >= 0:  # a negative weight rewards the term it should penalise
+            raise UserError(f"{name} must be >= 0 (got {value})")
 
     def heads(latent: int, num_classes: int) -> dict[str, int]:
         out = {"mu": latent, "logvar": latent}
