@@ -55,6 +55,8 @@ def _setup(cwd: Path, run: Path) -> None:
     (cwd / "typed_config").mkdir()
     (cwd / "typed_config" / "config.json").write_text('{"rule": "backprop", "epochs": true}')
     write_mnist_like(cwd / "no_test_split" / "MNIST" / "raw", n_train=20, n_test=0)
+    (cwd / "unknown_model.toml").write_text('rules = ["backprop"]\n[settings]\nmodel = "nope"\n')
+    (cwd / "vary_type.toml").write_text('rules = ["backprop"]\n[settings]\nepochs = 1\n[vary]\nwidth = ["a", 16]\n')
     if run is not None:
         shutil.copytree(run, cwd / "corrupt_summary")
         (cwd / "corrupt_summary" / "summary.json").write_text('{"test_loss": 0.1,')
@@ -126,6 +128,9 @@ CASES = [
      "unknown activation 'foo'"),
     ("benchmark-data-not-usable", ["benchmark", "--rules", "backprop", "--dataset", "mnist", "--data-dir",
                                    "no_test_split", "-q"], "dataset 'mnist' has no test examples"),
+    ("suite-unknown-model", ["benchmark", "unknown_model.toml"], "unknown_model.toml: unknown model 'nope'"),
+    ("suite-model-option-type", ["benchmark", "vary_type.toml"],
+     "vary_type.toml: rule 'backprop': model 'mlp' option width must be an integer, got 'a'"),
     ("benchmark-data-missing", ["benchmark", "--rules", "backprop", "--dataset", "mnist", "--data-dir", "nowhere",
                                 "-q"], "mnist: no data files found"),
 ]

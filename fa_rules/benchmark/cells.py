@@ -7,7 +7,7 @@ import itertools
 import re
 from dataclasses import dataclass
 
-from fa_rules.core.config import TrainConfig, check_config
+from fa_rules.core.config import TrainConfig, check_config, kind_mismatch
 from fa_rules.core.data import check_dataset
 from fa_rules.core.errors import UserError
 from fa_rules.benchmark.suite import _SETTING_FIELDS, RuleEntry, Suite, check_size
@@ -91,6 +91,10 @@ def check_cells(cells: list[Cell], where: str = "suite") -> None:
             if unknown:
                 raise UserError(f"model '{c.model}' has no option {', '.join(unknown)} "
                                 f"(options: {', '.join(sorted(model.options)) or 'none'})")
+            for k, v in c.model_options.items():  # of the type of the model's default, as on the command line
+                must_be = kind_mismatch(model.options[k], v)
+                if must_be:
+                    raise UserError(f"model '{c.model}' option {k} must be {must_be}, got {v!r}")
             try:
                 spec.make(**c.rule_options)  # unknown options and values the rule refuses
             except UserError:

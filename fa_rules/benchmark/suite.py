@@ -172,10 +172,13 @@ def _rule_entries(value, where: str) -> list[RuleEntry]:
     return entries
 
 
-def _model_options(model: str) -> dict:
+def _model_options(model: str, where: str) -> dict:
     from fa_rules.plugins.manager import get_registry
 
-    return get_registry().model(model).options
+    try:
+        return get_registry().model(model).options
+    except UserError as e:  # an unknown model: say which file names it
+        raise _err(where, str(e)) from None
 
 
 def _check_type(key: str, value, where: str) -> None:
@@ -197,7 +200,7 @@ def _split_settings(raw: dict, where: str) -> dict:
         _check_type(k, v, where)
     extra = {k: v for k, v in raw.items() if k not in _SETTING_FIELDS}
     model = settings.get("model", TrainConfig().model)
-    known = _model_options(model)
+    known = _model_options(model, where)
     for k in extra:
         if k not in known:
             raise _err(where, f"unknown setting '{k}' (neither a training setting nor an option of model "
@@ -211,7 +214,7 @@ def _vary(raw: dict, settings: dict, where: str) -> dict[str, list]:
     if not isinstance(raw, dict):
         raise _err(where, "[vary] must be a table of lists")
     model = settings.get("model", TrainConfig().model)
-    known = _model_options(model)
+    known = _model_options(model, where)
     out = {}
     for k, values in raw.items():
         if not isinstance(values, list) or not values:
