@@ -153,6 +153,18 @@ def test_user_mistake_is_one_line_exit_2_and_leaves_nothing_behind(args, expecte
         assert sorted(p.name for p in run.iterdir()) == run_before
 
 
+def test_a_model_beyond_memory_is_refused_before_it_is_built(tmp_path, monkeypatch, capsys):
+    # as if the machine had 64 MiB free: a 4096-wide MLP's weights and gradients need 0.127 GiB
+    monkeypatch.setattr("fa_rules.core.network.available_memory", lambda: 64 * 2**20)
+    code, stderr = run_main([*TRAIN, "--width", "4096"], tmp_path, monkeypatch, capsys)
+    assert code == 2, stderr
+    assert stderr.strip() == ("error: model 'mlp' with width=4096 has 0.0171 G parameters: 0.127 GiB for its "
+                              "weights and their gradients alone, more than the 0.0625 GiB of memory available")
+    assert list(tmp_path.iterdir()) == []
+    code, stderr = run_main([*TRAIN, "--width", "64", "--out", "small"], tmp_path, monkeypatch, capsys)
+    assert code == 0, stderr  # a model that fits trains as before
+
+
 def test_help_and_version_exit_0_and_no_command_shows_the_help(tmp_path, monkeypatch, capsys):
     for args in (["--help"], ["train", "--help"], ["--version"]):
         code, stderr = run_main(args, tmp_path, monkeypatch, capsys)

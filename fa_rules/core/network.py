@@ -319,6 +319,8 @@ class ModelSpec:
                 f"(options: {', '.join(sorted(self.options)) or 'none'})"
             )
         options = {**self.options, **overrides}
+        changed = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "its defaults"
+        self._check_fits_memory(in_shape, out_shape, heads, options, changed)
         try:
             with warnings.catch_warnings(record=True) as caught:  # shown once the model is built
                 warnings.simplefilter("always")
@@ -327,10 +329,44 @@ class ModelSpec:
         except UserError:
             raise
         except Exception as e:  # torch's own refusal of a size (0 channels, too much memory) is the user's setting
-            changed = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "its defaults"
             raise UserError(f"model '{self.name}' cannot be built with {changed} for inputs {tuple(in_shape)}: "
                             f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from None
         for w in caught:
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         network.options = options  # what it was built with (rules size their own networks from it)
         return network
+
+    def _check_fits_memory(self, in_shape, out_shape, heads, options: dict, changed: str) -> None:
+        """Refuse, in one line, a model whose weights and their gradients alone exceed the memory
+        available: built layer by layer, it would fill the memory and be killed by the system (or
+        swap for hours) instead. Counted on the meta device, which allocates nothing; a family that
+        cannot be built there is left to the real build."""
+        available = available_memory()
+        if available is None:
+            return
+        try:
+            with warnings.catch_warnings(), torch.device("meta"):
+                warnings.simplefilter("ignore")
+                probe = as_network(self.build(tuple(in_shape), tuple(out_shape), heads, **options), in_shape,
+                                   out_shape, family=self.name)
+            count = sum(p.numel() for p in probe.parameters())
+            weight_bytes = sum(p.numel() * p.element_size() for p in probe.parameters())
+        except Exception:
+            return
+        if 2 * weight_bytes > available:
+            raise UserError(f"model '{self.name}' with {changed} has {count / 1e9:.3g} G parameters: "
+                            f"{2 * weight_bytes / 2**30:.3g} GiB for its weights and their gradients alone, more "
+                            f"than the {available / 2**30:.3g} GiB of memory available")
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the system can give this process now (Linux's MemAvailable), or None where
+    it does not say."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
