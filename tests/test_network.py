@@ -91,3 +91,18 @@ def test_call_with_restores_the_parameters_when_the_forward_raises():
     with pytest.raises(RuntimeError):
         call_with(net, params, (torch.rand(2, 7),))  # wrong input size
     assert all(p is original[k] for k, p in net.named_parameters())
+
+
+@pytest.mark.parametrize("model", ["mlp", "lenet", "vgg", "resnet20"])
+def test_the_memory_check_before_a_build_leaves_initialisation_and_randomness_alone(model, monkeypatch):
+    from fa_rules.core import network
+    from fa_rules.plugins.manager import get_registry
+
+    spec = get_registry().model(model)
+    built = []
+    for available in (lambda: 2**40, lambda: None):  # counted on the meta device first; not counted
+        monkeypatch.setattr(network, "available_memory", available)
+        torch.manual_seed(0)
+        built.append((list(spec.make((1, 28, 28), (10,)).parameters()), torch.rand(3)))
+    (checked, after_checked), (unchecked, after_unchecked) = built
+    assert all(torch.equal(p, q) for p, q in zip(checked, unchecked)) and torch.equal(after_checked, after_unchecked)
