@@ -309,3 +309,32 @@ def test_cli_trains_dtp_on_digits_and_logs_the_feedback_metrics(tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert all(len(r["feedback_recon_error"]) == 1 and len(r["target_inversion_error"]) == 1 for r in rows)
     assert all(math.isfinite(e) and e < 1 for e in rows[-1]["target_inversion_error"])
+
+
+@pytest.mark.parametrize("rule, options", [("dtp", {}), ("target_prop", {}), ("l_drl", {}),
+                                           ("iterative_dtp", {}), ("dtp", {"first_target": "output"})])
+def test_per_block_grads_give_the_same_step_with_the_memory_of_one_block(rule, options):
+    from fa_rules.core.autodiff import SavedTensorsProbe
+    from fa_rules.testing import make_setup
+
+    spec = get_registry().rule(rule)
+    peaks = {}
+    for depth in (2, 6):
+        steps = {}
+        for per_block in (False, True):
+            s = make_setup(spec, rule_options={**options, "per_block_grads": per_block})
+            network = get_registry().model("mlp").make((1, 8, 8), (10,), activation="tanh", depth=depth, width=32)
+            params, state = s.rule.init(network, {"model": network.init_params()}, torch.Generator().manual_seed(1))
+            with SavedTensorsProbe() as probe:
+                steps[per_block] = s.rule.step(network, params, state, s.batch)
+            peaks[depth, per_block] = probe.peak
+        (joint_updates, joint_state, joint_metrics), (block_updates, block_state, block_metrics) = steps[False], steps[True]
+        for a, b in ((joint_updates, block_updates), (joint_state, block_state)):
+            flat_a, flat_b = torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)
+            assert len(flat_a) == len(flat_b) > 0
+            for x, y in zip(flat_a, flat_b):
+                torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+        assert joint_metrics["loss"] == block_metrics["loss"]
+    # one block's graph at a time: the peak does not grow with depth; all blocks' at once, it does
+    assert peaks[6, True] == peaks[2, True]
+    assert peaks[6, False] > 2 * peaks[2, False] and peaks[6, False] > 2 * peaks[6, True]

@@ -109,6 +109,13 @@ default tanh MLP 64-256-256-10; see docs/rules/target-propagation.md):
   shrink with beta, so the output signal must be large enough to dominate it: its default is
   5.0 (at 0.5 the hidden layers collapse onto the decoders' image and accuracy falls to chance);
   the difference-corrected rules use 0.5.
+- `per_block_grads`: every block's local loss (and every decoder's) is independent of the others,
+  so one `grad` of their sum gives each its own gradient (the default: fewest calls, fastest), but
+  then every block's graph is alive at once and the peak of tensors saved for backward grows with
+  depth as backprop's does. With `per_block_grads=true` each block (and decoder) gets its own
+  `grad` call, whose graph is freed before the next: the same updates to float rounding, and the
+  memory of one block, which is what a layer-local rule needs (measured in
+  benchmarks/reports/memory_depth.md).
 
 `evaluate` adds, per block with a decoder (blocks 1..L-1, in order): `feedback_recon_error` (mean
 squared error of `g_l(f_l(h_{l-1}))` against `h_{l-1}`, no noise), `feedback_reverse_error` (of
@@ -120,6 +127,7 @@ Supports MLPs (Linear blocks without post modules, no heads).
 
 from __future__ import annotations
 
+import functools
 import inspect
 import weakref
 from dataclasses import dataclass
@@ -163,6 +171,7 @@ class Settings:
     influence_scaling: str = "none"
     first_target: str = "output"
     decoder_order: str = "before"
+    per_block_grads: bool = False
 
     def check(self) -> "Settings":
         if not self.beta > 0:
@@ -182,6 +191,15 @@ class Settings:
         if (self.dtp1 or self.dtp1_output) and self.space != "pre":
             raise UserError("dtp1 is the update for f(h) = W sigma(h): it needs space=pre")
         return self
+
+
+def independent_grads(loss_of, params: dict, per_block: bool) -> dict:
+    """`{key: gradient of loss_of(key, params[key])}` for losses that each involve only their own
+    parameters: one `grad` of their sum (fewest calls), or with `per_block` one `grad` per key,
+    whose graph is freed before the next (the memory of one; `per_block_grads`)."""
+    if per_block:
+        return {key: grad(functools.partial(loss_of, key))(p) for key, p in params.items()}
+    return grad(lambda ps: sum(loss_of(key, p) for key, p in ps.items()))(params)
 
 
 # -- decoders -----------------------------------------------------------------------------------
@@ -255,11 +273,10 @@ def _train_ldrl(network, model, params, values, s, blocks, decs, generator):
             eta = s.feedback_noise * torch.randn(code.shape, generator=generator, device=h.device, dtype=h.dtype)
             inputs[i] = (code, moved, eps, eta)
 
-        def loss_fn(ps, _inputs=inputs):
-            return sum(difference_reconstruction_loss(decs[i], ps[str(i)], *args, s.feedback_noise)
-                       for i, args in _inputs.items())
+        def decoder_loss(key, p, _inputs=inputs):
+            return difference_reconstruction_loss(decs[int(key)], p, *_inputs[int(key)], s.feedback_noise)
 
-        g = average_across_processes(grad(loss_fn)(params))
+        g = average_across_processes(independent_grads(decoder_loss, params, s.per_block_grads))
         params = {b: {k: v - s.feedback_lr * g[b][k] for k, v in p.items()} for b, p in params.items()}
     return params
 
@@ -267,7 +284,7 @@ def _train_ldrl(network, model, params, values, s, blocks, decs, generator):
 def train_feedback(network, model, feedback, values, s: Settings, generator):
     """`feedback_iters` SGD steps on every decoder's reconstruction loss; returns new parameters.
     Each decoder's loss involves only its own parameters, so one `grad` call over their sum gives
-    every decoder its own gradient (fewer calls, same result). In a data-parallel run each gradient
+    every decoder its own gradient (fewer calls, same result; `per_block_grads`: one call each). In a data-parallel run each gradient
     and normaliser is averaged over the processes, so every process takes the step one process
     would take on the whole batch."""
     decs = decoders(network, s.space)
@@ -291,13 +308,12 @@ def train_feedback(network, model, feedback, values, s: Settings, generator):
                 scale = average_across_processes(_mean_sq_norm(decs[i], code if autoencoder else x))
             inputs[i] = (x, scale, code)
 
-        def loss_fn(ps, _inputs=inputs):
-            return sum(
-                reconstruction_loss(network, model, i, decs[i], ps[str(i)], x, s.feedback_objective, s.space, scale, code)
-                for i, (x, scale, code) in _inputs.items()
-            )
+        def decoder_loss(key, p, _inputs=inputs):
+            x, scale, code = _inputs[int(key)]
+            return reconstruction_loss(network, model, int(key), decs[int(key)], p, x, s.feedback_objective,
+                                       s.space, scale, code)
 
-        g = average_across_processes(grad(loss_fn)(params))
+        g = average_across_processes(independent_grads(decoder_loss, params, s.per_block_grads))
         params = {b: {k: v - s.feedback_lr * g[b][k] for k, v in p.items()} for b, p in params.items()}
     return params
 
@@ -412,7 +428,8 @@ def local_loss(network, bp, i, tau, inp, weights, s: Settings) -> torch.Tensor:
 def forward_updates(network, model, targets, values, s: Settings) -> dict:
     """Every block's pseudo-gradient: DTP1's closed form, or the gradient of its local loss with
     respect to its own parameters. Inputs and targets are constants, so no graph crosses blocks,
-    and one `grad` call over the sum of the local losses gives each block its own gradient."""
+    and one `grad` call over the sum of the local losses gives each block its own gradient
+    (`per_block_grads`: one call per block)."""
     last = network.num_blocks - 1
     updates, local = {}, {}
     for i in range(network.num_blocks):
@@ -425,12 +442,13 @@ def forward_updates(network, model, targets, values, s: Settings) -> dict:
         else:
             local[i] = w
 
-    def loss_fn(per_block):
-        return sum(local_loss(network, per_block[str(i)], i, targets[i + 1], values[i], w, s) for i, w in local.items())
+    def block_loss(key, p):
+        i = int(key)
+        return local_loss(network, p, i, targets[i + 1], values[i], local[i], s)
 
     if local:
-        grads = grad(loss_fn)({str(i): block_params(network, model, i) for i in local})
-        for g in grads.values():
+        params = {str(i): block_params(network, model, i) for i in local}
+        for g in independent_grads(block_loss, params, s.per_block_grads).values():
             updates.update(g)
     return {k: updates[k] for k in model}
 
@@ -503,45 +521,48 @@ def _build(s: Settings) -> Rule:
 def target_prop(
     beta: float = 5.0, space: str = "post", feedback_lr: float = 1.0, feedback_iters: int = 1,
     feedback_noise: float = 0.3, feedback_objective: str = "autoencoder", feedback_normalise: bool = True,
+    per_block_grads: bool = False,
 ) -> Rule:
     """Plain target propagation (Bengio 2014): tau_{l-1} = g_l(tau_l)."""
     return _build(Settings(beta, space, feedback_lr, feedback_iters, feedback_noise, feedback_objective,
-                           feedback_normalise, output_init="decoder"))
+                           feedback_normalise, output_init="decoder", per_block_grads=per_block_grads))
 
 
 def dtp(
     beta: float = 0.5, space: str = "post", feedback_lr: float = 1.0, feedback_iters: int = 1,
     feedback_noise: float = 0.3, feedback_objective: str = "autoencoder", feedback_normalise: bool = True,
-    first_target: str = "penultimate", decoder_order: str = "before",
+    first_target: str = "penultimate", decoder_order: str = "before", per_block_grads: bool = False,
 ) -> Rule:
     """Difference target propagation (Lee et al. 2015): tau_{l-1} = h_{l-1} + g_l(tau_l) - g_l(h_l).
     The first target is Lee et al.'s Algorithm 1 (`penultimate`); `output` sets it on the logits
     and carries it down through an output decoder (3 seeds on Fashion-MNIST: 0.5 points worse)."""
     return _build(Settings(beta, space, feedback_lr, feedback_iters, feedback_noise, feedback_objective,
                            feedback_normalise, output_init="difference", first_target=first_target,
-                           decoder_order=decoder_order))
+                           decoder_order=decoder_order, per_block_grads=per_block_grads))
 
 
 def l_drl(
     beta: float = 0.5, space: str = "post", feedback_lr: float = 0.05, feedback_iters: int = 1,
     feedback_noise: float = 0.1, first_target: str = "output", decoder_order: str = "before",
+    per_block_grads: bool = False,
 ) -> Rule:
     """DTP whose decoders learn backprop's targets with the local difference reconstruction loss
     (Ernoult et al. 2022)."""
     return _build(Settings(beta, space, feedback_lr, feedback_iters, feedback_noise, "ldrl", False,
-                           output_init="difference", first_target=first_target, decoder_order=decoder_order))
+                           output_init="difference", first_target=first_target, decoder_order=decoder_order,
+                           per_block_grads=per_block_grads))
 
 
 def iterative_dtp(
     beta: float = 0.5, space: str = "post", feedback_lr: float = 1.0, feedback_iters: int = 1,
     feedback_noise: float = 0.3, feedback_objective: str = "autoencoder", feedback_normalise: bool = True,
     input_iters: int = 1, output_iters: int = 2, output_init: str = "difference", dtp1: bool = False,
-    dtp1_output: bool = False, influence_scaling: str = "batch",
+    dtp1_output: bool = False, influence_scaling: str = "batch", per_block_grads: bool = False,
 ) -> Rule:
     """Differential target propagation with iterated approximate inverses (Bengio 2020)."""
     return _build(Settings(beta, space, feedback_lr, feedback_iters, feedback_noise, feedback_objective,
                            feedback_normalise, input_iters, output_iters, output_init, dtp1, dtp1_output,
-                           influence_scaling))
+                           influence_scaling, per_block_grads=per_block_grads))
 
 
 @hookimpl
