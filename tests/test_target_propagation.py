@@ -328,7 +328,8 @@ def test_per_block_grads_give_the_same_step_with_the_memory_of_one_block(rule, o
             with SavedTensorsProbe() as probe:
                 steps[per_block] = s.rule.step(network, params, state, s.batch)
             peaks[depth, per_block] = probe.peak
-        (joint_updates, joint_state, joint_metrics), (block_updates, block_state, block_metrics) = steps[False], steps[True]
+        (joint_updates, joint_state, joint_metrics) = steps[False]
+        (block_updates, block_state, block_metrics) = steps[True]
         for a, b in ((joint_updates, block_updates), (joint_state, block_state)):
             flat_a, flat_b = torch.utils._pytree.tree_leaves(a), torch.utils._pytree.tree_leaves(b)
             assert len(flat_a) == len(flat_b) > 0

@@ -73,13 +73,19 @@ def check_cells(cells: list[Cell], where: str = "suite") -> None:
     from fa_rules.runs import resolve
 
     registry = get_registry()
-    seen = set()
+    distinct: dict[str, Cell] = {}  # the first cell of each setting these checks read
     for cell in cells:
         c = cell.config
-        key = repr((c.rule, c.rule_options, c.dataset, c.model, c.model_options))
-        if key in seen:
-            continue
-        seen.add(key)
+        distinct.setdefault(repr((c.rule, c.rule_options, c.dataset, c.data_dir, c.model, c.model_options,
+                                  c.latent_dim)), cell)
+
+    def in_cell(cell: Cell, e: UserError) -> UserError:
+        label = f"rule '{cell.entry.label}': " if f"'{cell.entry.label}'" not in str(e) else ""
+        return UserError(f"{where}: {label}{e}")
+
+    # names and options first (cheap), then the data (a load, maybe a download), then the models
+    for cell in distinct.values():
+        c = cell.config
         try:
             spec = registry.rule(c.rule)
             registry.dataset(c.dataset)
@@ -103,23 +109,17 @@ def check_cells(cells: list[Cell], where: str = "suite") -> None:
                 raise UserError(f"rule '{spec.name}' refuses options {c.rule_options}: "
                                 f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from None
         except UserError as e:
-            label = f"rule '{cell.entry.label}': " if f"'{cell.entry.label}'" not in str(e) else ""
-            raise UserError(f"{where}: {label}{e}") from None
+            raise in_cell(cell, e) from None
     datasets = {}
-    for c in {(c.dataset, c.data_dir): c for c in (cell.config for cell in cells)}.values():
+    for c in (cell.config for cell in distinct.values()):
+        if (c.dataset, c.data_dir) not in datasets:
+            try:
+                datasets[c.dataset, c.data_dir] = dataset = registry.dataset(c.dataset).load(c.data_dir)
+                check_dataset(dataset)
+            except UserError as e:
+                raise UserError(f"{where}: {e}") from None
+    for cell in distinct.values():
         try:
-            datasets[c.dataset, c.data_dir] = dataset = registry.dataset(c.dataset).load(c.data_dir)
-            check_dataset(dataset)
+            resolve(copy.deepcopy(cell.config), registry, dataset=datasets[cell.config.dataset, cell.config.data_dir])
         except UserError as e:
-            raise UserError(f"{where}: {e}") from None
-    seen = set()
-    for cell in cells:
-        c = cell.config
-        key = repr((c.rule, c.rule_options, c.dataset, c.data_dir, c.model, c.model_options, c.latent_dim))
-        if key in seen:
-            continue
-        seen.add(key)
-        try:
-            resolve(copy.deepcopy(c), registry, dataset=datasets[c.dataset, c.data_dir])
-        except UserError as e:
-            raise UserError(f"{where}: rule '{cell.entry.label}': {e}") from None
+            raise in_cell(cell, e) from None

@@ -284,9 +284,9 @@ def _train_ldrl(network, model, params, values, s, blocks, decs, generator):
 def train_feedback(network, model, feedback, values, s: Settings, generator):
     """`feedback_iters` SGD steps on every decoder's reconstruction loss; returns new parameters.
     Each decoder's loss involves only its own parameters, so one `grad` call over their sum gives
-    every decoder its own gradient (fewer calls, same result; `per_block_grads`: one call each). In a data-parallel run each gradient
-    and normaliser is averaged over the processes, so every process takes the step one process
-    would take on the whole batch."""
+    every decoder its own gradient (fewer calls, same result; `per_block_grads`: one call each). In
+    a data-parallel run each gradient and normaliser is averaged over the processes, so every
+    process takes the step one process would take on the whole batch."""
     decs = decoders(network, s.space)
     autoencoder = s.feedback_objective == "autoencoder"
     blocks = decoder_blocks(network, s)
