@@ -6,9 +6,11 @@ over tensors the size of the routed weights: sign symmetry builds `B = mean|W| s
 Kolen-Pollack's optimiser steps `B` (a second Adam, with the same gradient as `W`). Two stand-ins
 time that work without the routing: backprop that also builds sign symmetry's feedback tensors
 (and drops them), and backprop that also trains a copy of the routed weights the way Kolen-Pollack
-trains `B`. All trainers step in turn on the same batches in one process (`interleave`); the table
-gives each one's median over backprop's, and the last column adds FA's routing cost to each
-stand-in's, to compare with the rule's own ratio. Sign symmetry with `magnitude=unit` (the paper's
+trains `B`. A third runs backprop by the loop feedback alignment runs (its arithmetic written
+out, no graph): what that loop saves against autograd's backward pass, which the engine's backprop
+(the reference) uses. All trainers step in turn on the same batches in one process
+(`interleave`); the table gives each one's median over backprop's, and the last column adds FA's
+routing cost to each stand-in's, to compare with the rule's own ratio. Sign symmetry with `magnitude=unit` (the paper's
 uSF, `B = sign(W)`: one pass over `W` where `mean|W| sign(W)` makes three) runs beside them.
 
     OMP_NUM_THREADS=1 python benchmarks/own_arithmetic.py --steps 300 --warmup 10
@@ -27,7 +29,7 @@ from rule_costs import MODELS, make_trainer, setting_line  # noqa: E402
 
 from fa_rules.benchmark.timing import example_order, interleave, trainer_stepper  # noqa: E402
 from fa_rules.core import Rule  # noqa: E402
-from fa_rules.core.feedback import feedback_weight_keys  # noqa: E402
+from fa_rules.core.feedback import chained_feedback_gradients, feedback_weight_keys  # noqa: E402
 from fa_rules.rules.backprop import backprop  # noqa: E402
 from fa_rules.rules.feedback_alignment import kolen_pollack, sign_feedback  # noqa: E402
 from fa_rules.runs import get_registry  # noqa: E402
@@ -59,6 +61,21 @@ def backprop_training_a_copy(decay: float = 1e-3) -> Rule:
     return Rule(init=kp.init, step=step, task="classify", weight_decay=kp.weight_decay)
 
 
+def backprop_written_out() -> Rule:
+    """Backprop by the feedback-alignment family's hand-written loop (no feedback tensors: every
+    layer sends the signal through its own weight), for a model the loop takes: what the loop
+    alone saves against autograd's backward pass, which the engine's backprop uses."""
+    bp = backprop()
+
+    def step(network, params, state, batch):
+        model = params["model"]
+        grads, loss = chained_feedback_gradients(network, model, batch.x, batch.y, {})
+        return {"model": {k: grads[k] for k in model}}, state, {"loss": loss}
+
+    return Rule(init=bp.init, step=step, task="classify")
+
+
+WRITTEN_OUT = "backprop, written out (FA's loop, B = W)"
 UNIT_SIGN = "sign_symmetry (magnitude=unit)"
 STAND_INS = {"sign_symmetry": ("backprop + sign feedback", backprop_building_sign_feedback),
              "kolen_pollack": ("backprop + trained copy", backprop_training_a_copy)}
@@ -83,6 +100,8 @@ def main() -> None:
         for rule_name, (label, build) in STAND_INS.items():
             trainers[label] = make_trainer(registry, "backprop", model_name, dataset, args.dataset, False,
                                            rule=build())
+        trainers[WRITTEN_OUT] = make_trainer(registry, "backprop", model_name, dataset, args.dataset, False,
+                                             rule=backprop_written_out())
         # the paper's uSF: one pass over W (the sign) where mean|W| sign(W) makes three
         trainers[UNIT_SIGN] = make_trainer(registry, "sign_symmetry", model_name, dataset, args.dataset, False,
                                            rule_options={"magnitude": "unit"})

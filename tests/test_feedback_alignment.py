@@ -373,7 +373,8 @@ def test_ifa_carries_the_signal_through_batch_norm_and_pooling_as_torch_func_doe
     assert any(v.abs().sum() > 0 for k, v in plain["model"].items() if k.startswith("blocks.1."))
 
 
-@pytest.mark.parametrize("activation", [nn.Tanh(), nn.ReLU(), nn.LeakyReLU(0.1), nn.Identity()])
+@pytest.mark.parametrize("activation", [nn.Tanh(), nn.ReLU(), nn.LeakyReLU(0.1), nn.Sigmoid(), nn.Identity(),
+                                        nn.Softplus()])
 def test_ifas_closed_forms_equal_autograd(activation):
     """IFA's shortcuts (a zoo activation's derivative, a layer's linear part, its weight gradient in
     closed form) give what forward- and reverse-mode AD give."""
@@ -406,7 +407,7 @@ def test_ifas_closed_forms_equal_autograd(activation):
     # the first block's transpose: the activation, then max pooling (overlapping windows included)
     for pool in (nn.MaxPool2d(2), nn.MaxPool2d(3, stride=2), nn.Identity()):
         block = Block(nn.Conv2d(3, 4, 3), activation, pool)
-        generic = isinstance(activation, nn.LeakyReLU)  # not in the closed-form table: a vjp instead
+        generic = isinstance(activation, nn.Softplus)  # not in the closed-form table: a vjp instead
         assert fb._has_closed_form_transpose(block) is not generic
         if generic:
             continue
@@ -419,6 +420,69 @@ def test_ifas_closed_forms_equal_autograd(activation):
         (got,) = fb._closed_form_transpose(block, {}, a, z, indices, g)
         assert torch.allclose(got, expected, atol=1e-12), pool
     assert not fb._has_closed_form_transpose(Block(nn.Linear(3, 3), nn.Softplus()))
+
+
+def _chain_network(model):
+    if model.startswith("mlp-"):
+        return zoo.mlp((1, 8, 8), (10,), depth=3, width=24, activation=model[4:])
+    if model == "lenet":
+        return _lenet()
+    return Network([  # strided and padded convolutions, overlapping pooling, no biases, a reshape
+        Block(nn.Conv2d(1, 4, 3, stride=2, padding=1, bias=False), nn.LeakyReLU(0.2), nn.MaxPool2d(3, stride=1),
+              in_shape=(1, 12, 12)),
+        Block(nn.Conv2d(4, 5, 2), nn.Sigmoid()),
+        Block(nn.Linear(45, 12, bias=False), nn.ReLU(), in_shape=(45,)),
+        Block(nn.Linear(12, 10)),
+    ], in_shape=(1, 12, 12), out_shape=(10,))
+
+
+@pytest.mark.parametrize("model", ["mlp-tanh", "mlp-relu", "mlp-sigmoid", "mlp-leaky_relu", "mlp-identity", "lenet",
+                                   "custom"])
+def test_closed_form_chain_equals_the_graph_routes(model, monkeypatch):
+    """The hand-written loop feedback alignment runs at the top level (no graph) gives the loss and
+    gradients of the saved-tensor route, the autograd Functions and torch.func, routed weights and
+    weights that send the signal through themselves (backprop) alike."""
+    from fa_rules.core import feedback as fb
+    from fa_rules.core.autodiff import functional_transforms
+
+    torch.manual_seed(0)
+    net = _chain_network(model)
+    params = net.init_params()
+    shape = (1, 12, 12) if model in ("lenet", "custom") else (1, 8, 8)
+    x, y = torch.rand(6, *shape), torch.randint(0, 10, (6,))
+    # block 1's weight sends the signal through itself; every later one through a random tensor
+    feedback = {i: torch.randn_like(params[weight_key(i)]) for i in range(2, net.num_blocks)}
+    assert fb._closed_form_chain_fits(net, {weight_key(i): b for i, b in feedback.items()})
+    taken, original = [], fb._closed_form_chain
+    monkeypatch.setattr(fb, "_closed_form_chain", lambda *args: taken.append(1) or original(*args))
+    closed = chained_feedback_gradients(net, params, x, y, feedback)
+    assert taken  # (the loop ran, not a graph route)
+    monkeypatch.undo()
+    monkeypatch.setattr(fb, "closed_form_allowed", lambda: False)
+    hooked = chained_feedback_gradients(net, params, x, y, feedback)
+    monkeypatch.setattr(fb, "first_order", lambda: False)
+    functions = chained_feedback_gradients(net, params, x, y, feedback)
+    with functional_transforms():
+        transformed = chained_feedback_gradients(net, params, x, y, feedback)
+    for name, (grads, loss) in {"hooks": hooked, "functions": functions, "torch.func": transformed}.items():
+        assert closed[0].keys() == grads.keys(), name
+        torch.testing.assert_close(closed[1], loss, msg=name)
+        for k in grads:
+            torch.testing.assert_close(closed[0][k], grads[k], msg=f"{name} {k}")
+    backprop = chained_feedback_gradients(net, params, x, y, {})[0]
+    assert not torch.allclose(closed[0][weight_key(0)], backprop[weight_key(0)])
+
+
+def test_closed_form_chain_serves_only_networks_it_can_write_out():
+    from fa_rules.core import feedback as fb
+
+    vgg = zoo.vgg((1, 8, 8), (10,), width=4)  # batch norm in its posts
+    assert not fb._closed_form_chain_fits(vgg, {weight_key(1): torch.zeros(1)})
+    mlp = zoo.mlp((1, 8, 8), (10,), depth=2, width=8, activation="asinh")  # no closed-form derivative
+    assert not fb._closed_form_chain_fits(mlp, {weight_key(1): torch.zeros(1)})
+    mlp = _mlp()
+    assert fb._closed_form_chain_fits(mlp, {weight_key(1): torch.zeros(1)})
+    assert not fb._closed_form_chain_fits(mlp, {"blocks.1.layer.bias": torch.zeros(1)})  # not a layer weight
 
 
 def test_kolen_pollack_with_declared_decay_trains_as_the_rule_adding_it_itself():

@@ -241,11 +241,11 @@ def test_own_arithmetic_prints_each_stand_in_beside_its_rule():
         capture_output=True, text=True, timeout=600, env=env,
     )
     assert result.returncode == 0, result.stderr
-    rows = {m[0]: m[1:] for m in re.findall(r"^\| tiny_mlp \| ([\w +()=]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]*) \|$",
+    rows = {m[0]: m[1:] for m in re.findall(r"^\| tiny_mlp \| ([\w +()=,']+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]*) \|$",
                                             result.stdout, re.M)}
     assert set(rows) == {"backprop", "feedback_alignment", "sign_symmetry", "kolen_pollack",
                          "backprop + sign feedback", "backprop + trained copy",
-                         "sign_symmetry (magnitude=unit)"}, result.stdout
+                         "backprop, written out (FA's loop, B = W)", "sign_symmetry (magnitude=unit)"}, result.stdout
     assert rows["backprop"][1] == "1.00" and rows["backprop + trained copy"][2]  # a smoke run, not a timing
 
 

@@ -40,6 +40,13 @@ def plain_autograd() -> bool:
     return not _force_func.get() and torch._C._functorch.peek_interpreter_stack() is None
 
 
+def closed_form_allowed() -> bool:
+    """True where a rule may take its first derivatives in closed form, without a graph: plain
+    autograd, nothing differentiating through the result (no enclosing `grad`), and outside the
+    memory probe, which measures every rule by what autograd saves."""
+    return not _probing.get() and _depth.get() == 0 and plain_autograd()
+
+
 def first_order() -> bool:
     """True inside the function of a `grad`, `grad_and_value` or `vjp` evaluated by plain autograd
     whose backward pass is not itself differentiated, outside the memory probe: where a caller may

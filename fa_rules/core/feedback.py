@@ -56,7 +56,7 @@ import torch.func
 from torch.autograd import forward_ad
 from torch import nn
 
-from fa_rules.core.autodiff import first_order, grad_and_value, plain_autograd, vjp
+from fa_rules.core.autodiff import closed_form_allowed, first_order, grad_and_value, plain_autograd, vjp
 from fa_rules.core.errors import UserError
 from fa_rules.core.metrics import classification_loss
 from fa_rules.core.network import Block, Network, Params, call_with, parameter_slots
@@ -508,8 +508,62 @@ def chained_feedback_gradients(network: Network, model_params: Params, x: torch.
     the loss over one forward pass, the layers routed by `feedback_call`: each parameter gets its
     true local gradient for the signal that reaches its layer, batch norm included."""
     routes = {weight_key(k) if isinstance(k, int) else k: b for k, b in feedback.items()}
+    if closed_form_allowed() and _closed_form_chain_fits(network, routes):
+        return _closed_form_chain(network, model_params, x, y, routes)
     grads, loss = grad_and_value(
         lambda p: classification_loss(feedback_call(network, p, (x,), routes), y))(model_params)
+    return grads, loss
+
+
+# network -> {routed keys: whether `_closed_form_chain` runs it}
+_CLOSED_FORM_CHAINS: "weakref.WeakKeyDictionary[Network, dict]" = weakref.WeakKeyDictionary()
+
+
+def _closed_form_chain_fits(network: Network, routes: Mapping[str, torch.Tensor]) -> bool:
+    """Whether every block is a plain `Block` whose layer `_closed_form_layer_backward` takes and
+    whose activation and post `_closed_form_transpose` takes, with no other parameters, no heads,
+    and every routed key a block's layer weight. Worked out once per network and set of keys."""
+    keys = tuple(routes)
+    known = _CLOSED_FORM_CHAINS.setdefault(network, {})
+    if keys not in known:
+        blocks_fit = not len(network.heads) and (network.out_shape is None or len(network.out_shape) <= 1) and all(
+            type(block) is Block and "forward" not in vars(block) and _has_closed_form_grads(block.layer)
+            and _has_closed_form_transpose(block) and all(k.startswith("layer.") for k in network.block_keys[i].values())
+            for i, block in enumerate(network.blocks))
+        layer_weights = {weight_key(i) for i in range(network.num_blocks)}
+        known[keys] = blocks_fit and set(keys) <= layer_weights
+    return known[keys]
+
+
+def _closed_form_chain(network: Network, model_params: Params, x: torch.Tensor, y: torch.Tensor,
+                       routes: Mapping[str, torch.Tensor]):
+    """`chained_feedback_gradients` for networks `_closed_form_chain_fits`, as a hand-written loop:
+    a forward pass without a graph that keeps each layer's input, pre-activation and activation,
+    then from the output down, per block, the signal taken back through its post and activation
+    (`delta_a`), the layer's true gradients `delta_a x^T`, and the signal at its input through the
+    feedback tensor (`B^T delta_a`, or `W^T delta_a` where the weight has none). The same
+    arithmetic as the graph route without autograd's bookkeeping (tested against it)."""
+    trace, h = [], x
+    with torch.no_grad():
+        for i, block in enumerate(network.blocks):
+            local = network.block_params(i, model_params)
+            layer_input = _reshape(block, h)
+            a = _layer_forward(block, local, layer_input)
+            z = block.activation(a)
+            out, indices = _post_forward(block, local, z)
+            trace.append((local, h, layer_input, a, z, indices))
+            h = out
+    e, loss = output_error(h, y)
+    grads: Params = {}
+    g = e
+    for i in reversed(range(network.num_blocks)):
+        block = network.blocks[i]
+        local, block_input, layer_input, a, z, indices = trace[i]
+        (delta,) = _closed_form_transpose(block, local, a, z, indices, g)
+        feedback = routes.get(weight_key(i), local["layer.weight"]) if i else None
+        local_grads, gx = _closed_form_layer_backward(block, local, layer_input, delta, feedback)
+        grads.update(_globalize(network, i, local_grads))
+        g = gx.reshape(block_input.shape) if i else None
     return grads, loss
 
 
@@ -599,18 +653,20 @@ def indirect_feedback_gradients(network: Network, model_params: Params, x: torch
     Each hidden layer's update is `delta_a_i x_i^T`; `post` parameters (batch norm) are not trained.
     The output block receives `e`.
 
-    Under plain autograd, plain Linear and convolution layers run without a graph and take that
-    update in closed form (the output block's too, when it is a bare layer), the first block's
-    relu/tanh and max pooling are transposed in closed form, and tanh and relu derivatives use
-    autograd's own kernels on the stored activations (the arithmetic of a hand-written IFA loop);
-    other layers and activations, and `torch.func` transforms, take the generic `vjp` /
-    forward-mode path (the two agree: `tests/test_feedback_alignment.py`)."""
+    Where `closed_form_allowed` (plain autograd, nothing differentiating through, not the memory
+    probe), plain Linear and convolution layers run without a graph and take that update in closed
+    form (the output block's too, when it is a bare layer), the first block's elementwise activation
+    and max pooling are transposed in closed form, and the activations' derivatives use autograd's
+    own kernels on the stored activations (the arithmetic of a hand-written IFA loop); other layers
+    and activations, `torch.func` transforms and the probe take the generic `vjp` / forward-mode
+    path (the two agree: `tests/test_feedback_alignment.py`)."""
     last = network.num_blocks - 1
+    by_hand = closed_form_allowed()
     pre, posts, layer_pullbacks = [], [], []
     h = x
     for i in range(last):
         block, local = network.blocks[i], network.block_params(i, model_params)
-        if plain_autograd() and _has_closed_form_grads(block.layer):
+        if by_hand and _has_closed_form_grads(block.layer):
             # no graph: the update `delta_a x^T` is taken in closed form below
             layer_input = _reshape(block, h)
             with torch.no_grad():
@@ -620,7 +676,7 @@ def indirect_feedback_gradients(network: Network, model_params: Params, x: torch
             a, fn = vjp(lambda p, _i=i, _x=h: network.block_apply_local(_i, p, _x, pre_activation=True), local)
         pre.append(a)
         layer_pullbacks.append(fn)
-        if i == 0 and not (plain_autograd() and _has_closed_form_transpose(block)):
+        if i == 0 and not (by_hand and _has_closed_form_transpose(block)):
             # the error arrives at this block's output: keep the pullback to its pre-activation
             h, first_pullback, (z, *indices) = vjp(lambda a_: _nonlinearity_with_aux(block, local, a_), a, has_aux=True)
             post_inputs = (z, indices[0] if indices else None)
@@ -628,13 +684,13 @@ def indirect_feedback_gradients(network: Network, model_params: Params, x: torch
             z = call_with(block.activation, _sub(local, "activation"), (a,))
             h, indices = _post_forward(block, local, z)
             post_inputs = (z, indices)
-            if i == 0:  # relu/tanh, then identity or max pooling: transposed in closed form
+            if i == 0:  # an elementwise activation, then identity or max pooling: transposed in closed form
                 first_pullback = functools.partial(_closed_form_transpose, block, local, a, z, indices)
         if i == 0:
             first_shape = tuple(h.shape[1:])
         posts.append(post_inputs)
     out = network.blocks[last]
-    if plain_autograd() and _has_closed_form_grads(out.layer) and _is_identity(out.activation) and _is_identity(out.post):
+    if by_hand and _has_closed_form_grads(out.layer) and _is_identity(out.activation) and _is_identity(out.post):
         out_local, out_input = network.block_params(last, model_params), _reshape(out, h)
         with torch.no_grad():
             logits = call_with(out.layer, _sub(out_local, "layer"), (out_input,))
@@ -665,32 +721,52 @@ def _has_closed_form_grads(layer: nn.Module) -> bool:
     return _is_plain_layer(layer) and not isinstance(getattr(layer, "padding", 0), str)
 
 
-def _closed_form_grads(block, local: Params, x: torch.Tensor, delta: torch.Tensor) -> tuple[Params]:
-    """`(grads,)` like a block pullback's: the layer's true weight and bias gradients for the
-    signal `delta` at its output, `x` its input (`delta^T x` for Linear, one `convolution_backward`
-    call for a convolution), and zeros for the block's other parameters (batch norm in `post`)."""
+def _layer_forward(block, local: Params, x: torch.Tensor) -> torch.Tensor:
+    """A plain Linear or convolution layer (`_has_closed_form_grads`) on `x` with `local`'s weights."""
+    layer, weight, bias = block.layer, local["layer.weight"], local.get("layer.bias")
+    if type(layer) is nn.Linear:
+        return torch.nn.functional.linear(x, weight, bias)
+    return layer._conv_forward(x, weight, bias)
+
+
+def _closed_form_layer_backward(block, local: Params, x: torch.Tensor, delta: torch.Tensor,
+                                feedback: torch.Tensor | None = None) -> tuple[Params, torch.Tensor | None]:
+    """`(grads, gx)`: the layer's true weight and bias gradients for the signal `delta` at its
+    output, `x` its input (`delta^T x` for Linear, one `convolution_backward` call for a
+    convolution), zeros for the block's other parameters (batch norm in `post`); and, given
+    `feedback`, the signal at the layer's input sent through it in the weight's place (else None)."""
     layer, weight = block.layer, local["layer.weight"]
-    grads = {k: torch.zeros_like(v) for k, v in local.items()}
+    grads = {k: torch.zeros_like(v) for k, v in local.items() if not k.startswith("layer.")}
+    gx = None
     if type(layer) is nn.Linear:
         d2 = delta.reshape(-1, delta.shape[-1])
+        if feedback is not None:
+            gx = delta.mm(feedback) if delta.dim() == 2 else delta @ feedback
         grads["layer.weight"] = d2.T @ x.reshape(-1, x.shape[-1])
         if "layer.bias" in local:
             grads["layer.bias"] = d2.sum(0)
-        return (grads,)
+        return grads, gx
     n = _CONV_DIMS[type(layer)]
     bias_sizes = list(local["layer.bias"].shape) if "layer.bias" in local else None
-    _, gw, gb = torch.ops.aten.convolution_backward(
-        delta, x, weight, bias_sizes, _ntuple(layer.stride, n), _ntuple(layer.padding, n),
-        _ntuple(layer.dilation, n), False, [0] * n, layer.groups, [False, True, bias_sizes is not None])
+    gx, gw, gb = torch.ops.aten.convolution_backward(
+        delta, x, weight if feedback is None else feedback, bias_sizes, _ntuple(layer.stride, n),
+        _ntuple(layer.padding, n), _ntuple(layer.dilation, n), False, [0] * n, layer.groups,
+        [feedback is not None, True, bias_sizes is not None])
     grads["layer.weight"] = gw
     if bias_sizes is not None:
         grads["layer.bias"] = gb
-    return (grads,)
+    return grads, gx
+
+
+def _closed_form_grads(block, local: Params, x: torch.Tensor, delta: torch.Tensor) -> tuple[Params]:
+    """`(grads,)` like a block pullback's: `_closed_form_layer_backward`'s parameter gradients."""
+    return (_closed_form_layer_backward(block, local, x, delta)[0],)
 
 
 def _activation_jvp(block, local: Params, a: torch.Tensor, z: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
     """The derivative of the block's activation at `a` (`z` its value there) along `d`: in closed
-    form for the identity, tanh and relu, by forward-mode AD for any other."""
+    form for the identity, tanh, relu, leaky relu and sigmoid (autograd's own kernels), by
+    forward-mode AD for any other."""
     activation = block.activation
     if isinstance(activation, nn.Identity):
         return d
@@ -698,7 +774,14 @@ def _activation_jvp(block, local: Params, a: torch.Tensor, z: torch.Tensor, d: t
         return torch.ops.aten.tanh_backward(d, z)
     if type(activation) is nn.ReLU:  # d where a > 0, else 0
         return torch.ops.aten.threshold_backward(d, a, 0.0)
+    if type(activation) is nn.LeakyReLU:  # d where a > 0, else slope * d
+        return torch.ops.aten.leaky_relu_backward(d, a, activation.negative_slope, False)
+    if type(activation) is nn.Sigmoid:  # d * z (1 - z)
+        return torch.ops.aten.sigmoid_backward(d, z)
     return _jvp(lambda a_: call_with(activation, _sub(local, "activation"), (a_,)), a, d)
+
+
+_CLOSED_FORM_ACTIVATIONS = (nn.Tanh, nn.ReLU, nn.LeakyReLU, nn.Sigmoid)
 
 
 def _is_identity(module: nn.Module) -> bool:
@@ -708,7 +791,7 @@ def _is_identity(module: nn.Module) -> bool:
 def _has_closed_form_transpose(block) -> bool:
     """An activation `_activation_jvp` differentiates in closed form (elementwise, so its transpose
     is itself), then no post or a max pooling that `_post_forward` runs with indices."""
-    elementwise = _is_identity(block.activation) or type(block.activation) in (nn.Tanh, nn.ReLU)
+    elementwise = _is_identity(block.activation) or type(block.activation) in _CLOSED_FORM_ACTIVATIONS
     post = block.post
     return elementwise and (_is_identity(post) or (type(post) is nn.MaxPool2d and not post.return_indices))
 
