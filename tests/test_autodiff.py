@@ -81,3 +81,28 @@ def test_first_order_holds_only_where_no_backward_is_differentiated():
     torch.func.grad(lambda p: record("torch.func", (p * p).sum()))(w)
     assert seen == {"outside": False, "grad": True, "grad in grad": False, "vjp": True, "vjp in grad": False,
                     "grad in probe": False, "torch.func": False}
+
+
+def test_closed_forms_are_allowed_only_at_the_top_of_a_plain_step():
+    """Where `closed_form_allowed()` holds a rule may take first derivatives without a graph: not
+    inside the function of a gradient or vjp (they differentiate through it), under the probe or
+    torch.func."""
+    seen = {}
+
+    def record(name, value=None):
+        seen[name] = autodiff.closed_form_allowed()
+        return value
+
+    w = torch.randn(3)
+    record("outside")
+    autodiff.grad(lambda p: record("in grad", (p * p).sum()))(w)
+    autodiff.vjp(lambda p: record("in vjp", p * p), w)
+    autodiff.grad(lambda p: autodiff.grad(lambda q: record("grad in grad", (q ** 3).sum()))(p).sum())(w)
+    with autodiff.SavedTensorsProbe():
+        record("in probe")
+    with autodiff.functional_transforms():
+        record("functional transforms")
+    torch.func.grad(lambda p: record("torch.func", (p * p).sum()))(w)
+    record("outside, after")
+    assert seen == {"outside": True, "in grad": False, "in vjp": False, "grad in grad": False, "in probe": False,
+                    "functional transforms": False, "torch.func": False, "outside, after": True}

@@ -420,6 +420,7 @@ def test_ifas_closed_forms_equal_autograd(activation):
         (got,) = fb._closed_form_transpose(block, {}, a, z, indices, g)
         assert torch.allclose(got, expected, atol=1e-12), pool
     assert not fb._has_closed_form_transpose(Block(nn.Linear(3, 3), nn.Softplus()))
+    assert not fb._has_closed_form_transpose(Block(nn.Linear(3, 3), nn.LeakyReLU(-0.5, inplace=True)))
 
 
 def _chain_network(model):
@@ -517,3 +518,19 @@ def test_kolen_pollack_with_declared_decay_trains_as_the_rule_adding_it_itself()
             assert torch.allclose(params[group][k], twin[group][k], rtol=1e-5, atol=1e-7), (group, k)
     moved = (params["feedback"][weight_key(1)] - _setup("kolen_pollack", _mlp, (1, 8, 8), n=32)[2]["feedback"][weight_key(1)])
     assert moved.abs().max() > 1e-3  # the feedback did learn
+
+
+def test_the_memory_probe_sees_what_ifa_and_fa_keep_for_their_backward_pass():
+    """Under the probe the closed forms stay off, so IFA's and FA's figures are what their graph
+    routes save (IFA's closed-form layers save nothing, and once read as 0 x backprop's peak)."""
+    from fa_rules.core.autodiff import SavedTensorsProbe
+
+    net = _lenet()
+    peaks = {}
+    for rule_name in ("backprop", "indirect_feedback_alignment", "feedback_alignment"):
+        _, rule, params, state, batch = _setup(rule_name, lambda: net, (1, 12, 12), n=16)
+        with SavedTensorsProbe() as probe:
+            rule.step(net, params, state, batch)
+        peaks[rule_name] = probe.peak
+    assert 0.4 < peaks["indirect_feedback_alignment"] / peaks["backprop"] < 0.9, peaks
+    assert peaks["feedback_alignment"] == peaks["backprop"], peaks

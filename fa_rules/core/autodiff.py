@@ -42,9 +42,9 @@ def plain_autograd() -> bool:
 
 def closed_form_allowed() -> bool:
     """True where a rule may take its first derivatives in closed form, without a graph: plain
-    autograd, nothing differentiating through the result (no enclosing `grad`), and outside the
-    memory probe, which measures every rule by what autograd saves."""
-    return not _probing.get() and _depth.get() == 0 and plain_autograd()
+    autograd, outside the function of any `grad` or `vjp` (which would differentiate through the
+    result), and outside the memory probe, which measures every rule by what autograd saves."""
+    return not (_probing.get() or _first_order.get() or _depth.get()) and plain_autograd()
 
 
 def first_order() -> bool:

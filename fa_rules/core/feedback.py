@@ -790,8 +790,11 @@ def _is_identity(module: nn.Module) -> bool:
 
 def _has_closed_form_transpose(block) -> bool:
     """An activation `_activation_jvp` differentiates in closed form (elementwise, so its transpose
-    is itself), then no post or a max pooling that `_post_forward` runs with indices."""
-    elementwise = _is_identity(block.activation) or type(block.activation) in _CLOSED_FORM_ACTIVATIONS
+    is itself) and that keeps its input (not in place), then no post or a max pooling that
+    `_post_forward` runs with indices."""
+    activation = block.activation
+    elementwise = _is_identity(activation) or (type(activation) in _CLOSED_FORM_ACTIVATIONS
+                                               and not getattr(activation, "inplace", False))
     post = block.post
     return elementwise and (_is_identity(post) or (type(post) is nn.MaxPool2d and not post.return_indices))
 
