@@ -474,6 +474,52 @@ def test_closed_form_chain_equals_the_graph_routes(model, monkeypatch):
     assert not torch.allclose(closed[0][weight_key(0)], backprop[weight_key(0)])
 
 
+@pytest.mark.parametrize("rule_name", ["direct_feedback_alignment", "direct_random_target_projection"])
+@pytest.mark.parametrize("model,projection", [("mlp-tanh", "dense"), ("mlp-relu", "dense"), ("lenet", "dense"),
+                                              ("lenet", "conv"), ("custom", "dense")])
+def test_projected_signals_by_the_closed_form_loop_equal_their_graph_routes(rule_name, model, projection, monkeypatch):
+    """DFA and DRTP without a graph (each block run, then its transpose and true gradients for its
+    own projected error or target) give the loss, gradients (and DFA's block outputs) of their
+    `vjp` routes, under plain autograd and torch.func."""
+    from fa_rules.core import feedback as fb
+    from fa_rules.core.autodiff import functional_transforms
+
+    torch.manual_seed(0)
+    net = _chain_network(model)
+    params = net.init_params()
+    shape = (1, 12, 12) if model in ("lenet", "custom") else (1, 8, 8)
+    x, y = torch.rand(6, *shape), torch.randint(0, 10, (6,))
+    rule = get_registry().rule(rule_name).make(projection=projection)
+    _, state = rule.init(net, {"model": params}, torch.Generator().manual_seed(1))
+    projections = {int(k.split(".")[1]): d for k, d in state["projections"].items()}
+    assert projection == "dense" or any(d.dim() == 4 for d in projections.values())
+
+    def run():
+        if rule_name == "direct_random_target_projection":
+            return (*fb.target_projection_gradients(net, params, x, y, projections), [])
+        outputs = []
+        grads, loss = fb.direct_feedback_gradients(net, params, x, y, projections, outputs)
+        assert len(outputs) == net.num_blocks
+        return grads, loss, outputs
+
+    taken, original = [], fb._closed_form_block_forward
+    monkeypatch.setattr(fb, "_closed_form_block_forward", lambda *args: taken.append(1) or original(*args))
+    closed = run()
+    assert len(taken) == net.num_blocks
+    monkeypatch.undo()
+    monkeypatch.setattr(fb, "closed_form_allowed", lambda: False)
+    graph = run()
+    with functional_transforms():
+        transformed = run()
+    for name, (grads, loss, outputs) in {"vjp": graph, "torch.func": transformed}.items():
+        assert closed[0].keys() == grads.keys(), name
+        torch.testing.assert_close(closed[1], loss, msg=name)
+        for k in grads:
+            torch.testing.assert_close(closed[0][k], grads[k], msg=f"{name} {k}")
+        for a, b in zip(closed[2], outputs, strict=True):
+            torch.testing.assert_close(a, b, msg=name)
+
+
 def test_closed_form_chain_serves_only_networks_it_can_write_out():
     from fa_rules.core import feedback as fb
 

@@ -35,6 +35,14 @@ a convolution kernel (classes, block channels, *next kernel*): the error broadca
 layer's output positions is sent back through a transposed convolution with the next layer's
 geometry (BioTorch's structured DFA feedback, `conv_projection_shape`).
 
+On a network of plain blocks (`_closed_form_chain_fits`: a Linear or zero-padded convolution, an
+elementwise activation with a closed-form derivative, then nothing or max pooling) and where
+`closed_form_allowed` (a step under plain autograd, outside any `grad` or `vjp` and the memory
+probe), the chained, direct, indirect and target routings run as hand-written loops: a forward
+pass without a graph, then each block's transpose and true gradients in closed form
+(`_closed_form_block_backward`). Same arithmetic, without autograd's bookkeeping; every loop is
+tested against its graph route.
+
 For learned feedback: `reverse_feedback_gradients` runs the network backwards from the target
 with the feedback tensors (the bidirectional FA reverse pass) and `mirror_gradients` correlates
 noise sent through each layer with the layer's response (the weight mirror). Layers must be affine in
@@ -535,6 +543,40 @@ def _closed_form_chain_fits(network: Network, routes: Mapping[str, torch.Tensor]
     return known[keys]
 
 
+def _closed_form_block_forward(network: Network, i: int, model_params: Params, h: torch.Tensor):
+    """`(record, output)`: block `i` (of a network that `_closed_form_chain_fits`) on `h` without a
+    graph, and what its closed-form backward needs: `(local params, block input, layer input,
+    pre-activation, activation, pooling indices)`."""
+    block, local = network.blocks[i], network.block_params(i, model_params)
+    with torch.no_grad():
+        layer_input = _reshape(block, h)
+        a = _layer_forward(block, local, layer_input)
+        z = block.activation(a)
+        out, indices = _post_forward(block, local, z)
+    return (local, h, layer_input, a, z, indices), out
+
+
+def _closed_form_forward(network: Network, model_params: Params, x: torch.Tensor):
+    """`(records, output)`: the network's forward pass without a graph, each block's record kept."""
+    records, h = [], x
+    for i in range(network.num_blocks):
+        record, h = _closed_form_block_forward(network, i, model_params, h)
+        records.append(record)
+    return records, h
+
+
+def _closed_form_block_backward(network: Network, i: int, record, g: torch.Tensor,
+                                feedback: torch.Tensor | None = None) -> tuple[Params, torch.Tensor | None]:
+    """`(grads, gx)` for block `i`, its forward `record` and the signal `g` at its output: its true
+    parameter gradients (global keys) and, given `feedback`, the signal at its input sent through
+    it in its layer weight's place (shaped like the block's input)."""
+    block = network.blocks[i]
+    local, block_input, layer_input, a, z, indices = record
+    (delta,) = _closed_form_transpose(block, local, a, z, indices, g)
+    local_grads, gx = _closed_form_layer_backward(block, local, layer_input, delta, feedback)
+    return _globalize(network, i, local_grads), None if gx is None else gx.reshape(block_input.shape)
+
+
 def _closed_form_chain(network: Network, model_params: Params, x: torch.Tensor, y: torch.Tensor,
                        routes: Mapping[str, torch.Tensor]):
     """`chained_feedback_gradients` for networks `_closed_form_chain_fits`, as a hand-written loop:
@@ -543,27 +585,14 @@ def _closed_form_chain(network: Network, model_params: Params, x: torch.Tensor, 
     (`delta_a`), the layer's true gradients `delta_a x^T`, and the signal at its input through the
     feedback tensor (`B^T delta_a`, or `W^T delta_a` where the weight has none). The same
     arithmetic as the graph route without autograd's bookkeeping (tested against it)."""
-    trace, h = [], x
-    with torch.no_grad():
-        for i, block in enumerate(network.blocks):
-            local = network.block_params(i, model_params)
-            layer_input = _reshape(block, h)
-            a = _layer_forward(block, local, layer_input)
-            z = block.activation(a)
-            out, indices = _post_forward(block, local, z)
-            trace.append((local, h, layer_input, a, z, indices))
-            h = out
-    e, loss = output_error(h, y)
+    records, logits = _closed_form_forward(network, model_params, x)
+    e, loss = output_error(logits, y)
     grads: Params = {}
     g = e
     for i in reversed(range(network.num_blocks)):
-        block = network.blocks[i]
-        local, block_input, layer_input, a, z, indices = trace[i]
-        (delta,) = _closed_form_transpose(block, local, a, z, indices, g)
-        feedback = routes.get(weight_key(i), local["layer.weight"]) if i else None
-        local_grads, gx = _closed_form_layer_backward(block, local, layer_input, delta, feedback)
-        grads.update(_globalize(network, i, local_grads))
-        g = gx.reshape(block_input.shape) if i else None
+        feedback = routes.get(weight_key(i), records[i][0]["layer.weight"]) if i else None
+        block_grads, g = _closed_form_block_backward(network, i, records[i], g, feedback)
+        grads.update(block_grads)
     return grads, loss
 
 
@@ -585,7 +614,20 @@ def direct_feedback_gradients(network: Network, model_params: Params, x: torch.T
                               projections: Mapping[int, torch.Tensor], outputs: list | None = None):
     """`(grads, loss)` where hidden block `i` receives `projections[i] @ e` at its output (a matrix
     of shape (block output numel, classes), or a conv kernel: see the module docstring); the output
-    block receives `e`. Block outputs are appended to `outputs` when it is given."""
+    block receives `e`. Block outputs are appended to `outputs` when it is given. Where
+    `closed_form_allowed`, a network that `_closed_form_chain_fits` takes it without a graph: one
+    forward pass, then each block's transpose and true gradients for its own signal."""
+    if closed_form_allowed() and _closed_form_chain_fits(network, {}):
+        records, logits = _closed_form_forward(network, model_params, x)
+        hs = [*(record[1] for record in records[1:]), logits]  # each block's output: the next one's input
+        e, loss = output_error(logits, y)
+        grads: Params = {}
+        for i, h in enumerate(hs):
+            signal = e if i == len(hs) - 1 else _project(e, projections[i], tuple(h.shape[1:]), network, i)
+            grads.update(_closed_form_block_backward(network, i, records[i], signal)[0])
+        if outputs is not None:
+            outputs.extend(hs)
+        return grads, loss
     hs, pullback = vjp(_cut_chain(network, x), model_params)
     if outputs is not None:
         outputs.extend(hs)
@@ -604,13 +646,21 @@ def target_projection_gradients(network: Network, model_params: Params, x: torch
     """`(grads, loss)` where hidden block `i` receives `projections[i] @ y*` at its output, `y*` the
     one-hot target. Each block's local gradient is taken as soon as the forward pass has run it,
     and its pullback is dropped before the next block runs, so the graph never spans two blocks
-    (no backward pass); the output block receives `e`."""
+    (no backward pass); the output block receives `e`. Where `closed_form_allowed`, a network that
+    `_closed_form_chain_fits` runs each block without a graph and takes its gradients in closed
+    form, its record dropped before the next block runs as well."""
     last = network.num_blocks - 1
+    by_hand = closed_form_allowed() and _closed_form_chain_fits(network, {})
     grads: Params = {}
     target = None
     h = x
     for i in range(network.num_blocks):
-        h, pb = block_pullback(network, i, model_params, h, input_grad=False)
+        if by_hand:
+            record, h = _closed_form_block_forward(network, i, model_params, h)
+            pb = functools.partial(_closed_form_block_backward, network, i, record)
+            del record
+        else:
+            h, pb = block_pullback(network, i, model_params, h, input_grad=False)
         if i == last:
             e, loss = output_error(h, y)
             grads.update(pb(e)[0])
@@ -618,7 +668,7 @@ def target_projection_gradients(network: Network, model_params: Params, x: torch
             if target is None:
                 target = one_hot(y, projections[i].shape[0] if projections[i].dim() == 4 else projections[i].shape[1], h)
             grads.update(pb(_project(target, projections[i], tuple(h.shape[1:]), network, i))[0])
-        del pb  # frees the block's saved tensors before the next block runs
+        del pb  # frees the block's saved tensors (or record) before the next block runs
     return grads, loss
 
 
