@@ -134,3 +134,27 @@ def test_the_benchmark_command_takes_compile(tmp_path):
     (run,) = (out / "runs").iterdir()
     assert json.loads((run / "config.json").read_text())["compile"] is True
     assert json.loads((run / "summary.json").read_text())["compiled"] is True
+
+
+def test_a_rule_that_draws_noise_still_compiles_its_gradient():
+    """The VAE draws its reparameterisation noise from the step's generator. Drawn inside the
+    differentiated function, a generator breaks Dynamo's graph there and the whole gradient runs
+    eager: no graph was captured, and the "compiled" step cost 1.24 x the eager one."""
+    from torch._dynamo.utils import counters
+
+    from fa_rules.plugins.manager import get_registry
+    from fa_rules.testing import make_setup
+
+    s = make_setup(get_registry().rules["vae"])
+    torch._dynamo.reset()
+    counters.clear()
+    step = CompiledStep("vae", s.rule.step)
+    second = Batch(s.batch.x.flip(0), s.batch.y, s.batch.seed + 1)
+    for batch in (s.batch, second):
+        compiled, _, _ = step(s.network, s.params, s.state, batch)
+        eager, _, _ = s.rule.step(s.network, s.params, s.state, batch)
+        for group, tensors in eager.items():
+            for key, e in tensors.items():
+                torch.testing.assert_close(compiled[group][key], e, rtol=1e-4, atol=1e-6)
+    assert step.compiled
+    assert counters["stats"]["unique_graphs"] >= 1

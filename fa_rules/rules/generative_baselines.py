@@ -294,12 +294,16 @@ def vae(beta: float = 1.0, likelihood: str = "bernoulli", orthogonal: bool = Fal
     def step(network, params, state, batch):
         decoder = aux(network)["decoder"]
         x = batch.x
-        gen = batch.generator()
+        dtype = next(iter(params["model"].values())).dtype
+        # drawn before the differentiated function: a generator inside it breaks torch.compile's
+        # graph there, and the whole gradient then runs eager (the forward pass draws nothing, so
+        # the draws are the same)
+        eps = torch.randn((x.shape[0], head_width(network, "mu")), generator=batch.generator(),
+                          device=x.device, dtype=dtype)
 
         def loss_fn(model, dec):
             out = network.apply(model, x)
             mu, logvar = out["mu"], out["logvar"]
-            eps = torch.randn(mu.shape, generator=gen, device=x.device, dtype=mu.dtype)
             x_hat = decoder.apply(dec, mu + eps * torch.exp(0.5 * logvar))
             rec, kl = neg_log_likelihood(x, x_hat), gaussian_kl(mu, logvar)
             loss = (rec + beta * kl).mean()
