@@ -16,6 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from fa_rules.benchmark.timing import keep_freed_memory
 from fa_rules.core.trainer import TrainConfig, Trainer, fused_kernels
 from fa_rules.runs import resolve
 
@@ -29,6 +30,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
+    keep_freed_memory()  # freed blocks reused, not page-faulted in again each step
 
     config = TrainConfig(rule="backprop", dataset=args.dataset, model=args.model,
                          batch_size=args.batch_size, device=args.device)

@@ -22,6 +22,7 @@ import time
 import torch
 from torch.func import functional_call
 
+from fa_rules.benchmark.timing import keep_freed_memory
 import fa_rules.rules.feedback_alignment as fa
 import fa_rules.rules.learned_feedback as learned
 from fa_rules.core.autodiff import vjp
@@ -125,6 +126,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
+    keep_freed_memory()  # freed blocks reused, not page-faulted in again each step
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); medians of {args.steps} interleaved steps")
     print(f"{'model':<10} {'rule':<34} {'ms/step':>9} {'x backprop':>11}")
     for case in args.cases.split(","):

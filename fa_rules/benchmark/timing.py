@@ -10,6 +10,10 @@ report's primary `step × reference` column.
 from __future__ import annotations
 
 import copy
+import ctypes
+import ctypes.util
+import platform
+import random
 import statistics
 from collections.abc import Callable, Mapping
 from typing import TypeVar
@@ -23,23 +27,56 @@ K = TypeVar("K")
 
 DEFAULT_STEPS, WARMUP = 20, 3
 
+# glibc's mallopt parameters (malloc.h)
+M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
+
+
+def keep_freed_memory() -> bool:
+    """Ask glibc's malloc to keep the memory a step frees for the next step instead of handing it
+    back to the system, so that every stepper of an interleaved timing sees a warm heap.
+
+    By default glibc maps blocks above a threshold (128 KiB, rising with use) straight from the
+    system and unmaps them on free, and trims the heap's top. A step with large activations
+    (LeNet's convolution maps, about 1 MiB each) then pays fresh page faults, how many depending on
+    what stepped before it: on one CPU thread feedback alignment read 1.14-1.38 x backprop on LeNet
+    in three interleaved runs with bidirectional FA in the loop, and 1.02-1.04 in seven with this
+    setting (1.01 with the two alone). Blocks up to 32 MiB (glibc's largest setting) come from the
+    heap and a freed gigabyte stays there. Process-wide and lasting, so it is for benchmark
+    processes; False (nothing changed) off glibc."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        settings = ((M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 64 << 20))
+        return all([libc.mallopt(option, value) == 1 for option, value in settings])
+    except (OSError, AttributeError):
+        return False
+
 
 def group_key(cell: Cell) -> tuple:
     return (cell.seed, *(repr(v) for v in cell.point.values()))
 
 
-def interleave(steppers: Mapping[K, Callable[[int], float]], steps: int, warmup: int) -> dict[K, float | str]:
-    """Median seconds per step of each stepper, all stepping in turn, step after step (so every one
-    sees the same machine state). A stepper takes the step number and returns its step's seconds;
-    one that raises is dropped, its entry `"error: Type: first line"`."""
+def interleave(steppers: Mapping[K, Callable[[int], float]], steps: int, warmup: int,
+               seed: int = 0) -> dict[K, float | str]:
+    """Median seconds per step of each stepper, all taking each step in turn (so every one sees the
+    same machine state). Each round takes the steppers in a new order, shuffled from `seed`: in a
+    fixed order the stepper after a heavy one always inherits the caches it left (on LeNet the rule
+    after bidirectional FA read 1.10-1.13 x backprop in a fixed order, 1.08-1.09 shuffled, and sign
+    symmetry 1.04-1.06 against 1.02-1.03). A stepper takes the step number and returns its step's
+    seconds; one that raises is dropped, its entry `"error: Type: first line"`. Freed memory is
+    kept for reuse from then on (`keep_freed_memory`)."""
+    keep_freed_memory()
     times: dict[K, list[float]] = {key: [] for key in steppers}
     failed: dict[K, str] = {}
+    keys = list(steppers)
+    shuffler = random.Random(seed)
     for step in range(warmup + steps):
-        for key, stepper in steppers.items():
+        for key in shuffler.sample(keys, len(keys)):
             if key in failed:
                 continue
             try:
-                elapsed = stepper(step)
+                elapsed = steppers[key](step)
             except Exception as e:  # one rule's failure should not cost the others their times
                 failed[key] = f"error: {error_line(e)}"
                 continue
