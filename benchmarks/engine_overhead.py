@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import time
 
 import torch
 import torch.nn.functional as F
 
-from fa_rules.benchmark.timing import keep_freed_memory
+from fa_rules.benchmark.timing import batch_index, example_order, interleave, trainer_stepper
 from fa_rules.core.trainer import TrainConfig, Trainer, fused_kernels
 from fa_rules.runs import resolve
 
@@ -30,7 +29,6 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    keep_freed_memory()  # freed blocks reused, not page-faulted in again each step
 
     config = TrainConfig(rule="backprop", dataset=args.dataset, model=args.model,
                          batch_size=args.batch_size, device=args.device)
@@ -59,19 +57,16 @@ def main() -> None:
             torch.cuda.synchronize(device)
         return time.perf_counter() - start
 
-    n = trainer.data.train_x.shape[0]
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(0)).to(device)
-    engine_times, plain_times = [], []
-    for step in range(args.warmup + args.steps):
-        index = order[(step * args.batch_size) % (n - args.batch_size):][: args.batch_size]
-        batch = trainer.make_batch(index, step)
-        trainer.train_step(batch)
-        t_engine = trainer.step_times[-1]
-        t_plain = plain_step(batch.x, batch.y)
-        if step >= args.warmup:
-            engine_times.append(t_engine)
-            plain_times.append(t_plain)
-    engine, plain = statistics.median(engine_times), statistics.median(plain_times)
+    order = example_order(trainer, 0)
+
+    def plain_stepper(step: int) -> float:
+        batch = trainer.make_batch(batch_index(order, step, args.batch_size).to(device), step)
+        return plain_step(batch.x, batch.y)
+
+    medians = interleave({"engine": trainer_stepper(trainer, order), "plain": plain_stepper}, args.steps, args.warmup)
+    if any(isinstance(m, str) for m in medians.values()):  # a stepper raised: its entry is the error line
+        raise SystemExit(f"engine: {medians['engine']}; plain: {medians['plain']}")
+    engine, plain = medians["engine"], medians["plain"]
     print(f"model={args.model} dataset={args.dataset} batch={args.batch_size} device={device} "
           f"threads={torch.get_num_threads()} steps={args.steps}")
     print(f"engine backprop step   {engine * 1e3:8.3f} ms (median)")

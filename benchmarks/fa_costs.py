@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import statistics
 import time
 
 import torch
 from torch.func import functional_call
 
-from fa_rules.benchmark.timing import keep_freed_memory
 import fa_rules.rules.feedback_alignment as fa
 import fa_rules.rules.learned_feedback as learned
+from fa_rules.benchmark.timing import interleave
 from fa_rules.core.autodiff import vjp
 from fa_rules.core.feedback import _globalize, _nonlinearity, _reshape, _sub, output_error
 from fa_rules.core.rule import Batch
@@ -107,18 +106,23 @@ def time_case(case: str, steps: int, warmup: int) -> dict[str, float]:
         if name in CHAINED and layered:
             variants.append((f"{name} (old)", rule, params, state, True))
     data = torch.Generator().manual_seed(2)
-    times: dict[str, list[float]] = {label: [] for label, *_ in variants}
-    for step in range(warmup + steps):
-        b = Batch(torch.rand(batch, *shape, generator=data), torch.randint(0, 10, (batch,), generator=data), step)
-        for label, rule, params, state, old in variants:
+    batches = [Batch(torch.rand(batch, *shape, generator=data), torch.randint(0, 10, (batch,), generator=data), step)
+               for step in range(warmup + steps)]
+
+    def stepper(rule, params, state, old):
+        def step(step_number: int) -> float:
             with old_mechanism() if old else contextlib.nullcontext():
                 start = time.perf_counter()
-                rule.step(network, params, state, b)
-                elapsed = time.perf_counter() - start
-            if step >= warmup:
-                times[label].append(elapsed)
-    return {label: statistics.median(t) for label, t in times.items()}
+                rule.step(network, params, state, batches[step_number])
+                return time.perf_counter() - start
 
+        return step
+
+    medians = interleave({label: stepper(*variant) for label, *variant in variants}, steps, warmup)
+    failed = [f"{label}: {m}" for label, m in medians.items() if isinstance(m, str)]
+    if failed:
+        raise SystemExit("; ".join(failed))
+    return medians
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -126,7 +130,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
-    keep_freed_memory()  # freed blocks reused, not page-faulted in again each step
     print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); medians of {args.steps} interleaved steps")
     print(f"{'model':<10} {'rule':<34} {'ms/step':>9} {'x backprop':>11}")
     for case in args.cases.split(","):

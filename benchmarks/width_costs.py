@@ -12,11 +12,10 @@ suite of `--epochs` epochs x `--seeds` seeds would train (steps only, no evaluat
 from __future__ import annotations
 
 import argparse
-import statistics
 
 import torch
 
-from fa_rules.benchmark.timing import keep_freed_memory
+from fa_rules.benchmark.timing import example_order, interleave, trainer_stepper
 from fa_rules.core.config import TrainConfig
 from fa_rules.core.trainer import Trainer
 from fa_rules.runs import resolve
@@ -34,7 +33,6 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=3, help="for the time estimate")
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
-    keep_freed_memory()  # freed blocks reused, not page-faulted in again each step
 
     rules = [r.strip() for r in args.rules.split(",") if r.strip()]
     widths = [float(w) for w in args.widths.split(",")]
@@ -49,24 +47,21 @@ def main() -> None:
     first = next(iter(trainers.values()))
     n = first.data.train_x.shape[0]
     steps_per_epoch = -(-n // args.batch_size)
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(0))
-    times = {key: [] for key in trainers}
-    for round_ in range(args.rounds + 1):  # round 0 warms up every pair
-        index = order[(round_ * args.batch_size) % (n - args.batch_size):][: args.batch_size]
-        for key, trainer in trainers.items():
-            trainer.train_step(trainer.make_batch(index.to(trainer.device), round_))
-            if round_ > 0:
-                times[key].append(trainer.step_times[-1])
-
+    order = example_order(first, 0)
+    # round 0 warms up every pair
+    times = interleave({key: trainer_stepper(t, order) for key, t in trainers.items()}, args.rounds, warmup=1)
+    failed = [f"{key}: {m}" for key, m in times.items() if isinstance(m, str)]
+    if failed:
+        raise SystemExit("; ".join(failed))
     print(f"dataset={args.dataset} batch={args.batch_size} device={first.device} "
           f"threads={torch.get_num_threads()} rounds={args.rounds}")
     print(f"{'rule':10s} {'width':>6s} {'params':>10s} {'s/step':>8s} {'x width 1':>9s} "
           f"{'hours: ' + str(args.epochs) + ' ep x ' + str(args.seeds) + ' seeds':>24s}")
     for rule_name in rules:
-        base = statistics.median(times[rule_name, widths[0]])
+        base = times[rule_name, widths[0]]
         for width in widths:
             trainer = trainers[rule_name, width]
-            median = statistics.median(times[rule_name, width])
+            median = times[rule_name, width]
             params = sum(t.numel() for group in trainer.params.values() for t in group.values())
             hours = median * steps_per_epoch * args.epochs * args.seeds / 3600
             print(f"{rule_name:10s} {width:6.3g} {params:10d} {median:8.3f} {median / base:9.3f} {hours:24.2f}")

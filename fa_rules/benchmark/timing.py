@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import ctypes
 import ctypes.util
+import functools
 import platform
 import random
 import statistics
@@ -31,6 +32,7 @@ DEFAULT_STEPS, WARMUP = 20, 3
 M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
 
 
+@functools.cache  # process-wide: once is enough
 def keep_freed_memory() -> bool:
     """Ask glibc's malloc to keep the memory a step frees for the next step instead of handing it
     back to the system, so that every stepper of an interleaved timing sees a warm heap.
