@@ -135,7 +135,7 @@ def new_trainer(config: TrainConfig, out_dir: Path | None = None, progress: bool
 
     Every check (the configuration, names in the registry, the dataset, the model, then `check`
     with the ready trainer, e.g. a FID request) passes before the run directory is created."""
-    check_config(config, "TrainConfig")
+    check_config(config, "TrainConfig", registry=get_registry())
     if out_dir is not None:
         check_out_dir(out_dir)
     ctx = distributed.setup(resolve_device(config.device))
@@ -174,6 +174,7 @@ def resume_trainer(run_dir: Path, epochs: int | None = None, progress: bool = Tr
     called with the ready trainer before anything is written."""
     run_dir = check_run_dir(run_dir)
     config = read_run_config(run_dir)
+    check_config(config, str(run_dir / CONFIG_FILE), registry=get_registry())  # its options too, naming the file
     if epochs is not None:
         check_config(dataclasses.replace(config, epochs=epochs))  # spelled --epochs: the user's flag
         config.epochs = epochs
@@ -183,7 +184,8 @@ def resume_trainer(run_dir: Path, epochs: int | None = None, progress: bool = Tr
     trainer = _trainer(config, rule, build_network, dataset, run_dir, progress)
     # temporary files of writes a killed process never finished: debris (on a full disk, in the way)
     ctx.on_main(remove_stale_tmp_files, run_dir)
-    if (run_dir / CHECKPOINT_FILE).is_file():
+    # anything named checkpoint.pt is read (a FIFO or a link loop is an error, not "no epoch yet")
+    if os.path.lexists(run_dir / CHECKPOINT_FILE):
         trainer.load(run_dir / CHECKPOINT_FILE)
     if trainer.epoch > config.epochs:
         raise UserError(f"{run_dir} has already trained {trainer.epoch} epochs; ask for --epochs >= {trainer.epoch}")
@@ -203,12 +205,14 @@ def load_run(run_dir: Path, trained: bool = True, device: str = "cpu"):
     """
     import torch
 
+    from fa_rules.core import checkpoint_contents
     from fa_rules.core.checkpoint import CheckpointError, check_params, load_checkpoint
 
     run_dir = check_run_dir(run_dir)
     config = read_run_config(run_dir)
+    check_config(config, str(run_dir / CONFIG_FILE), registry=get_registry())  # its options too, naming the file
     checkpoint = run_dir / CHECKPOINT_FILE
-    if trained and not checkpoint.is_file():
+    if trained and not os.path.lexists(checkpoint):  # a FIFO or a dangling link is there: load says what
         raise UserError(f"{run_dir} has no {CHECKPOINT_FILE} (no epoch has finished yet)")
     rule, dataset, build_network = resolve(config)
     torch.manual_seed(config.seed)  # as the trainer does: initialisation depends on the seed only
@@ -217,10 +221,12 @@ def load_run(run_dir: Path, trained: bool = True, device: str = "cpu"):
         network, {"model": network.init_params()}, torch.Generator().manual_seed(config.seed + 1)
     )
     if trained:
-        ckpt = load_checkpoint(checkpoint, map_location=device)  # verified, and never runs code
+        limit = checkpoint_contents.size_limit(params, state)
+        ckpt = load_checkpoint(checkpoint, map_location=device, max_bytes=limit)  # verified, never runs code
         check_params(checkpoint, ckpt.get("params"), params)  # trained with this config.json
         if "state" not in ckpt:
             raise CheckpointError(f"{checkpoint} is not a checkpoint of this run (it holds no rule state)")
+        checkpoint_contents.check_rule_state(checkpoint, ckpt["state"], state)
         params, state = ckpt["params"], ckpt["state"]
     params = {g: {k: v.to(device) for k, v in t.items()} for g, t in params.items()}
     return config, rule, network, params, state, dataset

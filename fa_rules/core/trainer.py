@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from fa_rules.core import distributed
+from fa_rules.core import checkpoint_contents, distributed
 from fa_rules.core.config import DEVICE_TYPES, LR_SCHEDULES, OPTIMIZERS, TrainConfig, check_config, read_config
 from fa_rules.core.autodiff import SavedTensorsProbe
 from fa_rules.core.compiled import CompiledStep
@@ -35,6 +35,7 @@ from fa_rules.core.checkpoint import (
     CheckpointError,
     check_params,
     load_checkpoint,
+    remove_stale_tmp_files,
     save_checkpoint,
     write_json,
     write_jsonl,
@@ -109,6 +110,14 @@ def make_optimizers(config: TrainConfig, params: Groups) -> dict[str, torch.opti
         )
     optimizers = {}
     for group, tensors in params.items():
+        if not tensors:  # e.g. kolen_pollack's feedback on a one-layer mlp: no optimiser takes an empty group
+            settings = ", ".join(f"{k}={v}" for k, v in config.model_options.items())
+            deeper = "a larger --depth" if "depth" in config.model_options else "a model with more layers"
+            raise UserError(
+                f"rule '{config.rule}' has nothing to train in its parameter group '{group}' on model "
+                f"'{config.model}'{f' ({settings})' if settings else ''}: the rule reaches no layer of this model; "
+                f"give {deeper} or another rule"
+            )
         lr = config.group_lr.get(group, config.lr)
         fused = fused_kernels(tensors.values())
         if config.optimizer == "adam":
@@ -375,6 +384,10 @@ class Trainer:
         self.epoch = 0
         self.global_step = 0
         self.history: list[dict] = []
+        # the loss of the run's first step (the untrained model's): what losses within an epoch are
+        # measured against for divergence; saved in the checkpoint, so a resumed run keeps it
+        self.first_step_loss: float | None = None
+        self.epoch_start_step = 0  # global step at which the current epoch began (for messages)
         self.step_times: list[float] = []
         self.peak_saved_bytes: int | None = None
         self.peak_cuda_bytes: int | None = None
@@ -392,6 +405,7 @@ class Trainer:
             "state": self.state,
             "optimizers": {g: o.state_dict() for g, o in self.optimizers.items()},
             "history": self.history,
+            "first_step_loss": self.first_step_loss,
             "step_times": self.step_times,
             "peak_saved_bytes": self.peak_saved_bytes,
             "peak_cuda_bytes": self.peak_cuda_bytes,
@@ -404,27 +418,41 @@ class Trainer:
         return self.dist.is_main
 
     def load(self, path: Path) -> None:
-        ckpt = load_checkpoint(path, map_location=self.device)  # verified, and never runs code
+        """Continue from the checkpoint at `path`. Every entry is checked against what this
+        configuration builds (shapes, dtypes, finite values, ranges) before any of it is used: a
+        damaged optimiser moment would otherwise reach the fused kernels' raw memory."""
+        limit = checkpoint_contents.size_limit(self.params, self.state)
+        ckpt = load_checkpoint(path, map_location=self.device, max_bytes=limit)  # verified, never runs code
         check_params(path, ckpt.get("params"), self.params)
-        try:
-            with torch.no_grad():
-                for group, tensors in ckpt["params"].items():
-                    for key, value in tensors.items():
-                        self.params[group][key].copy_(value)
-            for group, opt in self.optimizers.items():
-                fused = [g.get("fused") for g in opt.param_groups]
-                opt.load_state_dict(ckpt["optimizers"][group])
-                for g, f in zip(opt.param_groups, fused):  # the checkpoint's own choice would override ours
-                    g["fused"] = f
-            self.state = ckpt["state"]
-            self.epoch = int(ckpt["epoch"])
-            self.global_step = int(ckpt["global_step"])
-            self.history = list(ckpt["history"])
-            self.step_times = list(ckpt["step_times"])
-            self.peak_saved_bytes = ckpt["peak_saved_bytes"]
-            self.peak_cuda_bytes = ckpt["peak_cuda_bytes"]
-        except (KeyError, TypeError, ValueError, RuntimeError) as e:  # a foreign or hand-made payload
-            raise CheckpointError(f"{path} is not a checkpoint of this run ({type(e).__name__}: {e})") from None
+        checkpoint_contents.check_progress(path, ckpt)
+        if "state" not in ckpt or not isinstance(ckpt.get("optimizers"), dict):
+            raise CheckpointError(f"{path} is not a checkpoint of this run (it holds no rule or optimiser state)")
+        checkpoint_contents.check_rule_state(path, ckpt["state"], self.state)
+        if set(ckpt["optimizers"]) != set(self.optimizers):
+            raise CheckpointError(
+                f"{path} does not match the run's configuration: optimisers for "
+                f"{', '.join(sorted(map(str, ckpt['optimizers'])))}, the configuration builds "
+                f"{', '.join(sorted(self.optimizers))}"
+            )
+        optimizer_states = {
+            group: checkpoint_contents.check_optimizer_state(path, group, ckpt["optimizers"][group], opt,
+                                                             ckpt["global_step"])
+            for group, opt in self.optimizers.items()
+        }
+        with torch.no_grad():
+            for group, tensors in ckpt["params"].items():
+                for key, value in tensors.items():
+                    self.params[group][key].copy_(value)
+        for group, opt in self.optimizers.items():
+            opt.load_state_dict(optimizer_states[group])
+        self.state = ckpt["state"]
+        self.epoch = ckpt["epoch"]
+        self.global_step = ckpt["global_step"]
+        self.history = list(ckpt["history"])
+        self.step_times = list(ckpt["step_times"])
+        self.peak_saved_bytes = ckpt.get("peak_saved_bytes")
+        self.peak_cuda_bytes = ckpt.get("peak_cuda_bytes")
+        self.first_step_loss = ckpt.get("first_step_loss")  # absent in checkpoints of older versions
         if self.is_main:  # a process that died between the checkpoint and metrics writes lost no line
             write_jsonl(self.out_dir / METRICS_FILE, self.history)
         saved_world = ckpt.get("world_size", 1)
@@ -512,8 +540,8 @@ class Trainer:
         bad = nonfinite_update(updates)  # (after averaging: every process sees the same)
         if bad is not None:
             raise self.diverged(
-                f"rule '{self.config.rule}' returned a non-finite update for {bad[0]}/{bad[1]} at epoch "
-                f"{self.epoch + 1}, step {self.global_step + 1} (not applied)"
+                f"rule '{self.config.rule}' returned a non-finite update for {bad[0]}/{bad[1]} at "
+                f"{self.step_name(self.global_step - self.epoch_start_step + 1)} (not applied)"
             )
         self.set_learning_rates()
         apply_updates(self.rule, self.params, updates, self.optimizers, self.decay)
@@ -621,6 +649,7 @@ class Trainer:
         with TrainingProgress(cfg.epochs, steps_per_epoch, enabled=self.progress) as bar:
             bar.resume_at(self.epoch)
             while self.epoch < cfg.epochs:
+                self.epoch_start_step = self.global_step
                 order = epoch_order(n, cfg.seed, self.epoch).to(self.device)
                 # the step metrics stay on the device and come to the host once per logging
                 # interval (one synchronisation, not one per step on a GPU)
@@ -635,7 +664,7 @@ class Trainer:
                     metrics_log.add(self.train_step(batch, share), self.device)
                     if (i + 1) % LOG_EVERY == 0 or i + 1 == steps_per_epoch:
                         first, new_losses = metrics_log.flush()
-                        self.check_finite_losses(first, new_losses)
+                        self.check_step_losses(first, new_losses)
                         bar.show_loss(metrics_log.losses[-1])
                     bar.advance()
                 losses, others = metrics_log.losses, metrics_log.others
@@ -655,30 +684,49 @@ class Trainer:
                 bar.end_epoch(record)
         return self.finish()
 
-    def check_finite_losses(self, first_step: int, losses: list[float]) -> None:
-        """Divergence: the first non-finite loss of `losses` (those of this epoch's steps from
-        `first_step` on, 0-based) named by its epoch and step, as if checked when it occurred."""
+    def step_name(self, step: int) -> str:
+        """How every message names a step: its epoch and its place in that epoch, counted from 1."""
+        return f"epoch {self.epoch + 1}, step {step}"
+
+    def growth_limit(self, reference: float | None) -> float | None:
+        """The largest loss magnitude short of divergence: `config.divergence_factor` times the
+        reference's, compared in magnitude since losses may be negative. None (no check) for a
+        factor of 0 or a reference that is missing, 0 or not finite."""
+        factor = self.config.divergence_factor
+        if not factor or not isinstance(reference, (int, float)) or not math.isfinite(reference) or reference == 0:
+            return None
+        return factor * abs(reference)
+
+    def check_step_losses(self, first_step: int, losses: list[float]) -> None:
+        """Divergence within an epoch: the first loss of `losses` (those of this epoch's steps from
+        `first_step` on, 0-based) that is not finite, or that exceeds `config.divergence_factor`
+        times the run's first step's; named by its epoch and step, as if checked when it occurred.
+
+        The reference is one step, the untrained model's loss: with a huge learning rate the loss
+        can grow 10^5-fold by the second step, which would spoil a mean over the first steps."""
+        if self.first_step_loss is None and self.epoch == 0 and first_step == 0 and losses \
+                and math.isfinite(losses[0]):
+            self.first_step_loss = losses[0]
+        limit = self.growth_limit(self.first_step_loss)
         for step, loss in enumerate(losses, start=first_step + 1):
             if not math.isfinite(loss):
+                raise self.diverged(f"rule '{self.config.rule}' diverged at {self.step_name(step)} (loss={loss})")
+            if limit is not None and abs(loss) > limit:
                 raise self.diverged(
-                    f"rule '{self.config.rule}' diverged at epoch {self.epoch + 1}, step {step} (loss={loss})"
+                    f"rule '{self.config.rule}' diverged at {self.step_name(step)}: training loss {loss:.4g} "
+                    f"exceeds {self.config.divergence_factor:g} times the first step's ({self.first_step_loss:.4g})"
                 )
 
     def check_loss_growth(self, mean_loss: float | None) -> None:
-        """Divergence short of NaN: the epoch's mean loss exceeds `config.divergence_factor` times
-        the first epoch's, compared in magnitude (losses may be negative; a factor of 0 turns this
-        off). No check without a usable reference (the first epoch itself, or a first-epoch loss of
-        0 or not finite)."""
-        factor = self.config.divergence_factor
-        if not factor or mean_loss is None or not self.history:
-            return
-        first = self.history[0].get("train_loss")
-        if first is None or not math.isfinite(first) or first == 0:
-            return
-        if abs(mean_loss) > factor * abs(first):
+        """Divergence across epochs: the epoch's mean loss exceeds `config.divergence_factor` times
+        the first epoch's (a loss that first fell and then grew back stays under the first step's
+        limit longer). No check in the first epoch itself."""
+        first = self.history[0].get("train_loss") if self.history else None
+        limit = self.growth_limit(first)
+        if limit is not None and mean_loss is not None and abs(mean_loss) > limit:
             raise self.diverged(
                 f"rule '{self.config.rule}' diverged at epoch {self.epoch + 1}: mean training loss {mean_loss:.4g} "
-                f"exceeds {factor:g} times the first epoch's ({first:.4g})"
+                f"exceeds {self.config.divergence_factor:g} times the first epoch's ({first:.4g})"
             )
 
     def diverged(self, message: str) -> Diverged:
@@ -737,11 +785,14 @@ class Trainer:
 
 
 def prepare_run_dir(out_dir: Path, config: TrainConfig) -> None:
-    """A new run directory: refuse to overwrite an earlier run (nothing a user had is lost)."""
+    """A new run directory: refuse to overwrite an earlier run (nothing a user had is lost). The
+    temporary files of a run killed here before its config.json was in place (`.config.json.tmp-PID`)
+    are removed: no `--resume` will ever see them."""
     out_dir = Path(out_dir)
     if (out_dir / CHECKPOINT_FILE).exists() or (out_dir / CONFIG_FILE).exists():
         raise UserError(f"{out_dir} already holds a run; continue it with --resume {out_dir} or pick a new --out")
     out_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_tmp_files(out_dir)
     write_json(out_dir / CONFIG_FILE, config.to_dict())
 
 
