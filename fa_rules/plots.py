@@ -9,7 +9,22 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from fa_rules.core.checkpoint import atomic_write_with  # noqa: E402
+from fa_rules.core.errors import UserError  # noqa: E402
+
 _TASK_METRICS = ("test_accuracy", "test_recon_mse", "fid")
+
+
+def save_figure(fig, path: Path) -> None:
+    """`fig` as a PNG at `path`, written atomically and never through a symlink (`atomic_write_with`),
+    then closed; the OS refusing (a full disk, a read-only folder) is one line."""
+    try:
+        atomic_write_with(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror or e}); free space or fix the folder, "
+                        "the files written before it are complete") from None
+    finally:
+        plt.close(fig)
 
 
 def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
@@ -27,8 +42,7 @@ def plot_curves(history: list[dict], path: Path, title: str = "") -> None:
         axes[0, 1].set(xlabel="epoch", ylabel=metric.replace("_", " "))
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def plot_angles(history: list[dict], path: Path, title: str = "") -> None:
@@ -45,8 +59,7 @@ def plot_angles(history: list[dict], path: Path, title: str = "") -> None:
     ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def draw_run_pictures(trainer) -> None:

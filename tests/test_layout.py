@@ -22,7 +22,7 @@ ALLOWED = {
     "plots": {"core"},
     "testing": {"core", "plugins"},
     "runs": {"core", "plugins", "measures", "plots"},
-    "benchmark": {"core", "runs", "measures", "plugins"},
+    "benchmark": {"core", "runs", "measures", "plugins", "plots"},
     "cli": {"core", "models", "rules", "plugins", "measures", "plots", "runs", "benchmark", "__init__"},
     "__main__": {"cli"},
     "__init__": set(),

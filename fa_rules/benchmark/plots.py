@@ -40,12 +40,13 @@ def make_plots(out_dir: Path, rows: list[dict], vkeys=()) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from fa_rules.plots import save_figure
+
     written = []
     for name, draw in (("learning_curves.png", plot_learning_curves), ("metric_vs_step_time.png", plot_metric_vs_time)):
         fig = draw(out_dir, rows, vkeys, plt)
         if fig is not None:
-            fig.savefig(out_dir / name, dpi=100)
-            plt.close(fig)
+            save_figure(fig, out_dir / name)
             written.append(name)
     for key in vkeys:
         values = [r.get(key) for r in rows]
@@ -53,8 +54,7 @@ def make_plots(out_dir: Path, rows: list[dict], vkeys=()) -> list[str]:
             for name, kinds in (("metrics", _FINAL_METRICS), ("memory", _MEMORY_METRICS)):
                 fig = plot_against(rows, key, vkeys, plt, kinds, name)
                 if fig is not None:
-                    fig.savefig(out_dir / f"{name}_vs_{key}.png", dpi=100)
-                    plt.close(fig)
+                    save_figure(fig, out_dir / f"{name}_vs_{key}.png")
                     written.append(f"{name}_vs_{key}.png")
     return written
 

@@ -9,10 +9,11 @@ import json
 import os
 import platform
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from fa_rules.core.checkpoint import atomic_write_text, write_json
 from fa_rules.core.config import TrainConfig
+from fa_rules.core.errors import UserError
 from fa_rules.benchmark.aggregate import add_ratios, aggregate
 from fa_rules.benchmark.plots import make_plots
 from fa_rules.benchmark.suite import (
@@ -28,6 +29,16 @@ def _csv_text(rows: list[dict], vkeys) -> str:
         writer.writerow({k: ";".join(f"{x:.4g}" for x in v) if isinstance(v, list) else v
                          for k, v in r.items() if v is not None})
     return buffer.getvalue()
+
+
+def _write_output(write: Callable[[Path, Any], None], path: Path, content: Any) -> None:
+    """One file of DIR by `write` (`write_json`, `atomic_write_text`: atomic, never through a symlink):
+    the OS refusing (a full disk) keeps its earlier version whole and is one line."""
+    try:
+        write(path, content)
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror or e}); finished cells are kept in {path.parent}: "
+                        "free space (or fix the folder) and run the same command again to continue") from None
 
 
 def machine_description() -> str:
@@ -62,7 +73,7 @@ def record_machine(out_dir: Path) -> None:
     today = datetime.date.today().isoformat()
     info["first_run"] = info["first_run"] or today
     info["last_run"] = today
-    write_json(path, info)
+    _write_output(write_json, path, info)
 
 
 def _machine_info(out_dir: Path) -> dict | None:
@@ -82,8 +93,8 @@ def write_outputs(suite: Suite, out_dir: Path, rows: list[dict], plots: bool = T
     """results.json, results.csv, report.md (and the plots) from `rows`; returns plot file names."""
     vkeys = list(suite.vary)
     rows = add_ratios(rows, suite.reference, vkeys)
-    write_json(out_dir / RESULTS_JSON, rows)
-    atomic_write_text(out_dir / RESULTS_CSV, _csv_text(rows, vkeys))
+    _write_output(write_json, out_dir / RESULTS_JSON, rows)
+    _write_output(atomic_write_text, out_dir / RESULTS_CSV, _csv_text(rows, vkeys))
     plot_files = []
     if plots:
         try:
@@ -93,7 +104,7 @@ def write_outputs(suite: Suite, out_dir: Path, rows: list[dict], plots: bool = T
     else:  # keep the names of plots drawn earlier, so the report mentions them
         plot_files = sorted(p.name for p in out_dir.glob("*.png"))
     report = render_report(suite, rows, plot_files, command=command, machine=_machine_info(out_dir))
-    atomic_write_text(out_dir / REPORT_MD, report)
+    _write_output(atomic_write_text, out_dir / REPORT_MD, report)
     return plot_files
 
 

@@ -6,12 +6,13 @@ import contextlib
 import copy
 import json
 import os
+import stat
 import statistics
 import time
 from pathlib import Path
 from typing import Callable
 
-from fa_rules.core.checkpoint import write_json
+from fa_rules.core.checkpoint import process_alive, remove_stale_tmp_files, write_json
 from fa_rules.core.config import TrainConfig
 from fa_rules.core.errors import UserError, error_line
 from fa_rules.core.trainer import CONFIG_FILE, Diverged
@@ -164,50 +165,53 @@ def _load_cell(run_dir: Path, cell: Cell, root: Path) -> dict | None:
     return row
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    except (OverflowError, ValueError):
-        return False
-    return True
-
-
 @contextlib.contextmanager
 def output_lock(out_dir: Path):
     """Hold DIR/.benchmark.lock while running, so a second process on one --out is refused (one line).
 
-    The lock is an flock on the file (released by the kernel when its holder dies, however it
-    dies) and the file holds the holder's pid, for the message and for filesystems without flock;
-    a lock left by a dead process is taken over."""
+    The lock is an flock on the file, which the kernel releases when its holder ends, however it
+    ends: what the file holds (a dead or an unrelated process's pid, nothing) never refuses a run. The
+    holder writes its pid there for the message. Where flock is unavailable (not POSIX, some network
+    filesystems) the pid decides instead: a live process's refuses, a dead one's is taken over.
+    The file is opened without following a symlink (one planted there is refused, its target never
+    truncated), and it must be a regular file with no other name. Holding the lock, the temporary files that killed
+    writers left in DIR are removed."""
     try:
         import fcntl
     except ImportError:  # not POSIX: the pid alone decides
         fcntl = None
     path = Path(out_dir) / LOCK_FILE
+    flags = os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0)  # a FIFO: no wait
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, flags, 0o644)
     except OSError as e:
+        if path.is_symlink():
+            raise UserError(f"{path} is a symbolic link, not a lock file; remove it (rm {path}) and run again") \
+                from None
         raise UserError(f"cannot write {path} ({e.strerror or e}); is {out_dir} writable?") from None
     try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:  # truncating it would change another file
+            raise UserError(f"{path} is not a lock file (a FIFO, a device or a hard link to another file); "
+                            f"remove it (rm {path}) and run again")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            locked = True
-        except BlockingIOError:
-            locked = False
+            acquired = True
+        except BlockingIOError:  # a live process holds it
+            acquired = False
         except (OSError, AttributeError):  # no flock here (some network filesystems): the pid alone decides
-            locked = None
+            acquired = None
         text = os.pread(fd, 64, 0).decode(errors="replace").strip()
         pid = int(text) if text.isdigit() else None
-        if locked is False or (pid is not None and pid != os.getpid() and _pid_alive(pid)):
+        if acquired is None:
+            acquired = pid is None or pid == os.getpid() or not process_alive(pid)
+        if not acquired:
             who = f"process {pid}" if pid is not None else "another process"
             raise UserError(f"{out_dir} is in use by another benchmark ({who}); wait for it to finish, "
                             f"or use another --out")
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        remove_stale_tmp_files(out_dir)
         try:
             yield
         finally:

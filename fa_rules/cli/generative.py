@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import typer
 
-from fa_rules.cli.common import out
+from fa_rules.cli.common import check_seed, out
 from fa_rules.core.errors import UserError
 
 RUN_DIR = typer.Argument(..., help="A run directory written by `fa-rules train`.", show_default=False)
@@ -30,8 +30,8 @@ def _load(run_dir: Path, device: str, trained: bool = True):
 
 
 def check_out_file(path: Path | None) -> None:
-    """Before any work: `--out` can name a new or replaceable file (the OS has the last word when
-    writing, see `_write_image`)."""
+    """Before any work: `--out` can name a new or replaceable image file of a known extension (the
+    OS has the last word when writing, see `_save_grid`)."""
     if path is None:
         return
     if path.is_dir():
@@ -41,13 +41,33 @@ def check_out_file(path: Path | None) -> None:
     parent = nearest_existing(path.parent)  # it must take new entries
     if not parent.is_dir():
         raise UserError(f"cannot write {path}: {parent} is a file, not a directory")
+    _image_format(path)
 
 
-def _write_image(write, path: Path) -> None:
-    """Run `write()`; the OS refusing (a read-only or virtual filesystem, a full disk) or an unknown
-    image extension is one line."""
+def _image_format(path: Path) -> str:
+    """PIL's name of the image format that `path`'s extension asks for (e.g. PNG)."""
+    from PIL import Image
+
+    image_format = Image.registered_extensions().get(path.suffix.lower())
+    if image_format is None:
+        known = f"unknown image extension '{path.suffix}'" if path.suffix else "no image extension"
+        raise UserError(f"cannot write {path}: {known}; name a .png file (e.g. {path.with_suffix('.png')})")
+    return image_format
+
+
+def _save_grid(images: torch.Tensor, path: Path, per_row: int) -> None:
+    """`images` as one grid picture at `path` (its format from the extension), written atomically and
+    never through a symlink (`atomic_write_with`); the OS refusing (a read-only or virtual filesystem,
+    a full disk) or an unknown image extension is one line."""
+    from torchvision.utils import save_image
+
+    from fa_rules.core.checkpoint import atomic_write_with
+
+    image_format = _image_format(path)
     try:
-        write()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_with(path, lambda f: save_image(images, f, format=image_format, nrow=per_row, padding=2,
+                                                     pad_value=1.0))
     except (OSError, ValueError) as e:
         reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
         raise UserError(f"cannot write {path}: {reason}") from None
@@ -68,22 +88,29 @@ def read_summary(run_dir: Path) -> dict | None:
     return summary
 
 
+def write_summary(run_dir: Path, summary: dict) -> None:
+    """A measurement added to the run's summary.json, written atomically: the OS refusing (a full
+    disk) keeps the earlier file whole and is one line."""
+    from fa_rules.core.checkpoint import write_json
+
+    path = Path(run_dir) / "summary.json"
+    try:
+        write_json(path, summary)
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror or e}); its earlier version is kept: free space "
+                        "(or fix the folder) and measure again") from None
+
+
 def save_pairs_grid(x: torch.Tensor, x_hat: torch.Tensor, path: Path, per_row: int = 8) -> None:
     """Rows of originals, each followed by the row of their reconstructions, as one PNG."""
     import torch.nn.functional as F
-    from torchvision.utils import save_image
 
     x, x_hat = x.detach().float().cpu(), x_hat.detach().float().cpu().clamp(0, 1)
     scale = max(1, -(-MIN_PIXELS // x.shape[-1]))
     if scale > 1:
         x, x_hat = (F.interpolate(t, scale_factor=scale, mode="nearest") for t in (x, x_hat))
     rows = [t for i in range(0, x.shape[0], per_row) for t in (x[i : i + per_row], x_hat[i : i + per_row])]
-
-    def write():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(torch.cat(rows), str(path), nrow=min(per_row, x.shape[0]), padding=2, pad_value=1.0)
-
-    _write_image(write, path)
+    _save_grid(torch.cat(rows), path, min(per_row, x.shape[0]))
 
 
 def reconstruct(
@@ -96,6 +123,7 @@ def reconstruct(
     """Reconstruct test images with a trained run's rule; writes originals above reconstructions."""
     from fa_rules.core.data import as_float
 
+    check_seed(seed)
     check_out_file(out_file)
     config, rule, network, params, state, dataset = _load(run_dir, device)
     if rule.reconstruct is None:
@@ -123,7 +151,6 @@ def probe(
 
     The result is also added to RUN_DIR/summary.json (`probe_accuracy`, or
     `probe_accuracy_untrained` with --untrained)."""
-    from fa_rules.core.checkpoint import write_json
     from fa_rules.measures.probe import linear_probe
 
     config, rule, network, params, state, dataset = _load(run_dir, device, trained=not untrained)
@@ -132,7 +159,7 @@ def probe(
     key = "probe_accuracy_untrained" if untrained else "probe_accuracy"
     if summary is not None:
         summary[key] = result["probe_accuracy"]
-        write_json(Path(run_dir) / "summary.json", summary)
+        write_summary(run_dir, summary)
     report = {"run": str(run_dir), "rule": config.rule, "dataset": config.dataset, "untrained": untrained, **result}
     if as_json:
         print(json.dumps(report))
@@ -160,18 +187,12 @@ def _accepts(fn, keyword: str) -> bool:
 def save_image_grid(images: torch.Tensor, path: Path, per_row: int) -> None:
     """Images in [0, 1] as one PNG grid, small images enlarged (nearest) to at least MIN_PIXELS."""
     import torch.nn.functional as F
-    from torchvision.utils import save_image
 
     images = images.detach().float().cpu().clamp(0, 1)
     scale = max(1, -(-MIN_PIXELS // images.shape[-1]))
     if scale > 1:
         images = F.interpolate(images, scale_factor=scale, mode="nearest")
-
-    def write():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_image(images, str(path), nrow=per_row, padding=2, pad_value=1.0)
-
-    _write_image(write, path)
+    _save_grid(images, path, per_row)
 
 
 def interpolation_latents(corners: torch.Tensor, side: int) -> torch.Tensor:
@@ -206,6 +227,7 @@ def sample(
         raise UserError(f"--num must be in 1..{MAX_GRID} (one picture grid; for many samples use fa-rules fid)")
     if label_scale is not None and not math.isfinite(label_scale):
         raise UserError(f"--label-scale must be a finite number, got {label_scale}")
+    check_seed(seed)
     check_out_file(out_file)
     config, rule, network, params, state, dataset = _load(run_dir, device)
     if rule.sample is None:
@@ -263,11 +285,11 @@ def fid(
     """FID (pytorch-fid Inception pool3 features) of N samples against N test images.
 
     The result is also added to RUN_DIR/summary.json (`fid`, `fid_num`, `time_per_sample_s`)."""
-    from fa_rules.core.checkpoint import write_json
     from fa_rules.measures.fid import load_inception, rule_fid
 
     if batch_size < 1:
         raise UserError("--batch-size must be >= 1")
+    check_seed(seed)
     config, rule, network, params, state, dataset = _load(run_dir, device)
     if rule.sample is None:
         raise UserError(f"rule '{config.rule}' of {run_dir} does not draw samples")
@@ -276,7 +298,7 @@ def fid(
     result = rule_fid(rule, network, params, state, dataset.test_x, num, fid_weights, seed, batch_size)
     if summary is not None:
         summary.update(result)
-        write_json(Path(run_dir) / "summary.json", summary)
+        write_summary(run_dir, summary)
     report = {"run": str(run_dir), "rule": config.rule, "dataset": config.dataset, **result}
     if as_json:
         print(json.dumps(report))

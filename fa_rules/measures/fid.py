@@ -23,6 +23,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
+from fa_rules.core.checkpoint import atomic_write_with, remove_stale_tmp_files
 from fa_rules.core.errors import UserError
 
 FID_WEIGHTS_ENV = "FA_RULES_FID_WEIGHTS"
@@ -285,10 +286,8 @@ def real_features(real: torch.Tensor, model: torch.nn.Module, weights: Path, bat
     features = compute()
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, features)
-        os.replace(tmp, path)  # atomic: a reader sees the whole file or none
+        remove_stale_tmp_files(folder)  # of processes killed while writing here
+        atomic_write_with(path, lambda f: np.save(f, features))  # a reader sees the whole file or none
     except OSError:  # a read-only home is no reason to fail the FID
         pass
     return features
