@@ -36,6 +36,23 @@ from fa_rules.core.errors import UserError
 from fa_rules.core.network import Block, Network, flat_size, make_activation
 
 
+# Declared upper bounds of the size options: beyond them a model is refused at once. Building a
+# network runs Python for every layer (on the meta device too), so the memory check of `ModelSpec`
+# would take minutes to count an absurd depth; widths past these only overflow torch's sizes.
+MAX_MLP_DEPTH = 1000
+MAX_MLP_WIDTH = 1 << 20
+MAX_RESNET_DEPTH = 1202  # He et al.'s deepest CIFAR ResNet (n = 200)
+MAX_RESNET_WIDTH = 1024
+MAX_VGG_WIDTH = 4096
+MAX_WIDTH_MULTIPLIER = 64.0
+
+
+def _at_most(model: str, option: str, value, limit) -> None:
+    """Refuse `option` above its declared bound, in one line saying what to choose instead."""
+    if value > limit:
+        raise UserError(f"{model} {option}={value} is more than the {limit} it allows; choose {option} <= {limit}")
+
+
 def _heads(width: int, heads: dict[str, int] | None) -> dict[str, Block]:
     return {name: Block(nn.Linear(width, n)) for name, n in (heads or {}).items()}
 
@@ -79,6 +96,8 @@ def mlp(in_shape, out_shape, heads=None, depth: int = 2, width: int = 256, activ
     """`depth` hidden Linear blocks of `width` units, then a Linear output block (or heads)."""
     if depth < 0 or width < 1:
         raise UserError(f"mlp needs depth >= 0 and width >= 1 (got depth={depth}, width={width})")
+    _at_most("mlp", "depth", depth, MAX_MLP_DEPTH)
+    _at_most("mlp", "width", width, MAX_MLP_WIDTH)
     blocks, head_blocks = _dense_tail([], in_shape, [width] * depth, out_shape, activation, heads, out_activation)
     return Network(blocks, head_blocks, family="mlp", in_shape=in_shape, out_shape=out_shape)
 
@@ -129,6 +148,9 @@ def scaled(width: int, multiplier: float) -> int:
     """A paper width under a width multiplier: rounded, never below 1."""
     if not (isinstance(multiplier, (int, float)) and multiplier > 0 and multiplier == multiplier and multiplier != float("inf")):
         raise UserError(f"width_multiplier must be a finite number > 0, got {multiplier!r}")
+    if multiplier > MAX_WIDTH_MULTIPLIER:
+        raise UserError(f"width_multiplier={multiplier} is more than the {MAX_WIDTH_MULTIPLIER:g} the paper networks "
+                        f"allow; choose width_multiplier <= {MAX_WIDTH_MULTIPLIER:g}")
     return max(1, round(width * multiplier))
 
 
@@ -277,6 +299,8 @@ def resnet(in_shape, out_shape, heads=None, depth: int = 20, width: int = 16, sh
         raise UserError(f"resnet needs image inputs (C, H, W), got shape {tuple(in_shape)}")
     if depth < 8 or (depth - 2) % 6 or width < 1:
         raise UserError(f"resnet needs depth = 6n + 2 >= 8 and width >= 1 (got depth={depth}, width={width})")
+    _at_most("resnet", "depth", depth, MAX_RESNET_DEPTH)
+    _at_most("resnet", "width", width, MAX_RESNET_WIDTH)
     if shortcut not in SHORTCUTS:
         raise UserError(f"unknown shortcut '{shortcut}' (use A: zero-padding identity, or B: 1x1 projection)")
     n = (depth - 2) // 6
@@ -312,6 +336,7 @@ def vgg(in_shape, out_shape, heads=None, width: int = 32, activation: str = "rel
     norm after the activation), 2x2 max pooling closing each stage, then a Linear output."""
     if len(in_shape) != 3:
         raise UserError(f"vgg needs image inputs (C, H, W), got shape {tuple(in_shape)}")
+    _at_most("vgg", "width", width, MAX_VGG_WIDTH)
     blocks, c = [], in_shape[0]
     for stage in range(3):
         ch = width * 2**stage

@@ -340,7 +340,8 @@ class ModelSpec:
         """Refuse, in one line, a model whose weights and their gradients alone exceed the memory
         available: built layer by layer, it would fill the memory and be killed by the system (or
         swap for hours) instead. Counted on the meta device, which allocates nothing; a family that
-        cannot be built there is left to the real build."""
+        cannot be built there is left to the real build. The builder's own refusals (a size beyond
+        its declared range) come first: counting an absurd depth would itself take minutes."""
         available = available_memory()
         if available is None:
             return
@@ -351,6 +352,8 @@ class ModelSpec:
                                    out_shape, family=self.name)
             count = sum(p.numel() for p in probe.parameters())
             weight_bytes = sum(p.numel() * p.element_size() for p in probe.parameters())
+        except UserError:
+            raise
         except Exception:
             return
         if 2 * weight_bytes > available:
