@@ -64,16 +64,19 @@ def test_a_live_lock_holder_refuses_a_second_runner_and_a_dead_ones_lock_is_take
     out = tmp_path / "out"
     out.mkdir()
     lock = out / bench.LOCK_FILE
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    holder = subprocess.Popen(  # holds the lock (an flock) until killed
+        [sys.executable, "-c", "import sys, time; from fa_rules.benchmark import output_lock\n"
+                               f"with output_lock({str(out)!r}):\n    print('locked', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
-        lock.write_text(f"{sleeper.pid}\n")
-        with pytest.raises(UserError, match=f"in use by another benchmark \\(process {sleeper.pid}\\)"):
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError, match=f"in use by another benchmark \\(process {holder.pid}\\)"):
             bench.run_suite(suite, out)
         assert not (out / "runs").exists() and not (out / "suite.json").exists()
     finally:
-        sleeper.kill()
-        sleeper.wait()
-    lock.write_text(f"{sleeper.pid}\n")  # its process is gone: a stale lock
+        holder.kill()
+        holder.wait()
+    assert lock.read_text() == f"{holder.pid}\n"  # killed: its pid stays, its flock went with it
     rows = bench.run_suite(suite, out)
     assert [r["status"] for r in rows] == ["ok"]
     assert lock.read_text() == ""  # released
@@ -103,15 +106,16 @@ def test_a_second_benchmark_process_on_one_out_is_refused_in_one_line(tmp_path):
 @pytest.mark.parametrize("data, message", [
     ({"rules": ["backprop", "nosuch"]}, "unknown rule 'nosuch'"),
     ({"rules": [{"name": "backprop", "options": {"nosuchopt": 1}}]}, "rule 'backprop' has no option nosuchopt"),
-    ({"rules": [{"name": "dtp", "label": "d", "options": {"nosuchopt": 1}}]}, "rule 'd': rule 'dtp' has no option"),
+    ({"rules": [{"name": "dtp", "label": "d", "options": {"nosuchopt": 1}}]}, "rule 'd' seed 0: rule 'dtp' has no option"),
     ({"rules": ["backprop"], "settings": {"dataset": "nosuchds"}}, "unknown dataset 'nosuchds'"),
     ({"rules": [{"name": "backprop", "model": "nosuchmodel"}]}, "unknown model 'nosuchmodel'"),
     ({"rules": [{"name": "backprop", "model_options": {"nosuchopt": 2}}]}, "model 'mlp' has no option nosuchopt"),
     ({"rules": [{"name": "feedback_alignment", "options": {"scale": "abc"}}]},
-     "rule 'feedback_alignment' option scale must be a number, got 'abc'"),
+     r"rule 'feedback_alignment': option 'scale' must be a number in \[0, 1e\+06\], got 'abc'"),
     ({"rules": [{"name": "feedback_alignment", "options": {"feedback_seed": 1.5}}]},
-     "option feedback_seed must be an integer, got 1.5"),
-    ({"rules": [{"name": "sign_symmetry", "options": {"magnitude": 1}}]}, "option magnitude must be a string, got 1"),
+     "option 'feedback_seed' must be an integer in -1..9223372036854775807 .*, got 1.5"),
+    ({"rules": [{"name": "sign_symmetry", "options": {"magnitude": 1}}]},
+     "option 'magnitude' must be one of mean_abs, unit, xavier, got 1"),
 ])
 def test_unknown_names_and_options_are_refused_before_any_cell_trains(tmp_path, data, message):
     suite = bench.suite_from_dict({**data, "settings": {**TINY, **data.get("settings", {})}})
@@ -152,16 +156,17 @@ def test_an_unwritable_report_path_is_one_line_exit_2_before_any_cell(tmp_path, 
      "1 rule(s) x 10 seed(s) x 30 values of width x 40 values of depth is 12000 cells, more than the 10000"),
     ('seeds = [1180591620717411303424]', "seed 1180591620717411303424 is out of range"),
     ('seeds = [-1]', "seed -1 is out of range"),
-    ('[settings]\nlr = nan', "rule 'backprop' seed 0: lr must be a finite number > 0, got nan"),
-    ('[settings]\nlr = -1.0', "lr must be a finite number > 0"),
-    ('[settings]\nweight_decay = inf', "weight_decay must be a finite number >= 0"),
-    ('[settings]\neval_batch_size = 0', "eval_batch_size must be an integer >= 1, got 0"),
-    ('[settings]\nbatch_size = 0', "batch_size must be an integer >= 1"),
+    ('[settings]\nlr = nan', "rule 'backprop' seed 0: lr must be a number in (0, 1e+30], got nan"),
+    ('[settings]\nlr = -1.0', "lr must be a number in (0, 1e+30]"),
+    ('[settings]\nweight_decay = inf', "weight_decay must be a number in [0, 1e+12]"),
+    ('[settings]\neval_batch_size = 0', "eval_batch_size must be an integer in 1..1048576, got 0"),
+    ('[settings]\nbatch_size = 0', "batch_size must be an integer in 1..1048576"),
     ('[settings]\noptimizer = "adamw"', "optimizer must be adam or sgd, got 'adamw'"),
-    ('[vary]\nbatch_size = [1, 0]', "seed 0 batch_size=0: batch_size must be an integer >= 1"),
-    ('[[rules]]\nname = "vae"\nlatent_dim = "big"', "latent_dim must be an integer >= 1, got 'big'"),
-    ('[[rules]]\nname = "gan"\neval_every = 0', "eval_every must be an integer >= 1, got 0"),
-    ('[[rules]]\nname = "dtp"\noptions = { noise = nan }', "rule_options.noise must be true/false, a finite number or a string, got nan"),
+    ('[vary]\nbatch_size = [1, 0]', "seed 0 batch_size=0: batch_size must be an integer in 1..1048576"),
+    ('[[rules]]\nname = "vae"\nlatent_dim = "big"', "latent_dim must be an integer in 1..16384, got 'big'"),
+    ('[[rules]]\nname = "gan"\neval_every = 0', "eval_every must be an integer in 1..1000000, got 0"),
+    ('[[rules]]\nname = "dtp"\noptions = { noise = nan }', "rule 'dtp' has no option noise (did you mean feedback_noise?"),
+    ('[[rules]]\nname = "dtp"\noptions = { beta = nan }', "rule 'dtp': option 'beta' must be a number in (0, 1e+06], got nan"),
 ])
 def test_untrusted_suites_are_refused_in_one_line_before_any_allocation(tmp_path, text, message):
     if "[[rules]]" not in text:

@@ -42,7 +42,7 @@ def test_the_timing_phase_fills_the_rows_once_and_can_be_turned_off(tmp_path, mo
     assert calls == [2, 2]
     off = bench.run_suite(_suite(timing=False), tmp_path / "b")
     assert calls == [2, 2] and all("interleaved_step_time_s" not in r for r in off)
-    with pytest.raises(Exception, match="timing_steps must be like 20"):
+    with pytest.raises(Exception, match="timing_steps must be an integer in 1..10000, got 0"):
         _suite(timing_steps=0)
 
 

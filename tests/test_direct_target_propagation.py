@@ -70,7 +70,7 @@ def test_the_drl_drives_direct_feedback_to_the_damped_pseudo_inverse_of_the_outp
     (a linear network, so J_i is the same for every example)."""
     net = _chain([4, 6, 5, 3], [nn.Identity(), nn.Identity(), nn.Identity()], seed=2)
     reg = 0.1
-    s = ddtp.Settings(0.5, 0.5, 400, 0.1, reg, True).check()
+    s = ddtp.Settings(0.5, 0.5, 400, 0.1, reg, True)
     params, state = ddtp._build(s).init(net, {"model": net.init_params()}, torch.Generator().manual_seed(0))
     model = params["model"]
     values = forward_values(net, model, torch.randn(256, 4), "post")

@@ -139,9 +139,9 @@ def test_feature_alignment_learns_to_reconstruct_digits_without_a_decoder(digits
 
 def test_flow_settings_are_checked_when_the_rule_is_built():
     spec = get_registry().rule("feature_alignment")
-    with pytest.raises(UserError, match="init must be one of"):
+    with pytest.raises(UserError, match="option 'init' must be one of zeros, uniform, normal"):
         spec.make(init="gaussian")
-    with pytest.raises(UserError, match="steps >= 1"):
+    with pytest.raises(UserError, match=r"option 'steps' must be an integer in 1\.\.10000, got 0"):
         spec.make(steps=0)
     with pytest.raises(UserError, match="squash"):
         spec.make(squash="tanh")

@@ -268,7 +268,7 @@ def test_feedback_settings_seed_scale_and_init():
     assert b.abs().max() <= bound and b.abs().max() > 0.9 * bound
     g = draw_feedback((400, 100), "gaussian", 1.0, torch.Generator().manual_seed(0))
     assert abs(g.std().item() - 0.1) < 0.005
-    with pytest.raises(UserError, match="unknown feedback init 'orthogonal'"):
+    with pytest.raises(UserError, match="option 'init' must be one of uniform, gaussian, xavier, got 'orthogonal'"):
         feedback(3, init="orthogonal")
 
 

@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from fa_rules.cli.app import app
 from fa_rules import models as zoo
 from fa_rules.core.autodiff import SavedTensorsProbe
+from fa_rules.core.errors import UserError
 from fa_rules.core.feedback import draw_feedback, weight_key
 from fa_rules.core.metrics import angle_deg
 from fa_rules.core.rule import Batch
@@ -332,5 +333,5 @@ def test_rule_listing_and_new_settings():
     assert get_registry().rule("drtp").name == "direct_random_target_projection"
     for name, option in (("sign_symmetry", {"magnitude": "median"}), ("dfa", {"projection": "sparse"}),
                          ("bidirectional_dfa", {"feedback_loss": "mse"})):
-        with pytest.raises(Exception, match="unknown"):
+        with pytest.raises(UserError, match=f"option '{next(iter(option))}' must be one of"):
             _setup(name, **option)

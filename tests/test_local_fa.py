@@ -12,6 +12,7 @@ from fa_rules.models import mlp
 from fa_rules.core.network import Asinh, Block, Network
 from fa_rules.core.trainer import TrainConfig, apply_updates, make_optimizers
 from fa_rules.plugins.datasets import load_digits
+from fa_rules.plugins.manager import get_registry
 from fa_rules.runs import resolve
 from fa_rules.plugins.manager import get_registry
 from fa_rules.rules.local_feature_alignment import local_feature_alignment
@@ -169,8 +170,8 @@ def test_local_fa_prefers_asinh_and_refuses_a_non_invertible_activation():
         rule.init(relu, {"model": relu.init_params()}, torch.Generator())
     block_rule = local_feature_alignment(flow="block")  # the whole-block flow needs no inverse
     block_rule.init(relu, {"model": relu.init_params()}, torch.Generator())
-    with pytest.raises(UserError, match="flow"):
-        local_feature_alignment(flow="both")
+    with pytest.raises(UserError, match="option 'flow' must be one of layer, block, got 'both'"):
+        get_registry().rule("local_fa").make(flow="both")
     with pytest.raises(UserError, match="does not support model 'lenet'"):
         resolve(Config(rule="local_fa", model="lenet"))
 

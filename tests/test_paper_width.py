@@ -140,7 +140,8 @@ def test_paper_networks_train_sample_and_reconstruct_on_colour_datasets(tmp_path
 
 def test_model_opt_unknown_or_mistyped_is_one_line(tmp_path):
     for args, message in ((["--model-opt", "nosuch=1"], "has no setting 'nosuch'"),
-                          (["--model-opt", "width_multiplier=wide"], "expects a float")):
+                          (["--model-opt", "width_multiplier=wide"],
+                           "option 'width_multiplier' must be a finite number, got 'wide'")):
         result = CliRunner().invoke(app, ["train", "--model", "paper_encoder", "--rule", "vfa", "--dataset", "digits",
                                           "--out", str(tmp_path / "x"), *args])
         assert isinstance(result.exception, UserError) and message in str(result.exception)

@@ -7,10 +7,11 @@ import itertools
 import re
 from dataclasses import dataclass
 
-from fa_rules.core.config import TrainConfig, check_config, kind_mismatch
+from fa_rules.core.config import TrainConfig, check_config
 from fa_rules.core.data import check_dataset
 from fa_rules.core.errors import UserError
 from fa_rules.benchmark.suite import _SETTING_FIELDS, RuleEntry, Suite, check_size
+from fa_rules.plugins.manager import get_registry
 
 @dataclass
 class Cell:
@@ -33,8 +34,9 @@ def plan_cells(suite: Suite) -> list[Cell]:
     """Every (varied settings, seed, rule) combination; the reference rule first in each group.
 
     Refuses (one UserError line) a suite with too many cells before listing any, and a cell whose
-    settings are wrong before any cell trains."""
+    settings are wrong (types, ranges, rule and model options) before any cell trains."""
     check_size(suite)
+    registry = get_registry()
     rules = sorted(suite.rules, key=lambda e: e.label != suite.reference)
     keys = list(suite.vary)
     cells = []
@@ -59,48 +61,39 @@ def plan_cells(suite: Suite) -> list[Cell]:
                     else:
                         config.model_options[k] = v
                 where = "".join(f" {k}={v}" for k, v in point.items())
-                check_config(config, f"{suite.source or 'suite'}: rule '{entry.label}' seed {seed}{where}")
+                check_config(config, f"{suite.source or 'suite'}: rule '{entry.label}' seed {seed}{where}", "toml",
+                             registry)
                 cells.append(Cell(entry, seed, point, config))
     return cells
 
 
-def check_cells(cells: list[Cell], where: str = "suite") -> None:
-    """Resolve every cell's rule, rule options, dataset, model and model options against the plugin
-    registry, load each dataset once and build each cell's model: a misspelt name, data not in
-    place or a model its settings cannot build is one line before any cell trains, not a failed
-    row after hours."""
-    from fa_rules.plugins.manager import get_registry
-    from fa_rules.runs import resolve
-
-    registry = get_registry()
-    distinct: dict[str, Cell] = {}  # the first cell of each setting these checks read
+def _distinct(cells: list[Cell], *fields: str) -> list[Cell]:
+    """The first cell of each combination of these config fields (what one check reads)."""
+    first: dict[str, Cell] = {}
     for cell in cells:
-        c = cell.config
-        distinct.setdefault(repr((c.rule, c.rule_options, c.dataset, c.data_dir, c.model, c.model_options,
-                                  c.latent_dim)), cell)
+        first.setdefault(repr([getattr(cell.config, f) for f in fields]), cell)
+    return list(first.values())
 
-    def in_cell(cell: Cell, e: UserError) -> UserError:
-        label = f"rule '{cell.entry.label}': " if f"'{cell.entry.label}'" not in str(e) else ""
-        return UserError(f"{where}: {label}{e}")
 
-    # names and options first (cheap), then the data (a load, maybe a download), then the models
-    for cell in distinct.values():
+def _in_cell(where: str, cell: Cell, e: UserError) -> UserError:
+    label = f"rule '{cell.entry.label}': " if f"'{cell.entry.label}'" not in str(e) else ""
+    return UserError(f"{where}: {label}{e}")
+
+
+def check_cell_settings(cells: list[Cell], where: str = "suite") -> None:
+    """Resolve every cell's rule, dataset and model names against the plugin registry and build
+    each rule with its options (which also checks the settings that depend on each other): cheap
+    checks that read no data and need no particular machine."""
+    registry = get_registry()
+    for cell in _distinct(cells, "rule", "rule_options", "dataset", "model"):
         c = cell.config
         try:
             spec = registry.rule(c.rule)
             registry.dataset(c.dataset)
-            model = registry.model(c.model)
+            registry.model(c.model)
             if spec.models is not None and c.model not in spec.models:
                 raise UserError(f"rule '{spec.name}' does not support model '{c.model}' "
                                 f"(supported: {', '.join(spec.models)})")
-            unknown = sorted(set(c.model_options) - set(model.options))
-            if unknown:
-                raise UserError(f"model '{c.model}' has no option {', '.join(unknown)} "
-                                f"(options: {', '.join(sorted(model.options)) or 'none'})")
-            for k, v in c.model_options.items():  # of the type of the model's default, as on the command line
-                must_be = kind_mismatch(model.options[k], v)
-                if must_be:
-                    raise UserError(f"model '{c.model}' option {k} must be {must_be}, got {v!r}")
             try:
                 spec.make(**c.rule_options)  # unknown options and values the rule refuses
             except UserError:
@@ -109,17 +102,59 @@ def check_cells(cells: list[Cell], where: str = "suite") -> None:
                 raise UserError(f"rule '{spec.name}' refuses options {c.rule_options}: "
                                 f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from None
         except UserError as e:
-            raise in_cell(cell, e) from None
-    datasets = {}
-    for c in (cell.config for cell in distinct.values()):
-        if (c.dataset, c.data_dir) not in datasets:
-            try:
-                datasets[c.dataset, c.data_dir] = dataset = registry.dataset(c.dataset).load(c.data_dir)
-                check_dataset(dataset)
-            except UserError as e:
-                raise UserError(f"{where}: {e}") from None
-    for cell in distinct.values():
+            raise _in_cell(where, cell, e) from None
+
+
+def check_cells(cells: list[Cell], where: str = "suite") -> None:
+    """Everything a cell could fail on before it trains, checked for every cell at once: names and
+    options (`check_cell_settings`), each device on this machine, each dataset loaded once, each
+    cell's model built, and the parameter groups that `group_lr` names trained by the rule. A
+    misspelt name, data not in place or a model its settings cannot build is one line before any
+    cell trains, not a failed row after hours."""
+    from fa_rules.core.trainer import resolve_device
+    from fa_rules.runs import resolve
+
+    registry = get_registry()
+    check_cell_settings(cells, where)
+    for cell in _distinct(cells, "device"):
         try:
-            resolve(copy.deepcopy(cell.config), registry, dataset=datasets[cell.config.dataset, cell.config.data_dir])
+            resolve_device(cell.config.device)  # e.g. --device cuda on a machine without CUDA
         except UserError as e:
-            raise in_cell(cell, e) from None
+            raise UserError(f"{where}: {e}; device auto uses CUDA where it is present, else the CPU") from None
+    datasets = {}
+    for c in (cell.config for cell in _distinct(cells, "dataset", "data_dir")):
+        try:
+            datasets[c.dataset, c.data_dir] = dataset = registry.dataset(c.dataset).load(c.data_dir)
+            check_dataset(dataset)
+        except UserError as e:
+            raise UserError(f"{where}: {e}") from None
+    for cell in _distinct(cells, "rule", "rule_options", "dataset", "data_dir", "model", "model_options",
+                          "latent_dim", "group_lr"):
+        try:
+            rule, _, build_network = resolve(copy.deepcopy(cell.config), registry,
+                                             dataset=datasets[cell.config.dataset, cell.config.data_dir])
+            if cell.config.group_lr:
+                _check_groups(cell.config, rule, build_network)
+        except UserError as e:
+            raise _in_cell(where, cell, e) from None
+
+
+def _check_groups(config: TrainConfig, rule, build_network) -> None:
+    """The groups `group_lr` names are groups the rule trains (known once the rule has set up its
+    parameters on the cell's network)."""
+    import difflib
+
+    import torch
+
+    network = build_network()
+    try:
+        params, _ = rule.init(network, {"model": network.init_params()}, torch.Generator().manual_seed(0))
+    except UserError:
+        raise
+    except Exception:  # a rule whose set-up fails fails its own cells, as it would without group_lr
+        return
+    for group in sorted(set(config.group_lr) - set(params)):
+        close = difflib.get_close_matches(group, list(params), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise UserError(f"group_lr names group '{group}', which rule '{config.rule}' does not train "
+                        f"({hint}its groups: {', '.join(sorted(params))})")

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import math
 
 from fa_rules.core.errors import UserError
-from fa_rules.core.config import MAX_SEED, TrainConfig, kind_mismatch
+from fa_rules.core.config import MAX_BATCH, MAX_SEED, Range, TrainConfig, kind_mismatch, show, value_problem
 
 RESULTS_JSON, RESULTS_CSV, REPORT_MD, SUITE_JSON = "results.json", "results.csv", "report.md", "suite.json"
 RUNS_DIR, ROW_FILE, CELL_FILE, MACHINE_JSON = "runs", "row.json", "cell.json", "machine.json"
@@ -26,6 +29,9 @@ _TOP_KEYS = {"name", "description", "rules", "seeds", "reference", "settings", "
 _QUICK_KEYS = {"rules", "seeds", "settings", "vary", "measure", "description"}
 MEASURE_DEFAULTS = {"probe": False, "fid": True, "fid_samples": 10000, "sample_batch": 1, "sample_repeats": 20,
                     "timing": True, "timing_steps": 20}
+# the counts' ranges: generous, but a mistyped count must not make a measurement run for days
+MEASURE_RANGES = {"fid_samples": Range(1, 1_000_000), "sample_batch": Range(1, MAX_BATCH),
+                  "sample_repeats": Range(1, 10_000), "timing_steps": Range(1, 10_000)}
 _LABEL = re.compile(r"^[A-Za-z0-9_.+-]+$")
 
 # row metrics that aggregate as mean +- std over seeds, in report order
@@ -85,18 +91,52 @@ def _read_toml(path: Path) -> dict:
             import tomli as tomllib
         except ModuleNotFoundError:
             raise UserError("reading suite files needs python >= 3.11 or the 'tomli' package") from None
-    if path.is_dir():
-        hint = (" (a benchmark's output; rerun it with its suite file and --out)"
-                if (path / SUITE_JSON).is_file() else "")
-        raise UserError(f"{path} is a directory{hint}; give a suite file (TOML), e.g. benchmarks/fashion_mnist_mlp.toml")
-    if not path.exists():
-        raise UserError(f"suite file {path} does not exist")
+    text = _read_suite_text(path)
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise _err(str(path), f"not valid TOML ({e})") from None
-    except (OSError, UnicodeDecodeError) as e:  # unreadable, not a regular file, not text
-        raise _err(str(path), f"cannot read the suite file ({type(e).__name__}: {e})") from None
+        raise _err(str(path), f"not valid TOML ({e}); fix the file at that place") from None
+    except RecursionError:  # the parser recurses once per level of [ or {
+        raise _err(str(path), "not a suite: its arrays or tables are nested too deeply for the TOML reader "
+                              "(a suite nests a few levels)") from None
+
+
+MAX_SUITE_BYTES = 1 << 20  # a suite is a few kilobytes; more is not a suite file
+
+
+def _read_suite_text(path: Path) -> str:
+    """The text of the suite file `path`. Only a regular file is read, and at most MAX_SUITE_BYTES of
+    it: a FIFO would wait for a writer forever and /dev/zero never ends. It is opened without
+    blocking and checked through the open descriptor, so what is read is what was checked."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise UserError(f"suite file {path} does not exist") from None
+    except OSError as e:  # no permission, a name too long, a link loop
+        raise _err(str(path), f"cannot read the suite file: {e.strerror or e}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if stat.S_ISDIR(mode):
+            hint = (" (a benchmark's output; rerun it with its suite file and --out)"
+                    if (path / SUITE_JSON).is_file() else "")
+            raise UserError(f"{path} is a directory{hint}; give a suite file (TOML), e.g. "
+                            "benchmarks/fashion_mnist_mlp.toml")
+        if not stat.S_ISREG(mode):
+            raise _err(str(path), "not a regular file (a pipe, a device or a socket); give a suite file (TOML), "
+                                  "e.g. benchmarks/fashion_mnist_mlp.toml")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_SUITE_BYTES + 1)
+    except OSError as e:
+        raise _err(str(path), f"cannot read the suite file: {e.strerror or e}") from None
+    finally:
+        os.close(fd)
+    if len(data) > MAX_SUITE_BYTES:
+        raise _err(str(path), f"more than {MAX_SUITE_BYTES >> 20} MiB, too large for a suite file (a suite is a "
+                              "few kilobytes of TOML)")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise _err(str(path), f"not a text file (byte {e.start} is not UTF-8); a suite file is TOML text") from None
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -245,8 +285,9 @@ def _anchors(raw: dict, labels: list[str], where: str) -> dict[str, dict]:
                 continue
             if label not in labels:
                 raise _err(where, f"[anchors.{metric}] names '{label}', which is no rule label of the suite")
-            if not isinstance(v, (int, float)) or isinstance(v, bool):
-                raise _err(where, f"[anchors.{metric}] {label} must be a number, got {v!r}")
+            must = value_problem(0.0, v)
+            if must:
+                raise _err(where, f"[anchors.{metric}] {label} must be {must}, got {show(v)}")
             values[label] = float(v)
         out[metric] = {"source": str(table.get("source", "")), "note": str(table.get("note", "")), "values": values}
     return out
@@ -259,20 +300,25 @@ def _measure(raw: dict, where: str) -> dict:
     for k, v in raw.items():
         if k not in MEASURE_DEFAULTS:
             raise _err(where, f"[measure] has no setting '{k}' (known: {', '.join(MEASURE_DEFAULTS)})")
-        if type(v) is not type(MEASURE_DEFAULTS[k]) or (isinstance(v, int) and not isinstance(v, bool) and v < 1):
-            raise _err(where, f"[measure] {k} must be like {MEASURE_DEFAULTS[k]!r}, got {v!r}")
+        must = value_problem(MEASURE_DEFAULTS[k], v, MEASURE_RANGES.get(k))
+        if must:
+            default = json.dumps(MEASURE_DEFAULTS[k])  # as TOML writes it: true, 20
+            raise _err(where, f"[measure] {k} must be {must}, got {show(v)}; e.g. {k} = {default}")
         out[k] = v
     return out
 
 
-def suite_from_dict(data: dict, where: str = "suite", quick: bool = False, default_name: str = "suite") -> Suite:
-    """Validate a parsed suite (see the module docstring); every mistake is one UserError line."""
+def suite_from_dict(data: dict, where: str = "suite", quick: bool = False, default_name: str = "suite",
+                    check_other_form: bool = True) -> Suite:
+    """Validate a parsed suite (see the module docstring); every mistake is one UserError line. A
+    suite with a [quick] table is checked in both forms, with and without it (`_check_other_form`)."""
     unknown = set(data) - _TOP_KEYS
     if unknown:
         raise _err(where, f"unknown key '{sorted(unknown)[0]}' (known: {', '.join(sorted(_TOP_KEYS))})")
     quick_part = data.get("quick", {})
     if not isinstance(quick_part, dict) or set(quick_part) - _QUICK_KEYS:
         raise _err(where, f"[quick] may only hold {', '.join(sorted(_QUICK_KEYS))}")
+    original = data
     if quick:
         data = _merge({k: v for k, v in data.items() if k != "quick"}, quick_part)
     if "rules" not in data:
@@ -303,7 +349,21 @@ def suite_from_dict(data: dict, where: str = "suite", quick: bool = False, defau
         quick=quick,
     )
     check_size(suite, where)
+    if check_other_form and quick_part:
+        _check_other_form(original, where, not quick, default_name)
     return suite
+
+
+def _check_other_form(data: dict, where: str, quick: bool, default_name: str) -> None:
+    """Check the form of a suite that is not run now (its [quick] form without --quick, its full
+    form with it) as far as that needs no data and no machine: every cell's settings, names and
+    options. A mistake in either table is found on the first run, not on the run that needs it."""
+    from fa_rules.benchmark.cells import check_cell_settings, plan_cells
+
+    where = f"{where} ({'with' if quick else 'without'} --quick)"
+    other = suite_from_dict(data, where, quick=quick, default_name=default_name, check_other_form=False)
+    other.source = where
+    check_cell_settings(plan_cells(other), where)
 
 
 def safe_name(text: str) -> str:

@@ -64,18 +64,6 @@ def squash(name: str, r: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"unknown squash '{name}' (use {', '.join(SQUASHES)})")
 
 
-def check_settings(init: str, squash_name: str, steps: int, step_size: float) -> None:
-    """Fail at build time (not mid-training) on settings the flow cannot use."""
-    from fa_rules.core.errors import UserError
-
-    if init not in INITS:
-        raise UserError(f"init must be one of {', '.join(INITS)}, got '{init}'")
-    if squash_name not in SQUASHES:
-        raise UserError(f"squash must be one of {', '.join(SQUASHES)}, got '{squash_name}'")
-    if steps < 1 or not step_size > 0:
-        raise UserError(f"the gradient flow needs steps >= 1 and tau > 0 (got steps={steps}, tau={step_size})")
-
-
 def alignment_distance(target: Any, output: Any, weight: Any = None) -> torch.Tensor:
     """1/2 sum of squared differences over every leaf of (possibly dict-valued) outputs.
 

@@ -41,8 +41,7 @@ from typing import Any, Callable
 
 import torch
 
-from fa_rules.core.config import kind_mismatch
-from fa_rules.core.errors import UserError
+from fa_rules.core.config import Range, check_option, unknown_option
 from fa_rules.core.network import Network
 
 Groups = dict[str, dict[str, torch.Tensor]]
@@ -139,6 +138,15 @@ def no_state_init(network: Network, params: Groups, generator: torch.Generator):
     return params, {}
 
 
+# Declared ranges the built-in rules share. Bounds are generous but finite: a typo or a crafted
+# config (`decay=1e308`, `steps=10**9`) is refused in one line, before it overflows or a step never ends.
+MAX_ITERATIONS = 10_000  # iterations inside one training step (flow steps, feedback iterations)
+MAX_SCALE = 1e6  # rates, weights, scales and time constants of a rule
+ITERATIONS = Range(0, MAX_ITERATIONS)
+POSITIVE = Range(0.0, MAX_SCALE, low_open=True)
+NON_NEGATIVE = Range(0.0, MAX_SCALE)
+
+
 @dataclass(frozen=True)
 class RuleSpec:
     """A registered rule: how to build it, its settings with defaults, and where it applies."""
@@ -151,21 +159,30 @@ class RuleSpec:
     aliases: tuple[str, ...] = ()
     # model settings this rule prefers when the user sets none (e.g. {"activation": "asinh"})
     model_defaults: dict[str, Any] = field(default_factory=dict)
+    # option -> the values it accepts beyond its default's type: a Range of numbers (`Range(1,
+    # 10000)`) or a tuple of names (`("dense", "conv")`); checked with the type by `check_options`
+    ranges: dict[str, Range | tuple[str, ...]] = field(default_factory=dict)
+
+    def __post_init__(self):
+        stray = sorted(set(self.ranges) - set(self.options))
+        if stray:
+            raise ValueError(f"rule '{self.name}' declares ranges for {', '.join(stray)}, which are not its options")
+
+    def check_options(self, values: dict, syntax: str | None = None, where: str | None = None) -> None:
+        """Raise a one-line UserError for an option this rule does not have, or a value of the wrong
+        type or outside its declared range: the one place rule options are checked (a suite or a
+        hand-edited config.json holds any JSON). `syntax` and `where` say how the message writes the
+        fix (`fa_rules.core.config.example`) and what it names first."""
+        owner = f"rule '{self.name}'"
+        for key, value in values.items():
+            if key not in self.options:
+                raise unknown_option(owner, key, self.options, where)
+            check_option(owner, "rule_options", key, self.options[key], value, self.ranges.get(key), syntax, where)
 
     def make(self, **overrides) -> Rule:
-        unknown = set(overrides) - set(self.options)
-        if unknown:
-            raise UserError(
-                f"rule '{self.name}' has no option {', '.join(sorted(unknown))} "
-                f"(options: {', '.join(sorted(self.options)) or 'none'})"
-            )
-        for key, value in overrides.items():
-            must_be = kind_mismatch(self.options[key], value)  # a suite or a hand-edited config holds any JSON
-            if must_be:
-                raise UserError(f"rule '{self.name}' option {key} must be {must_be}, got {value!r}")
+        self.check_options(overrides)
         return self.build(**{**self.options, **overrides})
 
     @property
     def task(self) -> str:
         return self.make().task
-

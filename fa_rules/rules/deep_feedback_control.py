@@ -68,6 +68,7 @@ from dataclasses import dataclass
 import torch
 
 from fa_rules.core import Rule, RuleSpec, UserError, classification_loss, grad, hookimpl
+from fa_rules.core.rule import MAX_ITERATIONS, NON_NEGATIVE, POSITIVE, Range
 from fa_rules.core.feedback_control import (
     DIFFERENCES,
     Dynamics,
@@ -95,20 +96,24 @@ class Settings:
     update: str
 
     def check(self) -> "Settings":
-        if not self.target_stepsize > 0:
-            raise UserError(f"target_stepsize must be > 0 (got {self.target_stepsize})")
-        for name, allowed in (("feedback", FEEDBACKS), ("feedback_init", FEEDBACK_INITS),
-                              ("difference", DIFFERENCES), ("update", UPDATES)):
-            if getattr(self, name) not in allowed:
-                raise UserError(f"{name} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
+        """What depends on several settings (each one's range is declared in `RANGES`)."""
         self.forward.check()
         if self.feedback == "learned":
             self.feedback_phase.check()
             if not self.feedback_phase.noise > 0:
                 raise UserError("learned feedback needs feedback_noise > 0 (the noise is what it learns from)")
-        if self.feedback_decay < 0:
-            raise UserError("feedback_decay must be >= 0")
         return self
+
+
+# every setting's declared range (checked by the registered spec, `RuleSpec.check_options`)
+STEPS = Range(1, MAX_ITERATIONS)  # Euler steps per training step
+RANGES = {
+    "steps": STEPS, "dt": POSITIVE, "tau_v": POSITIVE, "tau_u": POSITIVE, "k_p": NON_NEGATIVE,
+    "alpha": NON_NEGATIVE, "target_stepsize": POSITIVE, "feedback": FEEDBACKS, "feedback_init": FEEDBACK_INITS,
+    "difference": DIFFERENCES, "update": UPDATES, "feedback_steps": STEPS, "feedback_dt": POSITIVE,
+    "feedback_noise": NON_NEGATIVE, "feedback_alpha": NON_NEGATIVE, "feedback_k_p": NON_NEGATIVE,
+    "feedback_tau_a": POSITIVE, "feedback_decay": NON_NEGATIVE,
+}
 
 
 def output_target(network, v_out: torch.Tensor, y: torch.Tensor, stepsize: float) -> torch.Tensor:
@@ -229,5 +234,5 @@ def dfc(
 def register_rules(register):
     options = {k: p.default for k, p in inspect.signature(dfc).parameters.items()}
     register(RuleSpec("dfc", dfc, "deep feedback control: a PI controller drives the network to its target "
-                      "(Meulemans et al. 2021)", options=options, models=("mlp",),
+                      "(Meulemans et al. 2021)", options=options, ranges=RANGES, models=("mlp",),
                       model_defaults={"activation": "tanh"}))

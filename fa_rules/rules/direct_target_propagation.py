@@ -36,7 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fa_rules.core import Rule, RuleSpec, UserError, classification_loss, grad, hookimpl
+from fa_rules.core import Rule, RuleSpec, classification_loss, grad, hookimpl
+from fa_rules.core.rule import ITERATIONS, NON_NEGATIVE, POSITIVE
 from fa_rules.core.inverse import forward_values
 from fa_rules.rules import target_propagation as tp
 
@@ -49,15 +50,6 @@ class Settings:
     feedback_noise: float
     drl_reg: float
     feedback_normalise: bool
-
-    def check(self) -> "Settings":
-        if not self.beta > 0:
-            raise UserError(f"beta must be > 0 (got {self.beta})")
-        if self.feedback_iters < 0 or self.feedback_lr < 0 or self.drl_reg < 0:
-            raise UserError("feedback_iters, feedback_lr and drl_reg must be >= 0")
-        if not self.feedback_noise > 0:
-            raise UserError("the difference reconstruction loss needs feedback_noise > 0")
-        return self
 
     def local(self) -> tp.Settings:
         """The settings `target_propagation.forward_updates` reads (plain local losses, post space)."""
@@ -126,8 +118,6 @@ def compute_targets(network, model, feedback, values, y, s: Settings) -> list[to
 
 
 def _build(s: Settings) -> Rule:
-    s.check()
-
     def init(network, params, generator):
         tp._check_network(network)
         model = params["model"]
@@ -187,6 +177,9 @@ def ddtp(
 @hookimpl
 def register_rules(register):
     options = {k: p.default for k, p in inspect.signature(ddtp).parameters.items()}
+    ranges = {"beta": POSITIVE, "feedback_lr": NON_NEGATIVE, "feedback_iters": ITERATIONS,
+              "feedback_noise": POSITIVE,  # the difference reconstruction loss learns from the noise
+              "drl_reg": NON_NEGATIVE}
     register(RuleSpec("ddtp", ddtp, "direct difference target propagation, linear direct feedback trained by "
-                      "the difference reconstruction loss (Meulemans et al. 2020)", options=options,
+                      "the difference reconstruction loss (Meulemans et al. 2020)", options=options, ranges=ranges,
                       models=("mlp",), model_defaults={"activation": "tanh"}))

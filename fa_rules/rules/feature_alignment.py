@@ -43,15 +43,20 @@ import torch
 
 from fa_rules.core import Rule, RuleSpec, clamp, constrained, grad_and_value, hookimpl
 from fa_rules.core.gradient_flow import (
-    check_settings,
+    INITS,
+    SQUASHES,
     gradient_flow,
     initial_input,
     orthogonal_init,
     reconstruction_loss,
     squash as squash_output,
 )
+from fa_rules.core.rule import MAX_ITERATIONS, POSITIVE, Range
 
 WEIGHT_BOUND = math.sqrt(2.0)  # Eq. 9
+# the declared ranges of the gradient flow's settings, shared by every rule that runs the flow; each
+# flow step is a forward and backward pass kept for the second-order gradient
+FLOW_RANGES = {"steps": Range(1, MAX_ITERATIONS), "tau": POSITIVE, "init": INITS, "squash": SQUASHES}
 
 
 def feature_alignment(
@@ -64,12 +69,8 @@ def feature_alignment(
     output_weight: torch.Tensor | None = None,
     flow_constant: float = 0.5,
 ) -> Rule:
-    """Algorithm 1. `output_weight` (Python use only) weights the alignment distance per output."""
-    check_settings(init, squash, steps, tau)
-    if not flow_constant > 0:
-        from fa_rules.core import UserError
-
-        raise UserError(f"flow_constant must be > 0 (got {flow_constant})")
+    """Algorithm 1. `output_weight` (Python use only) weights the alignment distance per output.
+    Settings are checked against `FLOW_RANGES` by the registered spec (`RuleSpec.check_options`)."""
 
     def init_fn(network, params, generator):
         model = orthogonal_init(params["model"], generator) if orthogonal else params["model"]
@@ -108,5 +109,6 @@ def register_rules(register):
         "encoder that reconstructs its input by a gradient flow on its own latent (Algorithm 1)",
         options={"steps": 1, "tau": 1.0, "init": "zeros", "squash": "none", "orthogonal": True,
                  "clamp_weights": True, "flow_constant": 0.5},
+        ranges={**FLOW_RANGES, "flow_constant": POSITIVE},
         models=("mlp", "lenet", "paper_encoder"),
     ))

@@ -87,8 +87,10 @@ import math
 import torch
 
 from fa_rules.core import Rule, RuleSpec, hookimpl
+from fa_rules.core.config import MAX_SEED
 from fa_rules.core.errors import UserError
 from fa_rules.core.feedback import (
+    FEEDBACK_INITS,
     block_output_shapes,
     chained_feedback_gradients,
     check_feedback_network,
@@ -100,8 +102,13 @@ from fa_rules.core.feedback import (
     target_projection_gradients,
     xavier_std,
 )
+from fa_rules.core.rule import NON_NEGATIVE, Range
 
 RANDOM_OPTIONS = {"init": "uniform", "scale": 1.0, "feedback_seed": -1}
+# their declared ranges (checked by the registered specs, `RuleSpec.check_options`); a scale of 0
+# leaves only the output block learning, the random-features floor
+RANDOM_RANGES = {"init": FEEDBACK_INITS, "scale": NON_NEGATIVE,
+                 "feedback_seed": Range(-1, MAX_SEED, note="-1: drawn from the run's seed")}
 
 
 def _generator(generator: torch.Generator, feedback_seed: int) -> torch.Generator:
@@ -292,9 +299,8 @@ def direct_random_target_projection(init: str = "uniform", scale: float = 1.0, f
 
 # -- Kolen-Pollack -----------------------------------------------------------------------------------
 def kolen_pollack(init: str = "uniform", scale: float = 1.0, feedback_seed: int = -1, decay: float = 1e-3) -> Rule:
-    """Learned feedback: forward and feedback weights get the same update plus weight decay."""
-    if not decay >= 0:  # a negative decay would push W and B apart, not together
-        raise UserError(f"decay must be >= 0 (got {decay})")
+    """Learned feedback: forward and feedback weights get the same update plus weight decay (>= 0: a
+    negative decay would push W and B apart, not together)."""
 
     def init_fn(network, params, generator):
         check_feedback_network(network, "kolen_pollack")
@@ -317,24 +323,28 @@ def kolen_pollack(init: str = "uniform", scale: float = 1.0, feedback_seed: int 
 
 @hookimpl
 def register_rules(register):
+    projected = {**RANDOM_RANGES, "projection": PROJECTIONS}
     register(RuleSpec("feedback_alignment", feedback_alignment,
-                      "fixed random feedback weights (Lillicrap et al. 2016)", options=dict(RANDOM_OPTIONS)))
+                      "fixed random feedback weights (Lillicrap et al. 2016)", options=dict(RANDOM_OPTIONS),
+                      ranges=RANDOM_RANGES))
     register(RuleSpec("direct_feedback_alignment", direct_feedback_alignment,
                       "output error projected to every hidden block (Nøkland 2016)",
-                      options={**RANDOM_OPTIONS, "projection": "dense"}, aliases=("dfa",)))
+                      options={**RANDOM_OPTIONS, "projection": "dense"}, ranges=projected, aliases=("dfa",)))
     register(RuleSpec("indirect_feedback_alignment", indirect_feedback_alignment,
                       "error projected to the first hidden block, then sent forward (Nøkland 2016)",
-                      options=dict(RANDOM_OPTIONS), aliases=("ifa",)))
+                      options=dict(RANDOM_OPTIONS), ranges=RANDOM_RANGES, aliases=("ifa",)))
     register(RuleSpec("sign_symmetry", sign_symmetry,
                       "feedback = sign of the forward weights (Liao, Leibo & Poggio 2016)",
-                      options={"scale": 1.0, "magnitude": "mean_abs"}))
+                      options={"scale": 1.0, "magnitude": "mean_abs"},
+                      ranges={"scale": NON_NEGATIVE, "magnitude": MAGNITUDES}))
     register(RuleSpec("brsf", brsf, "feedback = sign of the forward weights, random magnitudes drawn every batch "
-                      "(Moskovitz et al. 2018)", options={"init": "uniform", "scale": 1.0}))
+                      "(Moskovitz et al. 2018)", options={"init": "uniform", "scale": 1.0},
+                      ranges={"init": FEEDBACK_INITS, "scale": NON_NEGATIVE}))
     register(RuleSpec("frsf", frsf, "feedback = sign of the forward weights, fixed random magnitudes "
-                      "(Moskovitz et al. 2018)", options=dict(RANDOM_OPTIONS)))
+                      "(Moskovitz et al. 2018)", options=dict(RANDOM_OPTIONS), ranges=RANDOM_RANGES))
     register(RuleSpec("direct_random_target_projection", direct_random_target_projection,
                       "one-hot target projected to every hidden block, no backward pass (Frenkel et al. 2021)",
-                      options={**RANDOM_OPTIONS, "projection": "dense"}, aliases=("drtp",)))
+                      options={**RANDOM_OPTIONS, "projection": "dense"}, ranges=projected, aliases=("drtp",)))
     register(RuleSpec("kolen_pollack", kolen_pollack,
                       "learned feedback, same update as the forward weights plus decay (Akrout et al. 2019)",
-                      options={**RANDOM_OPTIONS, "decay": 1e-3}))
+                      options={**RANDOM_OPTIONS, "decay": 1e-3}, ranges={**RANDOM_RANGES, "decay": NON_NEGATIVE}))

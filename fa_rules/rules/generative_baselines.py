@@ -51,6 +51,7 @@ import torch
 from fa_rules.core import Rule, RuleSpec, UserError, grad, grad_and_value, hookimpl
 from fa_rules import models as zoo
 from fa_rules.core.gradient_flow import orthogonal_init
+from fa_rules.core.rule import ITERATIONS, NON_NEGATIVE, POSITIVE
 from fa_rules.core.network import ACTIVATIONS, Network, make_activation
 
 PAPER_FAMILIES = ("paper_encoder", "paper_discriminator")
@@ -267,10 +268,6 @@ LIKELIHOODS = ("bernoulli", "gaussian")
 
 def vae(beta: float = 1.0, likelihood: str = "bernoulli", orthogonal: bool = False) -> Rule:
     """Variational autoencoder on the model's `mu`/`logvar` heads, decoder owned by the rule."""
-    if likelihood not in LIKELIHOODS:
-        raise UserError(f"likelihood must be one of {', '.join(LIKELIHOODS)}, got '{likelihood}'")
-    if not beta >= 0:  # a negative weight rewards the divergence it should penalise
-        raise UserError(f"beta must be >= 0 (got {beta})")
 
     def neg_log_likelihood(x, x_hat):
         if likelihood == "gaussian":
@@ -338,8 +335,6 @@ def vae(beta: float = 1.0, likelihood: str = "bernoulli", orthogonal: bool = Fal
 # -- gan --------------------------------------------------------------------------------------------
 def gan(orthogonal: bool = False, recon_steps: int = 50, recon_lr: float = 0.1) -> Rule:
     """Least-squares GAN: the model is the discriminator (head `d`), the rule owns the generator."""
-    if recon_steps < 0 or not recon_lr > 0:
-        raise UserError("gan needs recon_steps >= 0 and recon_lr > 0")
 
     def latent_of(network):
         if network.out_shape is None or len(network.out_shape) != 1:
@@ -414,7 +409,10 @@ def gan(orthogonal: bool = False, recon_steps: int = 50, recon_lr: float = 0.1) 
 def register_rules(register):
     register(RuleSpec("vae", vae, "backprop variational autoencoder, Table 12 decoder (the paper's baseline)",
                       options={"beta": 1.0, "likelihood": "bernoulli", "orthogonal": False},
+                      # a negative beta rewards the divergence it should penalise
+                      ranges={"beta": NON_NEGATIVE, "likelihood": LIKELIHOODS},
                       models=("mlp", "paper_encoder")))
     register(RuleSpec("gan", gan, "backprop least-squares GAN: Table 12 generator, the model is the discriminator",
                       options={"orthogonal": False, "recon_steps": 50, "recon_lr": 0.1},
+                      ranges={"recon_steps": ITERATIONS, "recon_lr": POSITIVE},  # the latent search's Adam
                       models=("mlp", "paper_discriminator", "paper_encoder")))

@@ -64,7 +64,9 @@ from fa_rules.core.feedback import (
     reverse_feedback_gradients,
     weight_key,
 )
-from fa_rules.rules.feedback_alignment import RANDOM_OPTIONS, _generator, _random_projections
+from fa_rules.core.config import MAX_BATCH
+from fa_rules.core.rule import NON_NEGATIVE, POSITIVE, Range
+from fa_rules.rules.feedback_alignment import RANDOM_OPTIONS, RANDOM_RANGES, _generator, _random_projections
 
 
 def _weight_feedback(network, model, blocks, generator, init, scale, feedback_seed) -> dict:
@@ -141,8 +143,6 @@ def bidirectional_dfa(init: str = "uniform", scale: float = 1.0, feedback_seed: 
 
     def init_fn(network, params, generator):
         check_feedback_network(network, "bidirectional_dfa")
-        if feedback_loss not in FEEDBACK_LOSSES:
-            raise UserError(f"unknown feedback_loss '{feedback_loss}' (use {' or '.join(FEEDBACK_LOSSES)})")
         hidden = range(network.num_blocks - 1)
         projections = _random_projections(network, params["model"], hidden, generator, init, scale, feedback_seed)
         return {**params, "feedback": projections}, {}
@@ -165,17 +165,12 @@ def bidirectional_dfa(init: str = "uniform", scale: float = 1.0, feedback_seed: 
 
 
 # -- weight mirror ---------------------------------------------------------------------------------
+MIRROR_RESPONSES = ("linear", "forward")
+
+
 def weight_mirror(init: str = "uniform", scale: float = 1.0, feedback_seed: int = -1, noise_std: float = 1.0,
                   decay: float = 1.0, response: str = "linear", mirror_batch: int = 0) -> Rule:
     """FA whose feedback weights learn from noise-driven activity in a mirror phase every step."""
-    if response not in ("linear", "forward"):
-        raise UserError(f"unknown mirror response '{response}' (use linear or forward)")
-    if mirror_batch < 0:
-        raise UserError(f"mirror_batch must be >= 0 (0: the training batch size), got {mirror_batch}")
-    if not noise_std > 0:
-        raise UserError(f"noise_std must be > 0 (got {noise_std})")
-    if not decay >= 0:
-        raise UserError(f"decay must be >= 0 (got {decay})")
 
     def init_fn(network, params, generator):
         check_feedback_network(network, "weight_mirror", needs_layers="to drive with mirror noise")
@@ -205,11 +200,15 @@ def weight_mirror(init: str = "uniform", scale: float = 1.0, feedback_seed: int 
 def register_rules(register):
     register(RuleSpec("bidirectional_fa", bidirectional_fa,
                       "FA with feedback trained as a reverse network, target to input (Luo, Fu & Glass 2017)",
-                      options=dict(RANDOM_OPTIONS), aliases=("bfa",)))
+                      options=dict(RANDOM_OPTIONS), ranges=RANDOM_RANGES, aliases=("bfa",)))
     register(RuleSpec("bidirectional_dfa", bidirectional_dfa,
                       "DFA with projections trained to predict each block's output (Luo, Fu & Glass 2017)",
-                      options={**RANDOM_OPTIONS, "feedback_loss": "dot"}, aliases=("bdfa",)))
+                      options={**RANDOM_OPTIONS, "feedback_loss": "dot"},
+                      ranges={**RANDOM_RANGES, "feedback_loss": FEEDBACK_LOSSES}, aliases=("bdfa",)))
     register(RuleSpec("weight_mirror", weight_mirror,
                       "FA with feedback learned from noise in a mirror phase (Akrout et al. 2019)",
                       options={**RANDOM_OPTIONS, "noise_std": 1.0, "decay": 1.0, "response": "linear",
-                               "mirror_batch": 0}))
+                               "mirror_batch": 0},
+                      ranges={**RANDOM_RANGES, "noise_std": POSITIVE, "decay": NON_NEGATIVE,
+                              "response": MIRROR_RESPONSES,
+                              "mirror_batch": Range(0, MAX_BATCH, note="0: the training batch size")}))

@@ -44,7 +44,6 @@ import torch
 
 from fa_rules.core import Rule, RuleSpec, UserError, clamp, constrained, grad_and_value, hookimpl
 from fa_rules.core.gradient_flow import (
-    check_settings,
     gradient_flow,
     initial_input,
     orthogonal_init,
@@ -52,6 +51,7 @@ from fa_rules.core.gradient_flow import (
     squash as squash_output,
 )
 from fa_rules.core.network import Network, inverse_activation
+from fa_rules.rules.feature_alignment import FLOW_RANGES
 
 FLOWS = ("layer", "block")
 WEIGHT_BOUND = math.sqrt(2.0)  # Eq. 9
@@ -86,9 +86,6 @@ def local_feature_alignment(
     flow: str = "layer",
 ) -> Rule:
     """Algorithms 2 (step) and 3 (reconstruct)."""
-    check_settings(init, squash, steps, tau)
-    if flow not in FLOWS:
-        raise UserError(f"flow must be one of {', '.join(FLOWS)}, got '{flow}'")
     pre_activation = flow == "layer"
 
     def f(network: Network, i: int, params, r):
@@ -153,6 +150,7 @@ def register_rules(register):
         "layer-local feature alignment: each block learns to invert itself (Algorithms 2-3)",
         options={"steps": 1, "tau": 1.0, "init": "zeros", "squash": "none", "orthogonal": True,
                  "clamp_weights": True, "flow": "layer"},
+        ranges={**FLOW_RANGES, "flow": FLOWS},
         models=("mlp", "paper_encoder"),
         aliases=("local_feature_alignment",),
         model_defaults={"activation": "asinh"},

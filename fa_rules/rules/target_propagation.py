@@ -136,6 +136,7 @@ import torch
 from torch import nn
 
 from fa_rules.core import Rule, RuleSpec, UserError, classification_loss, grad, hookimpl
+from fa_rules.core.rule import ITERATIONS, NON_NEGATIVE, POSITIVE
 from fa_rules.core.inverse import SPACES, Decoder, activate, decoder_for, encode, forward_values, value_shapes
 
 try:  # data-parallel runs: in-step training must see the global batch (identity in one process)
@@ -174,23 +175,21 @@ class Settings:
     per_block_grads: bool = False
 
     def check(self) -> "Settings":
-        if not self.beta > 0:
-            raise UserError(f"beta must be > 0 (got {self.beta})")
-        for name, allowed in (("space", SPACES), ("feedback_objective", OBJECTIVES),
-                              ("output_init", OUTPUT_INITS), ("influence_scaling", INFLUENCE),
-                              ("first_target", FIRST_TARGETS), ("decoder_order", DECODER_ORDERS)):
-            if getattr(self, name) not in allowed:
-                raise UserError(f"{name} must be one of {', '.join(allowed)} (got {getattr(self, name)!r})")
-        for name in ("feedback_iters", "input_iters", "output_iters"):
-            if getattr(self, name) < 0:
-                raise UserError(f"{name} must be >= 0 (got {getattr(self, name)})")
-        if self.feedback_lr < 0 or self.feedback_noise < 0:
-            raise UserError("feedback_lr and feedback_noise must be >= 0")
+        """What depends on several settings (each one's range is declared in `RANGES`)."""
         if self.feedback_objective == "ldrl" and not self.feedback_noise > 0:
             raise UserError("feedback_objective=ldrl needs feedback_noise > 0 (it measures Jacobians with noise)")
         if (self.dtp1 or self.dtp1_output) and self.space != "pre":
             raise UserError("dtp1 is the update for f(h) = W sigma(h): it needs space=pre")
         return self
+
+
+# every setting's declared range (checked by the registered specs, `RuleSpec.check_options`)
+RANGES = {
+    "beta": POSITIVE, "space": SPACES, "feedback_lr": NON_NEGATIVE, "feedback_iters": ITERATIONS,
+    "feedback_noise": NON_NEGATIVE, "feedback_objective": OBJECTIVES, "input_iters": ITERATIONS,
+    "output_iters": ITERATIONS, "output_init": OUTPUT_INITS, "influence_scaling": INFLUENCE,
+    "first_target": FIRST_TARGETS, "decoder_order": DECODER_ORDERS,
+}
 
 
 def independent_grads(loss_of, params: dict, per_block: bool) -> dict:
@@ -575,4 +574,5 @@ def register_rules(register):
     ):
         options = {k: p.default for k, p in inspect.signature(build).parameters.items()}
         register(RuleSpec(name, build, summary, options=options, models=("mlp",),
+                          ranges={k: v for k, v in RANGES.items() if k in options},
                           model_defaults={"activation": "tanh"}))

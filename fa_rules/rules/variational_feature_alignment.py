@@ -68,8 +68,10 @@ import torch
 import torch.nn.functional as F
 
 from fa_rules.core import Rule, RuleSpec, UserError, clamp, constrained, grad_and_value, hookimpl
-from fa_rules.core.gradient_flow import check_settings, gradient_flow, initial_input, orthogonal_init
+from fa_rules.core.gradient_flow import gradient_flow, initial_input, orthogonal_init
 from fa_rules.core.gradient_flow import squash as squash_output
+from fa_rules.core.rule import MAX_SCALE, NON_NEGATIVE, Range
+from fa_rules.rules.feature_alignment import FLOW_RANGES
 from fa_rules.rules.generative_baselines import (
     AuxNetworks,
     build_aux,
@@ -95,6 +97,16 @@ def _options(gan: bool) -> dict:
     return options
 
 
+def _ranges(gan: bool) -> dict:
+    """The options' declared ranges: weights >= 0 (a negative weight rewards the term it should
+    penalise); `label_scale` either way (`fa-rules sample --label-scale` may push the class signal)."""
+    ranges = {**FLOW_RANGES, "beta_schedule": BETA_SCHEDULES, "beta": NON_NEGATIVE, "noise": NOISES,
+              "label_scale": Range(-MAX_SCALE, MAX_SCALE), "class_weight": NON_NEGATIVE}
+    if gan:
+        ranges["perceptual_weight"] = NON_NEGATIVE
+    return ranges
+
+
 def perceptual_distance(mu: torch.Tensor, var: torch.Tensor, out: dict) -> torch.Tensor:
     """Eq. 7's perceptual term: `|mu - mu'|^2 + |var - var'|^2` between the encoder's posterior of
     the real images (`mu`, `var`) and of the refined ones (`out`), averaged over the batch."""
@@ -118,15 +130,6 @@ def _variational_fa(
     class_weight: float,
     perceptual_weight: float = 0.0,
 ) -> Rule:
-    check_settings(init, squash, steps, tau)
-    if beta_schedule not in BETA_SCHEDULES:
-        raise UserError(f"beta_schedule must be one of {', '.join(BETA_SCHEDULES)}, got '{beta_schedule}'")
-    if noise not in NOISES:
-        raise UserError(f"noise must be one of {', '.join(NOISES)}, got '{noise}'")
-    for name, value in (("beta", beta), ("class_weight", class_weight), ("perceptual_weight", perceptual_weight)):
-        if not value >= 0:  # a negative weight rewards the term it should penalise
-            raise UserError(f"{name} must be >= 0 (got {value})")
-
     def heads(latent: int, num_classes: int) -> dict[str, int]:
         out = {"mu": latent, "logvar": latent}
         if conditional:
@@ -294,10 +297,10 @@ def register_rules(register):
     register(RuleSpec(
         "vfa", variational_feature_alignment,
         "variational feature alignment: mu/logvar heads, no decoder, samples by the gradient flow (Eq. 5)",
-        options=_options(gan=False), models=("mlp", "paper_encoder"),
+        options=_options(gan=False), ranges=_ranges(gan=False), models=("mlp", "paper_encoder"),
     ))
     register(RuleSpec(
         "vfa_gan", variational_feature_alignment_gan,
         "VFA plus a refining generator (Table 11) and a least-squares discriminator (Table 10), Eq. 6-8",
-        options=_options(gan=True), models=("mlp", "paper_encoder"),
+        options=_options(gan=True), ranges=_ranges(gan=True), models=("mlp", "paper_encoder"),
     ))
