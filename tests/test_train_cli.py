@@ -111,7 +111,7 @@ def test_user_mistakes_are_one_line_with_exit_code_2(tmp_path, monkeypatch, caps
         (["train", "--resume", str(tmp_path / "missing")], "does not exist"),
         (["train", "--opt", "nonsense=1"], "has no option nonsense"),
         (["train", "--lr-schedule", "linear", "--epochs", "1"], "--lr-schedule must be constant or cosine"),
-        (["train", "--eval-every", "0", "--epochs", "1"], "--eval-every must be an integer >= 1, got 0"),
+        (["train", "--eval-every", "0", "--epochs", "1"], "--eval-every must be an integer in 1..1000000, got 0"),
         (["train", "--group-lr", "feedback=0.1", "--epochs", "1"], "--group-lr names group"),
         (["train", "--device", "cuda:7" if not torch.cuda.is_available() else "tpu"], "device"),
     ]

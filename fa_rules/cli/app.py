@@ -1,62 +1,61 @@
-"""The `fa-rules` command line: the typer app, its commands (thin modules over the packages below),
-and the entry point that turns user mistakes into one line and exit code 2.
+"""The `fa-rules` entry point: `main` runs the typer app (`fa_rules.cli.commands`) and turns user
+mistakes into one line and exit code 2, never a traceback.
 
-Command modules define plain functions and import nothing from here; this module registers them,
-so there is no import cycle."""
+This module imports only the standard library, and `main` imports the commands inside its Ctrl-C
+handling: they import torch, which takes seconds, and Ctrl-C during start-up must be one line and
+exit code 130 like Ctrl-C later. `from fa_rules.cli.app import app` still gives the typer app."""
 
 from __future__ import annotations
 
-import functools
+import os
 import sys
 
-import typer
-
-from fa_rules import __version__
-from fa_rules.cli import benchmark, catalog, generative, train
-from fa_rules.cli.common import Interrupted, out
-from fa_rules.core.errors import UserError
-
-app = typer.Typer(
-    name="fa-rules",
-    help="Train and compare credit-assignment rules (backprop, feedback and feature alignment, ...).",
-    context_settings={"help_option_names": ["-h", "--help"]},
-    add_completion=False,
-    no_args_is_help=True,
-    pretty_exceptions_enable=False,
-)
+# Exit code when the reader of standard output has gone (`fa-rules ... | head -1`): 1, the code
+# click gives a command that meets a closed pipe itself and Python's documented recipe. The
+# alternative, SIGPIPE's default action restored at start, would also kill the process on a write
+# to a closed socket (torch.distributed's peers), silently instead of with its one-line error.
+CLOSED_OUTPUT_EXIT = 1
 
 
-def _version(value: bool):
-    if value:
-        out.print(f"fa-rules {__version__}")
-        raise typer.Exit()
+def __getattr__(name: str):
+    if name == "app":  # the typer app, for tests and scripts: imported on first use
+        from fa_rules.cli.commands import app
+
+        return app
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-@app.callback()
-def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version."),
-):
-    """fa-rules: composable credit-assignment rules on one torch.func engine."""
+class OutputError(Exception):
+    """Standard output refused a write (a full disk, a reader that has gone): not an OSError, so
+    that no command's handling of its own files' errors takes it for one of those."""
+
+    def __init__(self, error: OSError):
+        super().__init__(error.strerror or str(error))
+        self.closed = isinstance(error, BrokenPipeError)
 
 
-def _interruptible(command):
-    """Typer turns a KeyboardInterrupt raised in a command into a silent exit 130, so `main()` would
-    never see it: make it an `Interrupted` (a command that knows more, e.g. where its run can be
-    continued, raises its own) that `main()` prints."""
+class _Output:
+    """sys.stdout while a command runs: writes as before, with characters the output's encoding
+    lacks (e.g. 'ø' under PYTHONIOENCODING=ascii) escaped rather than an error, and a write the OS
+    refuses raised as `OutputError`."""
 
-    @functools.wraps(command)
-    def wrapper(*args, **kwargs):
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text):
         try:
-            return command(*args, **kwargs)
-        except KeyboardInterrupt:
-            raise Interrupted("interrupted") from None
+            return self._stream.write(text)
+        except OSError as e:
+            raise OutputError(e) from None
 
-    return wrapper
+    def flush(self):
+        try:
+            self._stream.flush()
+        except OSError as e:
+            raise OutputError(e) from None
 
-
-for command in (train.train, catalog.rules, catalog.datasets, catalog.models, benchmark.benchmark,
-                generative.reconstruct, generative.probe, generative.sample, generative.fid):
-    app.command()(_interruptible(command))
+    def __getattr__(self, name):  # the rest (fileno, isatty, encoding, ...) is the stream's
+        return getattr(self._stream, name)
 
 
 def _fail(message: str, code: int) -> None:
@@ -64,33 +63,66 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-# click's error classes (typer bundles its own click in newer versions: found through a public one)
-_USAGE_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
-_CLICK_ERROR = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
-
-
-def _usage_error(error) -> str:
-    """click's usage error (unknown option, missing or malformed value) as one line, with where to
-    look: typer would draw it in a box over several lines."""
-    message = " ".join(error.format_message().split()).rstrip(".")
-    command = error.ctx.command_path if error.ctx is not None else "fa-rules"
-    return f"{message} (see '{command} --help')"
+def _drop_pending_output() -> None:
+    """What is still buffered for a standard output that refused it goes nowhere: Python would try
+    again at exit and print 'Exception ignored ... BrokenPipeError'."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # a stream with no file descriptor (a test's capture)
+        pass
 
 
 def main() -> None:
     """Entry point: user mistakes become one line and exit code 2, never a traceback."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="backslashreplace")
+    stdout = sys.stdout
+    if stdout is not None:  # None: started without one (fd 1 closed), and print() writes nothing
+        sys.stdout = _Output(stdout)
+    try:
+        try:
+            code = _run()
+        finally:
+            if sys.stdout is not None:
+                sys.stdout.flush()  # here, where a full or closed output is handled, not at exit
+    except OutputError as e:
+        _drop_pending_output()
+        if e.closed:  # the reader has gone (`| head -1`): nothing to say, no one to say it to
+            sys.exit(CLOSED_OUTPUT_EXIT)
+        _fail(f"cannot write to standard output ({e}); send it to a file or a pipe that takes it", 1)
+    except KeyboardInterrupt:  # outside a command: while importing, or before one starts
+        _fail("interrupted", 130)
+    finally:
+        sys.stdout = stdout
+    sys.exit(code)
+
+
+def _run() -> int:
+    """Run the command line; return its exit code (a mistake exits here, with its one line)."""
+    from fa_rules.cli.commands import app  # imports torch: inside main's Ctrl-C handling
+
+    import typer
+
+    from fa_rules.cli.common import Interrupted
     from fa_rules.core.distributed import DistributedError
+    from fa_rules.core.errors import UserError
     from fa_rules.core.trainer import Diverged
 
+    # click's error classes (typer bundles its own click in newer versions: found through a public one)
+    usage_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "UsageError")
+    click_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
     try:
         # not standalone: click's own errors come here to be printed as one line
         code = app(standalone_mode=False, prog_name="fa-rules")
-    except _USAGE_ERROR as e:
+    except usage_error as e:
         if type(e).__name__ == "NoArgsIsHelpError":  # `fa-rules` alone: the help, as click gives it
             print(e.ctx.get_help())
-            sys.exit(2)
+            return 2
         _fail(_usage_error(e), 2)
-    except _CLICK_ERROR as e:
+    except click_error as e:
         _fail(" ".join(e.format_message().split()), e.exit_code)
     except typer.Abort:  # end of input at a prompt
         _fail("aborted", 1)
@@ -100,7 +132,21 @@ def main() -> None:
         _fail(str(e), 1)
     except Interrupted as e:
         _fail(str(e), 130)
-    except KeyboardInterrupt:  # outside a command (e.g. while importing)
-        _fail("interrupted", 130)
     # a command's return value is not an exit code; typer.Exit (--help, --version) gives one
-    sys.exit(code if isinstance(code, int) else 0)
+    return code if isinstance(code, int) else 0
+
+
+def _usage_error(error) -> str:
+    """click's usage error (unknown option, missing or malformed value) as one line, with where to
+    look: typer would draw it in a box over several lines. An unknown option names only the options
+    close to it (click's own list, at difflib's loose default, offers `--fid` for `--sed`)."""
+    from fa_rules.core.errors import close_names
+
+    message = " ".join(error.format_message().split()).rstrip(".")
+    if type(error).__name__ == "NoSuchOption" and error.ctx is not None:
+        params = error.ctx.command.get_params(error.ctx)  # --help included
+        known = [opt for param in params for opt in param.opts if opt.startswith("--")]
+        close = close_names(error.option_name, known)
+        message = f"No such option: {error.option_name}" + (f" (did you mean {', '.join(close)}?)" if close else "")
+    command = error.ctx.command_path if error.ctx is not None else "fa-rules"
+    return f"{message} (see '{command} --help')"

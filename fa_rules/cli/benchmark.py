@@ -36,7 +36,9 @@ def benchmark(
 ):
     """Run rules side by side on identical weights, data and optimiser; write results, report, plots."""
     from fa_rules import benchmark as bench
+    from fa_rules.core.distributed import launch_env
 
+    launch_env()  # a partial torchrun environment is one line here, not a failed row per cell
     registry()  # report plugins that failed to load, once
     flags = {"dataset": dataset, "model": model, "depth": depth, "width": width, "activation": activation,
              "epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "device": device,

@@ -61,7 +61,8 @@ def train(
         1, help="Evaluate on the test set every N epochs and after the last (test metrics of the others are absent)."
     ),
     divergence_factor: float = typer.Option(
-        1000.0, help="Stop as diverged when an epoch's mean training loss exceeds this factor times the first's (0: off)."
+        1000.0, help="Stop as diverged when a step's training loss exceeds this factor times the run's first step's, "
+        "or an epoch's mean this factor times the first epoch's (0: off)."
     ),
     compile: bool = typer.Option(
         False, "--compile", help="torch.compile the rule's step (eager, with a warning, where it does not compile)."
@@ -100,19 +101,19 @@ def train(
                 raise UserError(f"model '{model}' has no setting '{key}' (settings: {known})")
             if key in model_options:
                 raise UserError(f"--{key} and --model-opt {key} both given: give one")
-            model_options[key] = parse_value(text, model_spec.options[key], f"--model-opt {key}")
+            model_options[key] = parse_value(text, model_spec.options[key])
         rule_options = {
-            k: parse_value(v, rule_spec.options.get(k, ""), f"--opt {k}") for k, v in parse_pairs(opt, "--opt").items()
+            k: parse_value(v, rule_spec.options.get(k, "")) for k, v in parse_pairs(opt, "--opt").items()
         }
         config = TrainConfig(
             rule=rule, dataset=dataset, model=model, rule_options=rule_options, model_options=model_options,
             latent_dim=latent_dim, epochs=20 if epochs is None else epochs, batch_size=batch_size, lr=lr,
-            group_lr={k: parse_value(v, 0.0, f"--group-lr {k}") for k, v in parse_pairs(group_lr, "--group-lr").items()},
+            group_lr={k: parse_value(v, 0.0) for k, v in parse_pairs(group_lr, "--group-lr").items()},
             optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, lr_schedule=lr_schedule, seed=seed,
             device=device, data_dir=data_dir, eval_every=eval_every, divergence_factor=divergence_factor,
             compile=compile,
         )
-        check_config(config)  # before any work, each field named by its flag
+        check_config(config, registry=plugins)  # before any work, each field named by its flag
         trainer = new_trainer(config, out_dir, progress=not quiet, check=check)
     try:
         summary = trainer.run()

@@ -248,11 +248,41 @@ def unflatten(leaves: list, spec: Any) -> Any:
 _current: Context | None = None
 
 
-def env_world_size() -> int:
+_LAUNCH_HINT = "launch with torchrun (e.g. torchrun --nproc_per_node 2 -m fa_rules train ...), which sets them all"
+
+
+def _env_int(name: str, low: int, high: int | None = None, default: str | None = None) -> int:
+    text = os.environ.get(name, default)
     try:
-        return int(os.environ.get("WORLD_SIZE", "1"))
-    except ValueError:
-        raise UserError(f"WORLD_SIZE must be an integer, got '{os.environ['WORLD_SIZE']}'") from None
+        value = int(text)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or value < low or (high is not None and value > high):
+        must = f"in {low}..{high}" if high is not None else f">= {low}"
+        raise UserError(f"{name} must be an integer {must}, got '{text}': {_LAUNCH_HINT}")
+    return value
+
+
+def launch_env() -> tuple[int, int, int]:
+    """(world size, rank, local rank) from the variables torchrun sets; (1, 0, 0) without them. A
+    partial or inconsistent set (WORLD_SIZE without MASTER_ADDR, RANK without WORLD_SIZE, a rank
+    beyond the world) is one line before any work, not a traceback from the rendezvous nor a
+    process waiting for peers that never come."""
+    world = _env_int("WORLD_SIZE", 1, default="1")
+    if world == 1:
+        rank = os.environ.get("RANK", "")
+        if rank not in ("", "0"):
+            raise UserError(f"RANK={rank} is set but WORLD_SIZE is not (or is 1): {_LAUNCH_HINT}; or unset RANK to "
+                            "train in one process")
+        return 1, 0, 0
+    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing:
+        raise UserError(f"WORLD_SIZE={world} but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not "
+                        f"set: {_LAUNCH_HINT}; or set RANK, MASTER_ADDR and MASTER_PORT as it does; or unset "
+                        "WORLD_SIZE to train in one process")
+    rank = _env_int("RANK", 0, world - 1)
+    _env_int("MASTER_PORT", 1, 65535)
+    return world, rank, _env_int("LOCAL_RANK", 0, default=str(rank))
 
 
 def _timeout_s() -> float:
@@ -281,13 +311,15 @@ def setup(device: torch.device) -> Context:
     if _current is not None:
         return _current
     already = dist.is_available() and dist.is_initialized()
-    world = dist.get_world_size() if already else env_world_size()
+    if already:  # joined by the caller
+        world, rank = dist.get_world_size(), dist.get_rank()
+        local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+    else:
+        world, rank, local_rank = launch_env()
     if world <= 1:
         return Context(device=device)
     if not dist.is_available():
         raise UserError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
-    rank = dist.get_rank() if already else int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
     if device.type == "cuda":
         if device.index is not None:
             raise UserError(

@@ -19,6 +19,19 @@ def unknown_name_error(kind: str, name: str, known: list[str]) -> UserError:
     return UserError(f"unknown {kind} '{name}' ({hint})")
 
 
+def close_names(typed: str, known: list[str], cutoff: float = 0.65) -> list[str]:
+    """The names of `known` that `typed` is likely a slip for, leading dashes aside: those it begins
+    (`--ep`: `--epochs`) when there are a few, else up to three by difflib's similarity ratio, each at
+    least `cutoff` (which keeps `--seed` for `--sed` and drops `--fid`) and near the best one."""
+    bare = typed.lstrip("-")
+    started = [name for name in known if len(bare) >= 2 and name.lstrip("-").startswith(bare)]
+    if 0 < len(started) <= 3:
+        return started
+    ratio = {name: difflib.SequenceMatcher(None, bare, name.lstrip("-")).ratio() for name in known}
+    floor = max(cutoff, max(ratio.values(), default=0.0) - 0.1)
+    return [name for name in sorted(known, key=ratio.get, reverse=True) if ratio[name] >= floor][:3]
+
+
 class RuleError(UserError):
     """A rule broke its contract (a plugin's bug, not the engine's): one line naming the rule."""
 
