@@ -73,9 +73,13 @@ app(sys.argv[1:], standalone_mode=False)
 pytestmark = needs_torchrun
 
 
-def _launch(args, timeout=300):
-    """Run torchrun; a hang fails the test through the timeout instead of blocking the suite."""
-    return subprocess.run([*LAUNCH, *args], capture_output=True, text=True, timeout=timeout, env=launch_env())
+def _launch(args, timeout=300, monitor_interval_s=None):
+    """Run torchrun; a hang fails the test through the timeout instead of blocking the suite.
+    `monitor_interval_s`: how often torchrun looks at its processes (LAUNCH's 1 s if None)."""
+    launch = list(LAUNCH)
+    if monitor_interval_s is not None:
+        launch[launch.index("--monitor-interval") + 1] = str(monitor_interval_s)
+    return subprocess.run([*launch, *args], capture_output=True, text=True, timeout=timeout, env=launch_env())
 
 
 def _train_args(rule, batch_size, out):
@@ -95,7 +99,9 @@ def launches(tmp_path_factory, registered):
     (root / "die.py").write_text(DIE)
     (root / "driver.py").write_text(DRIVER)
     killed = root / "killed"
-    died = _launch([str(root / "die.py"), *_train_args("backprop", B, killed)], timeout=240)
+    # torchrun stops the survivor once it sees the death: looking every 10 s (not 1 s) leaves the
+    # survivor, slow on a busy machine, the time to meet the dead peer in its collective and say so
+    died = _launch([str(root / "die.py"), *_train_args("backprop", B, killed)], timeout=240, monitor_interval_s=10)
     killed_checkpoint = load_checkpoint(killed / "checkpoint.pt") if (killed / "checkpoint.pt").exists() else None
     metrics_lines = len((killed / "metrics.jsonl").read_text().splitlines()) if (killed / "metrics.jsonl").exists() else 0
     runs = {rule: root / rule for rule in RULES if rule in registered}

@@ -1,7 +1,9 @@
 import json
+import subprocess
 import sys
 import types
 from importlib import metadata
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -40,10 +42,23 @@ def test_builtins_registered_with_their_distribution():
 
 
 def test_third_party_entry_point_is_discovered_for_real():
-    # the example package is pip-installed by CI; its entry point must be found through metadata
+    # conftest.py gives examples/readout-plugin a temporary *.dist-info (as `pip install` would);
+    # its entry point must be found through metadata
     registry = manager.build_registry()
     assert "readout_only" in registry.rules
     assert registry.source("rules", "readout_only").distribution == "fa-rules-readout"
+    # the repository's source, even where an older copy is pip-installed
+    examples = Path(__file__).resolve().parents[1] / "examples"
+    assert Path(sys.modules["fa_rules_readout"].__file__).is_relative_to(examples / "readout-plugin")
+
+
+def test_cli_subprocesses_find_the_example_plugins_too():
+    # the CLI and torchrun processes tests start get the example plugins through PYTHONPATH
+    result = subprocess.run([sys.executable, "-m", "fa_rules", "models", "--json"], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    rows = {r["name"]: r for r in json.loads(result.stdout)}
+    assert rows["my_resnet"]["distribution"] == "fa-rules-resnet"
 
 
 def test_no_autoload_env_var_turns_entry_points_off(monkeypatch):

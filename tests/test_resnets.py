@@ -352,7 +352,8 @@ def _write_cifar(folder: Path, per_batch: int = 8):
 def test_cifar10_resnet20_quick_suite_runs_on_a_cifar_format_file_set(tmp_path):
     import json
 
-    _write_cifar(tmp_path / "data" / "cifar-10-batches-py")
+    # 2 images per file: the suite checks the machinery, and 8 ResNet-20s train on 10 images at half the cost of 40
+    _write_cifar(tmp_path / "data" / "cifar-10-batches-py", per_batch=2)
     out = tmp_path / "bench"
     result = CliRunner().invoke(app, ["benchmark", str(ROOT / "benchmarks" / "cifar10_resnet20.toml"), "--quick",
                                       "--data-dir", str(tmp_path / "data"), "--out", str(out), "-q"])

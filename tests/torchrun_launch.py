@@ -3,11 +3,20 @@ machine without it, and the environment the processes start from."""
 
 import os
 import shutil
+import socket
 
 import pytest
 
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 TORCHRUN = shutil.which("torchrun")
-LAUNCH = [TORCHRUN, "--nproc_per_node", "2", "--monitor-interval", "1"]
+# A free port per test process, not torchrun's fixed 29500: pytest-xdist workers launch at the same time
+LAUNCH = [TORCHRUN, "--nproc_per_node", "2", "--monitor-interval", "1", "--master-port", str(_free_port())]
 needs_torchrun = pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not on PATH")
 
 
