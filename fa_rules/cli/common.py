@@ -57,9 +57,10 @@ def parse_pairs(items: list[str], flag: str) -> dict[str, str]:
     pairs = {}
     for item in items:
         key, sep, value = item.partition("=")
+        key = key.strip()  # ' =1' has no key either
         if not sep or not key:
             raise UserError(f"{flag} expects KEY=VALUE, got '{item}'")
-        pairs[key.strip()] = value.strip()
+        pairs[key] = value.strip()
     return pairs
 
 
