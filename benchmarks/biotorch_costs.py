@@ -31,7 +31,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from rule_costs import MODELS, make_trainer, plain_loop, setting_line  # noqa: E402
 
-from fa_rules.benchmark.timing import example_order, interleave, trainer_stepper  # noqa: E402
+from fa_rules.benchmark.timing import example_order, in_ratio_clock, interleave, trainer_stepper  # noqa: E402
 from fa_rules.runs import get_registry  # noqa: E402
 
 # our rule (name, options) -> BioTorch mode
@@ -73,7 +73,8 @@ def rows_for(registry, model_name: str, dataset, data_name: str, args) -> list[s
         steppers["ours " + label] = trainer_stepper(trainer, order)
         steppers["biotorch " + mode] = plain_loop(reference, order, biotorch_converter(mode, dataset.num_classes),
                                                   biotorch_forward(mode))
-    medians = interleave(steppers, args.steps, args.warmup)
+    # CPU time (`in_ratio_clock`): a busy machine's other processes do not count
+    medians = in_ratio_clock(interleave(steppers, args.steps, args.warmup), "cpu")
     ours_bp, plain_bp = medians["ours backprop"], medians["plain backprop"]
     rows = [f"| {model_name} | backprop | {ours_bp * 1e3:.2f} | 1.00 | (plain loop) | {plain_bp * 1e3:.2f} | 1.00 | "
             f"{ours_bp / plain_bp:.2f} |"]
@@ -105,7 +106,8 @@ def main() -> None:
     registry = get_registry()
     dataset = registry.dataset(args.dataset).load(None)
     print(setting_line("cpu", args.dataset, args.steps, args.warmup) + "\n")
-    print("| model | rule | ours ms/step | ours × BP | BioTorch mode | BioTorch ms/step | BioTorch × BP | ours / BioTorch |")
+    print("| model | rule | ours CPU ms/step | ours × BP | BioTorch mode | BioTorch CPU ms/step | BioTorch × BP | "
+          "ours / BioTorch |")
     print("|---|---|---:|---:|---|---:|---:|---:|")
     for model_name in args.models.split(","):
         for row in rows_for(registry, model_name, dataset, args.dataset, args):

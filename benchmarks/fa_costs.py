@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import time
 
 import torch
 from torch.func import functional_call
 
 import fa_rules.rules.feedback_alignment as fa
 import fa_rules.rules.learned_feedback as learned
-from fa_rules.benchmark.timing import interleave
+from fa_rules.benchmark.timing import StepTime, interleave, ratio_clock, since, start_clocks
 from fa_rules.core.autodiff import vjp
 from fa_rules.core.feedback import _globalize, _nonlinearity, _reshape, _sub, output_error
 from fa_rules.core.rule import Batch
@@ -110,11 +109,11 @@ def time_case(case: str, steps: int, warmup: int) -> dict[str, float]:
                for step in range(warmup + steps)]
 
     def stepper(rule, params, state, old):
-        def step(step_number: int) -> float:
+        def step(step_number: int) -> StepTime:
             with old_mechanism() if old else contextlib.nullcontext():
-                start = time.perf_counter()
+                start = start_clocks()
                 rule.step(network, params, state, batches[step_number])
-                return time.perf_counter() - start
+                return since(start)
 
         return step
 
@@ -130,13 +129,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=3)
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); medians of {args.steps} interleaved steps")
-    print(f"{'model':<10} {'rule':<34} {'ms/step':>9} {'x backprop':>11}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} thread(s); medians of {args.steps} interleaved steps; "
+          f"ratios of {ratio_clock('cpu')}")
+    print(f"{'model':<10} {'rule':<34} {'CPU ms':>9} {'wall ms':>9} {'x backprop':>11}")
     for case in args.cases.split(","):
         medians = time_case(case, args.steps, args.warmup)
         base = medians["backprop"]
         for label, t in medians.items():
-            print(f"{case:<10} {label:<34} {t * 1e3:>9.2f} {t / base:>11.3f}")
+            print(f"{case:<10} {label:<34} {t.cpu * 1e3:>9.2f} {t.wall * 1e3:>9.2f} {t.cpu / base.cpu:>11.3f}")
 
 
 if __name__ == "__main__":

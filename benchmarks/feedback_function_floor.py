@@ -10,13 +10,12 @@ what routing the input gradient through `B` in a Python `Function` costs by itse
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fa_rules.benchmark.timing import interleave
+from fa_rules.benchmark.timing import StepTime, interleave, ratio_clock, since, start_clocks
 from fa_rules.core.feedback import _CLASSIC, _FeedbackLinear
 from fa_rules.core.trainer import fused_kernels
 
@@ -40,8 +39,8 @@ def main() -> None:
     x = torch.rand(args.batch, 784, generator=generator)
     y = torch.randint(0, 10, (args.batch,), generator=generator)
 
-    def step(routed: bool) -> float:
-        start = time.perf_counter()
+    def step(routed: bool) -> StepTime:
+        start = start_clocks()
         optimizer.zero_grad(set_to_none=True)
         h = x
         for k, (w, b, fb) in enumerate(zip(weights, biases, feedback)):
@@ -50,17 +49,18 @@ def main() -> None:
                 h = torch.tanh(h)
         F.cross_entropy(h, y).backward()
         optimizer.step()
-        return time.perf_counter() - start
+        return since(start)
 
     print(f"MLP {'x'.join(map(str, dims))}, batch {args.batch}, {torch.get_num_threads()} thread(s); "
-          f"medians of {args.steps} interleaved steps")
+          f"medians of {args.steps} interleaved steps; ratio of {ratio_clock('cpu')} (wall time beside it)")
     steppers = {"plain": lambda _: step(False), "routed": lambda _: step(True)}
     for round_ in range(args.rounds):  # the first round also warms both loops up
         medians = interleave(steppers, args.steps, warmup=20 if round_ == 0 else 0)
         p, r = medians["plain"], medians["routed"]
         if isinstance(p, str) or isinstance(r, str):  # a loop raised: its entry is the error line
             raise SystemExit(f"plain: {p}; routed: {r}")
-        print(f"round {round_ + 1}: F.linear {p * 1e3:.3f} ms, feedback Function {r * 1e3:.3f} ms, ratio {r / p:.3f}")
+        print(f"round {round_ + 1}: F.linear {p.cpu * 1e3:.3f} ms CPU ({p.wall * 1e3:.3f} wall), feedback Function "
+              f"{r.cpu * 1e3:.3f} ms CPU ({r.wall * 1e3:.3f} wall), ratio {r.cpu / p.cpu:.3f}")
 
 
 if __name__ == "__main__":

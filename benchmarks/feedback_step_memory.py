@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from fa_rules.benchmark.timing import batch_index, example_order, interleave, trainer_stepper
+from fa_rules.benchmark.timing import batch_index, example_order, interleave, ratio_clock, trainer_stepper
 from fa_rules.core.config import TrainConfig
 from fa_rules.core.trainer import Trainer
 from fa_rules.runs import get_registry, resolve
@@ -55,12 +55,13 @@ def main() -> None:
     peaks = [t.peak_saved_bytes for t in trainers]
 
     print(f"LeNet ({args.activation}), Fashion-MNIST batch 64, medians of {args.steps} interleaved steps "
-          f"after {args.warmup} warm-up, {torch.get_num_threads()} thread(s)")
-    print(f"| rule ({args.activation}) | step ms | step x backprop | saved MiB | saved x backprop |")
-    print("|---|---:|---:|---:|---:|")
+          f"after {args.warmup} warm-up, {torch.get_num_threads()} thread(s); ratios of {ratio_clock('cpu')}")
+    print(f"| rule ({args.activation}) | step CPU ms | step wall ms | step x backprop (CPU) | saved MiB | "
+          "saved x backprop |")
+    print("|---|---:|---:|---:|---:|---:|")
     for i, label in enumerate(labels):
-        print(f"| {label} | {medians[i] * 1e3:.1f} | {medians[i] / medians[0]:.2f} | {peaks[i] / 2**20:.2f} | "
-              f"{peaks[i] / peaks[0]:.2f} |")
+        print(f"| {label} | {medians[i].cpu * 1e3:.1f} | {medians[i].wall * 1e3:.1f} | {medians[i].cpu / medians[0].cpu:.2f} | "
+              f"{peaks[i] / 2**20:.2f} | {peaks[i] / peaks[0]:.2f} |")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,13 @@ rule sees the same machine state: only the ratios are meant to travel between ma
 also runs with `compile=True` (the first, compiling step falls in the warm-up) and the table gains
 compiled step times; a rule that does not compile runs eager there and says so.
 
+Every step is timed by the wall clock and by CPU time (`fa_rules.benchmark.timing`); the table
+shows both, and on CPU its ratios are of CPU time, which another process on a busy machine does not
+inflate (run with one torch thread, `OMP_NUM_THREADS=1`: the thread's own CPU time then counts the
+whole step; with more threads the process's CPU time is used). On CUDA the ratios are of wall time,
+every step synchronised. The engine/plain rows compare against an independent hand-written
+`nn.Sequential` loop (`engine_overhead.plain_stepper`).
+
     OMP_NUM_THREADS=1 python benchmarks/rule_costs.py --steps 10 --warmup 2 [--compile]
     python benchmarks/rule_costs.py --device cuda --compile      # on a GPU (steps synchronised)
 """
@@ -22,7 +29,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from fa_rules.benchmark.timing import batch_index, example_order, interleave, trainer_stepper
+from engine_overhead import plain_stepper
+from fa_rules.benchmark.timing import (
+    StepTime, batch_index, example_order, interleave, ratio_clock, ratio_seconds, since, start_clocks, trainer_stepper,
+)
 from fa_rules.core.config import TrainConfig
 from fa_rules.core.trainer import Trainer, fused_kernels
 from fa_rules.runs import get_registry
@@ -74,16 +84,16 @@ def plain_loop(trainer: Trainer, order: torch.Tensor, convert=None, forward=None
     # on a GPU the clock waits for the queued kernels, as Trainer.train_step's does
     sync = torch.cuda.synchronize if trainer.device.type == "cuda" else (lambda: None)
 
-    def step(step_number: int) -> float:
+    def step(step_number: int) -> StepTime:
         index = batch_index(order, step_number, trainer.config.batch_size).to(trainer.device)
         batch = trainer.make_batch(index, step_number)
         sync()
-        start = time.perf_counter()
+        start = start_clocks()
         optimizer.zero_grad(set_to_none=True)
         F.cross_entropy(forward(module, batch.x, batch.y), batch.y).backward()
         optimizer.step()
         sync()
-        return time.perf_counter() - start
+        return since(start)
 
     return step
 
@@ -115,16 +125,17 @@ def rule_rows(registry, model_name: str, rules: list[str], dataset, data_name: s
         ref = medians.get(REFERENCE[task])
         cells = [model_name, name, task]
         if isinstance(eager, str):
-            rows.append("| " + " | ".join(cells + [eager, "", "", ""][: 4 + 2 * args.compile - 2]) + " |")
+            rows.append("| " + " | ".join(cells + [eager, "", "", "", ""][: 5 + 2 * args.compile - 2]) + " |")
             continue
-        ratio = f"{eager / ref:.2f}" if isinstance(ref, float) else "—"
-        cells += [f"{eager * 1e3:.2f}", ratio]
+        seconds = lambda t: ratio_seconds(t, args.device)  # noqa: E731  (CPU time on CPU, wall on CUDA)
+        ratio = f"{seconds(eager) / seconds(ref):.2f}" if isinstance(ref, StepTime) else "—"
+        cells += [f"{eager.cpu * 1e3:.2f}", f"{eager.wall * 1e3:.2f}", ratio]
         if args.compile:
             c = medians.get(name + " compiled")
-            if isinstance(c, float):
+            if isinstance(c, StepTime):
                 step_fn = trainers[name + " compiled"].step_fn
                 note = "" if step_fn.compiled else " (eager: does not compile)"
-                cells += [f"{c * 1e3:.2f}{note}", f"{c / eager:.2f}"]
+                cells += [f"{seconds(c) * 1e3:.2f}{note}", f"{seconds(c) / seconds(eager):.2f}"]
             else:
                 cells += [str(c), ""]
         rows.append("| " + " | ".join(cells) + " |")
@@ -134,15 +145,20 @@ def rule_rows(registry, model_name: str, rules: list[str], dataset, data_name: s
 
 
 def engine_rows(registry, dataset, data_name: str, args) -> list[str]:
+    """The engine's backprop against an independent hand-written loop (`engine_overhead.plain_stepper`)."""
     rows = []
     for model_name in ("tiny_mlp", "lenet"):
         trainer = make_trainer(registry, "backprop", model_name, dataset, data_name, False, args.device)
         order = example_order(trainer, 0)
-        medians = interleave({"engine": trainer_stepper(trainer, order), "plain": plain_loop(trainer, order)},
+        medians = interleave({"engine": trainer_stepper(trainer, order), "plain": plain_stepper(trainer, order)},
                              args.steps * 5, args.warmup * 5)
         engine, plain = medians["engine"], medians["plain"]
-        rows.append(f"| {model_name} (batch {MODELS[model_name][2]}) | {engine * 1e3:.3f} | {plain * 1e3:.3f} | "
-                    f"{engine / plain:.2f} |")
+        if isinstance(engine, str) or isinstance(plain, str):
+            rows.append(f"| {model_name} | {engine} | {plain} | | | |")
+            continue
+        ratio = ratio_seconds(engine, args.device) / ratio_seconds(plain, args.device)
+        rows.append(f"| {model_name} (batch {MODELS[model_name][2]}) | {engine.cpu * 1e3:.3f} | {plain.cpu * 1e3:.3f} | "
+                    f"{engine.wall * 1e3:.3f} | {plain.wall * 1e3:.3f} | {ratio:.2f} |")
     return rows
 
 
@@ -151,7 +167,7 @@ def setting_line(device: str, dataset: str, steps: int, warmup: int) -> str:
     where = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "CPU"
     return (f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {platform.platform()}, "
             f"{platform.processor() or platform.machine()}, {where}; {dataset}, medians of {steps} "
-            f"interleaved steps after {warmup} warm-up")
+            f"interleaved steps after {warmup} warm-up; ratios of {ratio_clock(device)}")
 
 
 def main() -> None:
@@ -177,15 +193,18 @@ def main() -> None:
     dataset = registry.dataset(args.dataset).load(None)
     start = time.perf_counter()
     print(setting_line(args.device, args.dataset, args.steps, args.warmup) + "\n")
-    compiled_cols = " compiled ms/step | compiled / eager |" if args.compile else ""
-    print(f"| model | rule | task | ms/step | × reference |{compiled_cols}")
-    print("|---|---|---|---:|---:|" + ("---:|---:|" if args.compile else ""))
+    clock = "CPU" if torch.device(args.device).type == "cpu" else "wall"
+    compiled_cols = f" compiled {clock} ms/step | compiled / eager |" if args.compile else ""
+    print(f"| model | rule | task | CPU ms/step | wall ms/step | × reference ({clock}) |{compiled_cols}")
+    print("|---|---|---|---:|---:|---:|" + ("---:|---:|" if args.compile else ""))
     for model_name in args.models.split(","):
         for row in rule_rows(registry, model_name, rules, dataset, args.dataset, args):
             print(row, flush=True)
-    print("\nEngine backprop against a hand-written loop (same network, weights, Adam, batches; interleaved):\n")
-    print("| model | engine ms/step | plain ms/step | engine / plain |")
-    print("|---|---:|---:|---:|")
+    print("\nEngine backprop against a hand-written loop (an independent nn.Sequential of the same shape, the same "
+          "weights, Adam kernel and batches; interleaved):\n")
+    print(f"| model | engine CPU ms/step | plain CPU ms/step | engine wall ms/step | plain wall ms/step | "
+          f"engine / plain ({clock}) |")
+    print("|---|---:|---:|---:|---:|---:|")
     for row in engine_rows(registry, dataset, args.dataset, args):
         print(row, flush=True)
     print(f"\n({time.perf_counter() - start:.0f} s in all)")

@@ -15,7 +15,7 @@ import argparse
 
 import torch
 
-from fa_rules.benchmark.timing import example_order, interleave, trainer_stepper
+from fa_rules.benchmark.timing import example_order, interleave, ratio_clock, ratio_seconds, trainer_stepper
 from fa_rules.core.config import TrainConfig
 from fa_rules.core.trainer import Trainer
 from fa_rules.runs import resolve
@@ -55,7 +55,8 @@ def main() -> None:
         raise SystemExit("; ".join(failed))
     print(f"dataset={args.dataset} batch={args.batch_size} device={first.device} "
           f"threads={torch.get_num_threads()} rounds={args.rounds}")
-    print(f"{'rule':10s} {'width':>6s} {'params':>10s} {'s/step':>8s} {'x width 1':>9s} "
+    print(f"(ratio of {ratio_clock(first.device)}; hours from wall time)")
+    print(f"{'rule':10s} {'width':>6s} {'params':>10s} {'CPU s':>8s} {'wall s':>8s} {'x width 1':>9s} "
           f"{'hours: ' + str(args.epochs) + ' ep x ' + str(args.seeds) + ' seeds':>24s}")
     for rule_name in rules:
         base = times[rule_name, widths[0]]
@@ -63,8 +64,10 @@ def main() -> None:
             trainer = trainers[rule_name, width]
             median = times[rule_name, width]
             params = sum(t.numel() for group in trainer.params.values() for t in group.values())
-            hours = median * steps_per_epoch * args.epochs * args.seeds / 3600
-            print(f"{rule_name:10s} {width:6.3g} {params:10d} {median:8.3f} {median / base:9.3f} {hours:24.2f}")
+            hours = median.wall * steps_per_epoch * args.epochs * args.seeds / 3600  # what a run will take
+            ratio = ratio_seconds(median, first.device) / ratio_seconds(base, first.device)
+            print(f"{rule_name:10s} {width:6.3g} {params:10d} {median.cpu:8.3f} {median.wall:8.3f} {ratio:9.3f} "
+                  f"{hours:24.2f}")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -18,16 +20,20 @@ def test_rule_costs_prints_ratios_to_each_tasks_reference():
         capture_output=True, text=True, timeout=600, env=env,
     )
     assert result.returncode == 0, result.stderr
-    rows = {m[1]: m for m in re.findall(r"^\| (tiny_mlp) \| (\w+) \| (\w+) \| ([\d.]+) \| ([\d.]+) \|$", result.stdout, re.M)}
+    rows = {m[1]: m for m in re.findall(r"^\| (tiny_mlp) \| (\w+) \| (\w+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$",
+                                        result.stdout, re.M)}
     assert set(rows) == {"backprop", "feedback_alignment", "ae", "dtp", "feature_alignment"}
-    assert rows["backprop"][4] == "1.00" and rows["ae"][4] == "1.00"  # each reference against itself
+    assert rows["backprop"][5] == "1.00" and rows["ae"][5] == "1.00"  # each reference against itself
     assert rows["feature_alignment"][2] == "reconstruct" and rows["dtp"][2] == "classify"
-    assert re.search(r"^\| tiny_mlp \(batch 8\) \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", result.stdout, re.M)
-    assert re.search(r"^\| lenet \(batch 64\) \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$", result.stdout, re.M)
+    # CPU and wall time both shown; the ratios say their clock
+    assert "| CPU ms/step | wall ms/step | × reference (CPU) |" in result.stdout
+    assert "ratios of thread CPU time" in result.stdout
+    engine_row = r"\| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \| [\d.]+ \|$"
+    assert re.search(r"^\| tiny_mlp \(batch 8\) " + engine_row, result.stdout, re.M)
+    assert re.search(r"^\| lenet \(batch 64\) " + engine_row, result.stdout, re.M)
 
 
 def test_a_cuda_device_without_cuda_is_a_usage_error():
-    import pytest
     import torch
 
     if torch.cuda.is_available():
@@ -65,8 +71,9 @@ def test_biotorch_costs_without_biotorch_is_a_usage_error():
     assert result.returncode == 2 and "BioTorch is not installed" in result.stderr
 
 
+# BioTorch's own requirements (Jupyter, TensorBoard, ...) keep it out of the [test] extra; CI installs it
+@pytest.mark.needs_package("BioTorch", "pip install --no-deps biotorch==0.0.16", module="biotorch")
 def test_biotorch_costs_prints_both_libraries_ratios():
-    # CI installs BioTorch (`pip install --no-deps biotorch==0.0.16`, see .ci/run)
     result = _biotorch_costs("--steps", "1", "--warmup", "1", "--models", "lenet")
     assert result.returncode == 0, result.stderr
     number = r"([\d.]+)"
@@ -174,7 +181,7 @@ def test_declared_weight_decay_is_the_decay_term_added_to_the_update(monkeypatch
     # across both groups
     assert calls[:2] == [1e-2, 1e-2]
     assert sorted(calls[2:]) == sorted([1e-2, 1e-2 + 0.25] * 5)
-    with __import__("pytest").raises(ValueError, match="declares weight decay"):
+    with pytest.raises(ValueError, match="declares weight decay"):
         trainer_module.apply_updates(rule, params, updates, fast)
 
 
@@ -241,12 +248,12 @@ def test_own_arithmetic_prints_each_stand_in_beside_its_rule():
         capture_output=True, text=True, timeout=600, env=env,
     )
     assert result.returncode == 0, result.stderr
-    rows = {m[0]: m[1:] for m in re.findall(r"^\| tiny_mlp \| ([\w +()=,']+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]*) \|$",
-                                            result.stdout, re.M)}
+    rows = {m[0]: m[1:] for m in re.findall(r"^\| tiny_mlp \| ([\w +()=,']+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]*) \|$",
+                                            result.stdout, re.M)}  # CPU ms, wall ms, ratio (CPU), prediction
     assert set(rows) == {"backprop", "feedback_alignment", "sign_symmetry", "kolen_pollack",
                          "backprop + sign feedback", "backprop + trained copy",
                          "backprop, written out (FA's loop, B = W)", "sign_symmetry (magnitude=unit)"}, result.stdout
-    assert rows["backprop"][1] == "1.00" and rows["backprop + trained copy"][2]  # a smoke run, not a timing
+    assert rows["backprop"][2] == "1.00" and rows["backprop + trained copy"][3]  # a smoke run, not a timing
 
 
 def test_the_kolen_pollack_stand_in_trains_its_copy_as_kolen_pollack_trains_b():
@@ -280,3 +287,61 @@ def test_the_kolen_pollack_stand_in_trains_its_copy_as_kolen_pollack_trains_b():
     for k, b in params["feedback"].items():
         assert torch.allclose(b, params["model"][k], atol=1e-6), k
     assert not torch.allclose(before, params["model"]["blocks.1.layer.weight"])
+
+
+# -- benchmarks/engine_overhead.py: the engine against an independent plain loop ------------------------
+def _engine_overhead():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("engine_overhead", ROOT / "benchmarks" / "engine_overhead.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("model, options", [("mlp", {"depth": 1, "width": 16}), ("lenet", {})])
+def test_the_plain_baseline_is_its_own_module_stepping_as_the_engine_steps(model, options):
+    """The baseline is a hand-written nn.Sequential (none of the engine's modules), from the engine's
+    weights: the same outputs, and after one step of each on the same batch the same weights."""
+    import torch
+
+    from fa_rules.benchmark.timing import StepTime, batch_index, example_order, trainer_stepper
+    from fa_rules.core.trainer import TrainConfig, Trainer
+    from fa_rules.runs import resolve
+
+    config = TrainConfig(rule="backprop", dataset="digits", model=model, model_options=options, batch_size=16,
+                         device="cpu")
+    rule, dataset, build_network = resolve(config)
+    trainer = Trainer(config, rule, build_network, dataset, out_dir="/dev/null", progress=False)
+    eo = _engine_overhead()
+    plain = eo.plain_copy(trainer)
+    assert type(plain) is torch.nn.Sequential
+    assert all(type(m).__module__.startswith("torch.nn") for m in plain.modules())
+    x = trainer.make_batch(batch_index(example_order(trainer, 0), 0, 16), 0).x
+    assert torch.allclose(plain(x), trainer.network.apply(trainer.params["model"], x), atol=1e-6)
+
+    order = example_order(trainer, 0)
+    plain_step = eo.plain_stepper(trainer, order)  # its own copy, from the weights before the step
+    for step in (trainer_stepper(trainer, order), plain_step):
+        assert isinstance(step(0), StepTime)
+    for p, w in zip(plain_step.module.parameters(), trainer.params["model"].values()):
+        assert torch.allclose(p, w, atol=1e-6)
+    assert not torch.equal(next(plain_step.module.parameters()), next(plain.parameters()))  # and it did step
+
+
+def test_the_autodiff_flattening_shortcut_matches_pytrees():
+    """The engine's `grad` takes parameter groups apart without pytree's generic walk (a tenth of a
+    tiny step); the leaves, their order and the rebuilt structure are pytree's."""
+    import torch
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    from fa_rules.core.autodiff import _flatten, _unflatten
+
+    t = [torch.full((1,), float(i)) for i in range(4)]
+    for tree in ({"model": {"b": t[0], "a": t[1]}, "feedback": {"w": t[2]}}, {"z": t[0], "y": t[1]},
+                 {"model": {"a": t[0]}, "extra": [t[1], t[2]]}, (t[0], {"a": t[1]}), {"g": {"a": t[0], "n": None}}):
+        leaves, spec = _flatten(tree)
+        reference, reference_spec = tree_flatten(tree)
+        assert [id(x) for x in leaves] == [id(x) for x in reference]
+        rebuilt = _unflatten(t[3:] * len(leaves), spec)
+        assert repr(rebuilt) == repr(tree_unflatten(t[3:] * len(leaves), reference_spec))

@@ -37,7 +37,8 @@ _LABEL = re.compile(r"^[A-Za-z0-9_.+-]+$")
 # row metrics that aggregate as mean +- std over seeds, in report order
 METRICS = (
     "test_accuracy", "test_error", "test_loss", "test_recon_mse", "fid", "probe_accuracy",
-    "alignment_angle_deg", "interleaved_step_time_s", "interleaved_step_ratio", "step_time_s", "step_time_ratio",
+    "alignment_angle_deg", "interleaved_step_time_s", "interleaved_step_ratio", "interleaved_step_cpu_s",
+    "interleaved_step_wall_s", "step_time_s", "step_time_ratio",
     "peak_saved_bytes", "peak_saved_ratio",
     "peak_cuda_bytes", "peak_cuda_ratio", "params", "params_total", "time_per_sample_s", "train_loss",
     "train_time_s",

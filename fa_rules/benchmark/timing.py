@@ -5,6 +5,12 @@ with the load (a rule can look twice as costly as it is). After training, the ce
 varied setting are built again, fresh, in one process and step in turn on the same batches; the
 median of each is its `interleaved_step_time_s`, and its ratio to the reference rule's is the
 report's primary `step × reference` column.
+
+Every step is timed by two clocks (`StepTime`): the wall clock, and the CPU time of this process's
+work. On a busy machine the wall clock also counts the time another process held the core (a
+replay of dtp's matmuls read 6.5-9.8 x backprop's by the wall clock and 2.19 x by CPU time), so on
+CPU the ratios use CPU time; on CUDA the CPU only queues kernels, so they use the wall clock, every
+step synchronised (`ratio_seconds`).
 """
 
 from __future__ import annotations
@@ -16,8 +22,9 @@ import functools
 import platform
 import random
 import statistics
+import time
 from collections.abc import Callable, Mapping
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import torch
 
@@ -55,21 +62,65 @@ def keep_freed_memory() -> bool:
         return False
 
 
+class StepTime(NamedTuple):
+    """Seconds of one step (or the medians of many) by the wall clock and by CPU time (`cpu_clock`)."""
+
+    wall: float
+    cpu: float
+
+
+def cpu_clock() -> tuple[Callable[[], float], str]:
+    """The CPU-time clock for a step, and its name. With one torch thread (`OMP_NUM_THREADS=1`, as
+    the benchmark scripts run) all of a step's work is on the calling thread: its thread time counts
+    that alone, not the other threads of this process. With more torch threads the intra-op work
+    runs on other threads, which thread time would miss: then the whole process's CPU time."""
+    if torch.get_num_threads() == 1:
+        return time.thread_time, "thread CPU time"
+    return time.process_time, "process CPU time"
+
+
+def start_clocks() -> StepTime:
+    """Both clocks now; `since(start)` gives the step's `StepTime`."""
+    return StepTime(time.perf_counter(), cpu_clock()[0]())
+
+
+def since(start: StepTime) -> StepTime:
+    now = start_clocks()
+    return StepTime(now.wall - start.wall, now.cpu - start.cpu)
+
+
+def ratio_seconds(t: StepTime, device: torch.device | str) -> float:
+    """The time a ratio uses: CPU time on CPU (a busy machine's other processes do not inflate it),
+    the wall clock on CUDA (the CPU waits on the GPU there; steps synchronised)."""
+    return t.wall if torch.device(device).type == "cuda" else t.cpu
+
+
+def in_ratio_clock(medians: Mapping[K, StepTime | str], device: torch.device | str) -> dict[K, float | str]:
+    """`interleave`'s medians in the time ratios use (`ratio_seconds`); error entries as they are."""
+    return {k: ratio_seconds(m, device) if isinstance(m, StepTime) else m for k, m in medians.items()}
+
+
+def ratio_clock(device: torch.device | str) -> str:
+    """The name of the clock `ratio_seconds` uses on `device`, for a table's heading line."""
+    return "wall time, steps synchronised" if torch.device(device).type == "cuda" else cpu_clock()[1]
+
+
 def group_key(cell: Cell) -> tuple:
     return (cell.seed, *(repr(v) for v in cell.point.values()))
 
 
-def interleave(steppers: Mapping[K, Callable[[int], float]], steps: int, warmup: int,
-               seed: int = 0) -> dict[K, float | str]:
-    """Median seconds per step of each stepper, all taking each step in turn (so every one sees the
-    same machine state). Each round takes the steppers in a new order, shuffled from `seed`: in a
-    fixed order the stepper after a heavy one always inherits the caches it left (on LeNet the rule
-    after bidirectional FA read 1.10-1.13 x backprop in a fixed order, 1.08-1.09 shuffled, and sign
-    symmetry 1.04-1.06 against 1.02-1.03). A stepper takes the step number and returns its step's
-    seconds; one that raises is dropped, its entry `"error: Type: first line"`. Freed memory is
-    kept for reuse from then on (`keep_freed_memory`)."""
+def interleave(steppers: Mapping[K, Callable[[int], StepTime]], steps: int, warmup: int,
+               seed: int = 0) -> dict[K, StepTime | str]:
+    """Median seconds per step of each stepper by each clock, all taking each step in turn (so every
+    one sees the same machine state). Each round takes the steppers in a new order, shuffled from
+    `seed`: in a fixed order the stepper after a heavy one always inherits the caches it left (on
+    LeNet the rule after bidirectional FA read 1.10-1.13 x backprop in a fixed order, 1.08-1.09
+    shuffled, and sign symmetry 1.04-1.06 against 1.02-1.03). A stepper takes the step number and
+    returns its step's `StepTime` (`start_clocks` / `since` around the step alone); one that raises
+    is dropped, its entry `"error: Type: first line"`. Freed memory is kept for reuse from then on
+    (`keep_freed_memory`)."""
     keep_freed_memory()
-    times: dict[K, list[float]] = {key: [] for key in steppers}
+    times: dict[K, list[StepTime]] = {key: [] for key in steppers}
     failed: dict[K, str] = {}
     keys = list(steppers)
     shuffler = random.Random(seed)
@@ -84,7 +135,12 @@ def interleave(steppers: Mapping[K, Callable[[int], float]], steps: int, warmup:
                 continue
             if step >= warmup:
                 times[key].append(elapsed)
-    return {key: failed.get(key) or statistics.median(times[key]) for key in steppers}
+    return {key: failed.get(key) or median_time(times[key]) for key in steppers}
+
+
+def median_time(times: list[StepTime]) -> StepTime:
+    """The median of each clock (each on its own: the two medians may come from different steps)."""
+    return StepTime(statistics.median(t.wall for t in times), statistics.median(t.cpu for t in times))
 
 
 def batch_index(order: torch.Tensor, step: int, batch_size: int) -> torch.Tensor:
@@ -99,19 +155,22 @@ def example_order(trainer, seed: int) -> torch.Tensor:
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
 
-def trainer_stepper(trainer, order: torch.Tensor) -> Callable[[int], float]:
-    """A stepper (see `interleave`) taking `Trainer.train_step` on the batch of `order` for each step."""
-    def step(step_number: int) -> float:
+def trainer_stepper(trainer, order: torch.Tensor) -> Callable[[int], StepTime]:
+    """A stepper (see `interleave`) taking `Trainer.train_step` on the batch of `order` for each step:
+    the trainer's own (synchronised) wall time, and the CPU time of the call."""
+    def step(step_number: int) -> StepTime:
         index = batch_index(order, step_number, trainer.config.batch_size).to(trainer.device)
-        trainer.train_step(trainer.make_batch(index, step_number))
-        return trainer.step_times[-1]
+        batch = trainer.make_batch(index, step_number)
+        start = start_clocks()
+        trainer.train_step(batch)
+        return StepTime(trainer.step_times[-1], since(start).cpu)
 
     return step
 
 
-def time_group(cells: list[Cell], steps: int = DEFAULT_STEPS, warmup: int = WARMUP) -> list[float | None]:
-    """Median `Trainer.train_step` seconds of each cell, all stepping in turn on the same batches
-    (those of the first cell's data); None for a cell that cannot be built or fails a step."""
+def time_group(cells: list[Cell], steps: int = DEFAULT_STEPS, warmup: int = WARMUP) -> list[StepTime | None]:
+    """Median `Trainer.train_step` seconds of each cell by both clocks, all stepping in turn on the
+    same batches (those of the first cell's data); None for a cell that cannot be built or fails a step."""
     from fa_rules.core.trainer import Trainer
     from fa_rules.runs import resolve
 
@@ -127,4 +186,4 @@ def time_group(cells: list[Cell], steps: int = DEFAULT_STEPS, warmup: int = WARM
         return [None] * len(cells)
     order = example_order(next(iter(trainers.values())), cells[0].seed)
     medians = interleave({i: trainer_stepper(t, order) for i, t in trainers.items()}, steps, warmup)
-    return [m if isinstance(m := medians.get(i), float) else None for i in range(len(cells))]
+    return [m if isinstance(m := medians.get(i), StepTime) else None for i in range(len(cells))]
