@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from fa_rules.core import distributed
-from fa_rules.core.checkpoint import remove_stale_tmp_files, write_json
+from fa_rules.core.checkpoint import remove_stale_tmp_files, write_json, write_or_explain
 from fa_rules.core.config import check_config
 from fa_rules.core.data import check_dataset
 from fa_rules.core.errors import UserError
@@ -129,6 +129,19 @@ def make_run_dir(out_dir: Path, config: TrainConfig) -> None:
         raise UserError(f"cannot create run directory {out_dir}: {e.strerror or e}") from None
 
 
+def record_data_dir(config: TrainConfig) -> None:
+    """The data directory the run reads, as config.json will record it: $FA_RULES_DATA_DIR, when
+    set and no --data-dir is given, is written down (absolute), so that `probe`, `sample` and
+    `reconstruct` find the data later without the variable. Without either, null stays: the
+    default directory."""
+    from fa_rules.plugins.datasets import DATA_DIR_ENV
+
+    if config.data_dir is None and os.environ.get(DATA_DIR_ENV):
+        config.data_dir = os.path.abspath(os.environ[DATA_DIR_ENV])
+    elif config.data_dir:  # a relative --data-dir means the same place from any later directory
+        config.data_dir = os.path.abspath(config.data_dir)
+
+
 def new_trainer(config: TrainConfig, out_dir: Path | None = None, progress: bool = True,
                 check: Callable[[Trainer], None] | None = None) -> Trainer:
     """A trainer for a fresh run; the run directory must not hold an earlier run.
@@ -140,6 +153,7 @@ def new_trainer(config: TrainConfig, out_dir: Path | None = None, progress: bool
         check_out_dir(out_dir)
     ctx = distributed.setup(resolve_device(config.device))
     rule, dataset, build_network = resolve(config)
+    record_data_dir(config)  # after loading: the data is read exactly as without the record
     out_dir = ctx.on_main(lambda: Path(out_dir) if out_dir else default_out_dir(config))
     trainer = _trainer(config, rule, build_network, dataset, out_dir, progress)
     if check is not None:
@@ -249,7 +263,7 @@ def add_fid(trainer: Trainer, num: int, weights: str | Path | None = None, batch
     result = rule_fid(trainer.rule, trainer.network, trainer.params, trainer.state, trainer.data.test_x, num,
                       weights, seed=trainer.config.seed, batch_size=batch_size)
     summary.update(result)
-    write_json(path, summary)
+    write_or_explain(write_json, path, summary, f"measure it again with fa-rules fid {trainer.out_dir}")
     return summary
 
 

@@ -5,6 +5,7 @@ Use from pytest:
     from fa_rules.testing import assert_conformant
     def test_my_rule():
         assert_conformant("my_rule")
+        assert_conformant("my_rule", options={"variant": "b"})  # the rule made with these settings
 
 Checks (each on a tiny real task: scikit-learn digits, upsampled for conv models), run on an MLP
 (or the rule's first model) and, all but `learns`, also on the conv model `lenet` when the rule
@@ -16,7 +17,8 @@ supports it (100 training steps of a conv net cost a minute on a small CPU, and 
   determinism  the same seed gives identical initial state and identical updates
   no_mutation  `step` leaves params, state and batch untouched
   roundtrip    state survives torch.save / torch.load(weights_only=True): the next step is identical
-  learns       the rule's training loss falls on the tiny task
+  learns       the rule's training loss falls on the tiny task (by LEARNS_MIN_FALL over LEARNS_STEPS
+               steps of Adam at LEARNS_LR; a failure says by how much it fell)
 
 `assert_conformant` runs every check on every model, whatever each raises, and raises one
 AssertionError listing each failure as `check [model]: reason`.
@@ -33,6 +35,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from fa_rules.core.autodiff import load_forward_ad
 from fa_rules.core.network import Network
 from fa_rules.core.rule import Batch, Groups, Rule, RuleSpec, state_problem
 from fa_rules.core.config import TrainConfig
@@ -79,6 +82,7 @@ def make_setup(spec: RuleSpec, seed: int = 0, n: int = 64, registry=None, rule_o
     from fa_rules.plugins.manager import get_registry
 
     registry = registry or get_registry()
+    load_forward_ad()  # as the trainer does: torch's first forward-mode use warns, for no rule's fault
     rule = spec.make(**(rule_options or {}))
     model_name = model or models_to_check(spec)[0]
     model_spec = registry.model(model_name)
@@ -119,8 +123,8 @@ def _same(a, b) -> bool:
     return len(ta) == len(tb) and all(_equal(x, y) for x, y in zip(ta, tb))
 
 
-def check_structure(spec: RuleSpec, model: str | None = None) -> None:
-    s = make_setup(spec, model=model)
+def check_structure(spec: RuleSpec, model: str | None = None, options: dict | None = None) -> None:
+    s = make_setup(spec, model=model, rule_options=options)
     updates, _, metrics = _step(s)
     if not updates:
         raise AssertionError("step returned no updates")
@@ -132,8 +136,8 @@ def check_structure(spec: RuleSpec, model: str | None = None) -> None:
         raise AssertionError("metrics hold no scalar 'loss' (the contract requires one)")
 
 
-def check_finite(spec: RuleSpec, model: str | None = None) -> None:
-    s = make_setup(spec, model=model)
+def check_finite(spec: RuleSpec, model: str | None = None, options: dict | None = None) -> None:
+    s = make_setup(spec, model=model, rule_options=options)
     updates, _, metrics = _step(s)
     bad = nonfinite_update(updates)
     if bad is not None:
@@ -142,16 +146,16 @@ def check_finite(spec: RuleSpec, model: str | None = None) -> None:
         raise AssertionError(f"loss is {float(metrics['loss'])}")
 
 
-def check_state_types(spec: RuleSpec, model: str | None = None) -> None:
-    s = make_setup(spec, model=model)
+def check_state_types(spec: RuleSpec, model: str | None = None, options: dict | None = None) -> None:
+    s = make_setup(spec, model=model, rule_options=options)
     for when, state in (("after init", s.state), ("after a step", _step(s)[1])):
         problem = state_problem(state)
         if problem:
             raise AssertionError(f"{when}, {problem}; state may hold only tensors and plain Python values")
 
 
-def check_determinism(spec: RuleSpec, model: str | None = None) -> None:
-    a, b = make_setup(spec, model=model), make_setup(spec, model=model)
+def check_determinism(spec: RuleSpec, model: str | None = None, options: dict | None = None) -> None:
+    a, b = (make_setup(spec, model=model, rule_options=options) for _ in range(2))
     if not _same(a.params, b.params) or not _same(a.state, b.state):
         raise AssertionError("the same seed gave different initial parameters or state")
     ua, sa, _ = _step(a)
@@ -160,16 +164,16 @@ def check_determinism(spec: RuleSpec, model: str | None = None) -> None:
         raise AssertionError("the same seed gave different updates or state")
 
 
-def check_no_mutation(spec: RuleSpec, model: str | None = None) -> None:
-    s = make_setup(spec, model=model)
+def check_no_mutation(spec: RuleSpec, model: str | None = None, options: dict | None = None) -> None:
+    s = make_setup(spec, model=model, rule_options=options)
     before = copy.deepcopy((s.params, s.state, s.batch.x, s.batch.y))
     _step(s)
     if not _same(before, (s.params, s.state, s.batch.x, s.batch.y)):
         raise AssertionError("step mutated its inputs (params, state or batch)")
 
 
-def check_roundtrip(spec: RuleSpec, model: str | None = None) -> None:
-    s = make_setup(spec, model=model)
+def check_roundtrip(spec: RuleSpec, model: str | None = None, options: dict | None = None) -> None:
+    s = make_setup(spec, model=model, rule_options=options)
     _, state, _ = _step(s)
     buffer = io.BytesIO()
     torch.save(state, buffer)
@@ -181,8 +185,14 @@ def check_roundtrip(spec: RuleSpec, model: str | None = None) -> None:
         raise AssertionError("a step from the reloaded state differs from a step from the original")
 
 
-def check_learns(spec: RuleSpec, model: str | None = None, steps: int = 100, lr: float = 3e-3) -> None:
-    s = make_setup(spec, n=128, model=model)
+LEARNS_STEPS, LEARNS_LR, LEARNS_MIN_FALL = 100, 3e-3, 0.10
+
+
+def check_learns(spec: RuleSpec, model: str | None = None, options: dict | None = None, steps: int = LEARNS_STEPS,
+                 lr: float = LEARNS_LR, min_fall: float = LEARNS_MIN_FALL) -> None:
+    """The mean loss of the last 5 of `steps` steps (Adam at `lr`) is at least `min_fall` below that
+    of the first 5."""
+    s = make_setup(spec, n=128, model=model, rule_options=options)
     config = TrainConfig(lr=lr)
     optimizers = make_optimizers(config, s.params)
     decay = declared_weight_decay(spec.name, s.rule, s.network, s.params)
@@ -194,8 +204,12 @@ def check_learns(spec: RuleSpec, model: str | None = None, steps: int = 100, lr:
         apply_updates(s.rule, s.params, updates, optimizers, decay)
         losses.append(float(metrics["loss"]))
     first, last = statistics.fmean(losses[:5]), statistics.fmean(losses[-5:])
-    if not last < 0.9 * first:
-        raise AssertionError(f"loss did not fall: first steps {first:.4f}, last steps {last:.4f}")
+    if not last < (1 - min_fall) * first:
+        fell = (first - last) / abs(first) if first else 0.0
+        change = (f"loss fell {fell:.1%}" if fell > 0 else f"loss rose {-fell:.1%}" if fell < 0 else
+                  "loss did not change" if first == last else "loss did not fall")  # (a NaN or inf)
+        raise AssertionError(f"{change} (mean of the first 5 steps {first:.4f}, of the last 5 {last:.4f}); "
+                             f"the check requires a fall of {min_fall:.0%} over {steps} steps at lr {lr:g}")
 
 
 _CHECK_FUNCTIONS: dict[str, Callable[..., None]] = {
@@ -209,13 +223,13 @@ _CHECK_FUNCTIONS: dict[str, Callable[..., None]] = {
 }
 
 
-def _failures(spec: RuleSpec, check: str) -> list[str]:
+def _failures(spec: RuleSpec, check: str, options: dict | None = None) -> list[str]:
     """`check [model]: reason` for each model the check fails on; any exception is a failure."""
     failures = []
     models = models_to_check(spec)
     for model in models[:1] if check == "learns" else models:
         try:
-            _CHECK_FUNCTIONS[check](spec, model)
+            _CHECK_FUNCTIONS[check](spec, model, options)
         except Exception as e:  # a ValueError or KeyError from the rule is its failure, not a crash
             reason = str(e) if isinstance(e, AssertionError) else f"{type(e).__name__}: {e}"
             failures.append(f"{check} [{model}]: {reason}")
@@ -228,16 +242,19 @@ def _spec(rule: str | RuleSpec) -> RuleSpec:
     return rule if isinstance(rule, RuleSpec) else get_registry().rule(rule)
 
 
-def run_check(rule: str | RuleSpec, check: str) -> None:
-    """Run one named check on every model it applies to; raises AssertionError with the reasons."""
-    failures = _failures(_spec(rule), check)
+def run_check(rule: str | RuleSpec, check: str, options: dict | None = None) -> None:
+    """Run one named check on every model it applies to, the rule made with `options` (its settings,
+    as `--opt` gives them); raises AssertionError with the reasons."""
+    failures = _failures(_spec(rule), check, options)
     if failures:
         raise AssertionError("; ".join(failures))
 
 
-def assert_conformant(rule: str | RuleSpec) -> None:
-    """Run every check on every model, whatever each raises; one AssertionError lists each failure."""
+def assert_conformant(rule: str | RuleSpec, options: dict | None = None) -> None:
+    """Run every check on every model, the rule made with `options` (its settings, e.g.
+    `{"feedback": "fixed"}`), whatever each raises; one AssertionError lists each failure."""
     spec = _spec(rule)
-    failures = [failure for check in CHECKS for failure in _failures(spec, check)]
+    failures = [failure for check in CHECKS for failure in _failures(spec, check, options)]
     if failures:
-        raise AssertionError(f"rule '{spec.name}' is not conformant: " + "; ".join(failures))
+        with_options = f" with options {options}" if options else ""
+        raise AssertionError(f"rule '{spec.name}'{with_options} is not conformant: " + "; ".join(failures))

@@ -98,6 +98,14 @@ def test_mistake_is_one_line_and_leaves_nothing_behind(args, expected, tmp_path,
         assert "--fid" not in line and "--resume" not in line
 
 
+def test_a_data_dir_variable_with_a_name_too_long_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FA_RULES_DATA_DIR", str(tmp_path / LONG))
+    before = _files(tmp_path)
+    _one_line(*run_main([*TRAIN, "--dataset", "mnist"], tmp_path, monkeypatch, capsys),
+              "FA_RULES_DATA_DIR: the name 'xxx")
+    assert _files(tmp_path) == before
+
+
 @pytest.mark.parametrize("command, seed", [("sample", 2**64), ("reconstruct", -1), ("fid", MAX_SEED + 1)])
 def test_seed_outside_torchs_range_is_one_line_for_every_command_that_draws(command, seed, vae_run, tmp_path,
                                                                            monkeypatch, capsys):

@@ -379,9 +379,10 @@ def test_ifas_closed_forms_equal_autograd(activation):
     """IFA's shortcuts (a zoo activation's derivative, a layer's linear part, its weight gradient in
     closed form) give what forward- and reverse-mode AD give."""
     from fa_rules.core import feedback as fb
+    from fa_rules.core.autodiff import load_forward_ad
     from fa_rules.core.network import Block, call_with
 
-    fb._load_forward_ad()  # (torch's first jvp warns about torch.jit.script; see that helper)
+    load_forward_ad()  # (torch's first jvp warns about torch.jit.script; see that helper)
     torch.manual_seed(0)
     for layer, shape in ((nn.Linear(6, 5), (8, 6)), (nn.Conv2d(3, 4, 3, padding=1, stride=2), (2, 3, 7, 7))):
         block = Block(layer, activation)

@@ -8,6 +8,7 @@ import builtins
 import errno
 import fcntl
 import io
+import json
 import os
 import subprocess
 import sys
@@ -20,6 +21,8 @@ from fa_rules import runs
 from fa_rules.core.checkpoint import atomic_write_bytes, remove_stale_tmp_files
 from fa_rules.core.errors import UserError
 from test_hardening_core import assert_one_line, main_in_process, tiny_config
+
+REAL_OPEN, REAL_IO_OPEN = builtins.open, io.open
 
 TINY_SUITE = {"rules": ["backprop"], "settings": {"epochs": 1, "depth": 1, "width": 8, "batch_size": 256},
               "measure": {"timing": False}}
@@ -301,8 +304,50 @@ def test_disk_full_while_the_benchmark_writes_results_is_one_line_and_keeps_them
     suite, out, rows, _ = benchmark_out
     before = {name: (out / name).read_bytes() for name in ("results.json", "results.csv", "report.md")}
     full_disk(out)
-    with pytest.raises(UserError, match=r"cannot write .*results\.json \(No space left on device\); finished cells "
-                                        r"are kept in .*: free space \(or fix the folder\) and run the same command"):
+    with pytest.raises(UserError, match=r"cannot write .*results\.json \(No space left on device\); its earlier "
+                                        r"version is kept: free space \(or fix the folder\) and run the same command "
+                                        r"again to continue \(finished cells are kept in "):
         bench.write_outputs(suite, out, [{**rows[0], "notes": "changed"}])
     monkeypatch.undo()
     assert_kept(out, before)
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="finds the file being written through /proc")
+def test_disk_full_while_train_writes_its_summary_is_one_line_and_resume_writes_it(tmp_path, monkeypatch, capsys,
+                                                                                  full_disk):
+    """The last write of a run: the checkpoint is saved, the summary is not; --resume finishes it."""
+    from fa_rules.core import trainer as trainer_module
+
+    run = tmp_path / "run"
+    real_finish = trainer_module.Trainer.finish
+
+    def finish_on_full_disk(self):
+        full_disk(run)
+        try:
+            return real_finish(self)
+        finally:  # the rest of the run (and the test) writes normally
+            builtins.open, io.open = REAL_OPEN, REAL_IO_OPEN
+
+    monkeypatch.setattr(trainer_module.Trainer, "finish", finish_on_full_disk)
+    code, err = main_in_process(monkeypatch, capsys, "train", "--rule", "backprop", "--dataset", "digits", "--width",
+                                "8", "--epochs", "1", "--batch-size", "256", "--out", run, "-q")
+    monkeypatch.undo()
+    assert code == 2
+    assert_one_line(err, f"cannot write {run / 'summary.json'} (No space left on device)", f"--resume {run}")
+    assert (run / "checkpoint.pt").is_file() and not (run / "summary.json").exists() and not tmp_files(run)
+    runs.resume_trainer(run, progress=False).run()
+    assert json.loads((run / "summary.json").read_text())["status"] == "ok"
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="finds the file being written through /proc")
+def test_disk_full_while_the_benchmark_writes_a_cell_file_is_one_line(tmp_path, monkeypatch, full_disk):
+    suite = bench.suite_from_dict({"rules": ["backprop"], "settings": {"epochs": 1, "depth": 1, "width": 8,
+                                                                        "batch_size": 256}})
+    out = tmp_path / "out"
+    out.mkdir()
+    full_disk(out)  # suite.json, the first file the benchmark writes there
+    with pytest.raises(UserError, match=r"cannot write .*suite\.json \(No space left on device\); its earlier "
+                                        r"version is kept: .*run the same command again"):
+        bench.run_suite(suite, out)
+    monkeypatch.undo()
+    assert not (out / "suite.json").exists() and not tmp_files(out)

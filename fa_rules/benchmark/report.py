@@ -11,7 +11,7 @@ import platform
 from pathlib import Path
 from typing import Any, Callable
 
-from fa_rules.core.checkpoint import atomic_write_text, write_json
+from fa_rules.core.checkpoint import atomic_write_text, write_json, write_or_explain
 from fa_rules.core.config import TrainConfig
 from fa_rules.core.errors import UserError
 from fa_rules.benchmark.aggregate import add_ratios, aggregate
@@ -32,13 +32,9 @@ def _csv_text(rows: list[dict], vkeys) -> str:
 
 
 def _write_output(write: Callable[[Path, Any], None], path: Path, content: Any) -> None:
-    """One file of DIR by `write` (`write_json`, `atomic_write_text`: atomic, never through a symlink):
-    the OS refusing (a full disk) keeps its earlier version whole and is one line."""
-    try:
-        write(path, content)
-    except OSError as e:
-        raise UserError(f"cannot write {path} ({e.strerror or e}); finished cells are kept in {path.parent}: "
-                        "free space (or fix the folder) and run the same command again to continue") from None
+    """One file of DIR (see `write_or_explain`): finished cells stay, rerunning continues."""
+    write_or_explain(write, path, content, f"run the same command again to continue (finished cells are kept in "
+                                           f"{path.parent})")
 
 
 def machine_description() -> str:
@@ -137,6 +133,9 @@ def _column_specs(aggs: list[dict], suite: Suite) -> list[tuple[str, str, Callab
         ("alignment_angle_deg", "angle to BP °", lambda v: f"{v:.1f}"),
         # primary: rules of one seed and setting stepping in turn in one process (timing phase)
         ("interleaved_step_ratio", f"step × {ref}", lambda v: f"{v:.2f}"),
+        # its medians by both clocks: the ratio is of CPU time on CPU, of wall time on CUDA
+        ("interleaved_step_cpu_s", "step CPU ms", lambda v: f"{1e3 * v:.2f}"),
+        ("interleaved_step_wall_s", "step wall ms", lambda v: f"{1e3 * v:.2f}"),
         ("step_time_s", "step ms", lambda v: f"{1e3 * v:.2f}"),
         # secondary: each cell's own median, cells timed minutes apart
         ("step_time_ratio", f"step × {ref} (cells)", lambda v: f"{v:.2f}"),
@@ -266,7 +265,9 @@ def render_report(suite: Suite, rows: list[dict], plot_files: list[str], command
         out.append("- ratios: none (the suite has no reference rule)")
     out += ["", "Mean ± std over seeds. Test error = 1 − test accuracy; the angle is the mean over blocks of "
             "the angle between the rule's update and the backprop gradient on a fixed batch; step time is the "
-            "median per training step; saved MiB is the peak of tensors saved for backward in one step.", ""]
+            "median per training step; `step × reference` comes from the timing phase (the rules stepping in "
+            "turn in one process) and divides CPU time on CPU (other processes on a busy machine do not "
+            "inflate it), synchronised wall time on CUDA, both shown as step CPU ms and step wall ms; saved MiB is the peak of tensors saved for backward in one step.", ""]
     out += [comparison_table(suite, rows), ""]
     for metric, anchor in suite.anchors.items():
         note = f" {anchor['note']}" if anchor.get("note") else ""

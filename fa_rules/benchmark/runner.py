@@ -12,14 +12,14 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from fa_rules.core.checkpoint import process_alive, remove_stale_tmp_files, write_json
+from fa_rules.core.checkpoint import process_alive, remove_stale_tmp_files, write_json, write_or_explain
 from fa_rules.core.config import TrainConfig
 from fa_rules.core.errors import UserError, error_line
-from fa_rules.core.trainer import CONFIG_FILE, Diverged
+from fa_rules.core.trainer import CONFIG_FILE, Diverged, resolve_device
 from fa_rules.benchmark.cells import Cell, check_cells, plan_cells
 from fa_rules.benchmark.report import _machine_info, record_machine, write_outputs
 from fa_rules.benchmark.suite import CELL_FILE, LOCK_FILE, MACHINE_JSON, ROW_FILE, RUNS_DIR, SUITE_JSON, Suite
-from fa_rules.benchmark.timing import DEFAULT_STEPS, group_key, time_group
+from fa_rules.benchmark.timing import DEFAULT_STEPS, group_key, ratio_seconds, time_group
 from fa_rules.measures.run import measure_fid, measure_probe, time_per_sample
 
 def _first_line(e: BaseException) -> str:
@@ -239,10 +239,17 @@ def run_suite(suite: Suite, out_dir: Path, on_event: Event | None = None, comman
         return _run_cells(suite, cells, out_dir, on_event, command)
 
 
+def _write_json(path: Path, obj) -> None:
+    """A file of the benchmark directory; a full disk is one line saying how to continue."""
+    write_or_explain(write_json, path, obj, "run the same command again to continue (finished cells are kept)")
+
+
 def time_interleaved(cells: list[Cell], rows: dict[int, dict], out_dir: Path, steps: int) -> None:
     """The timing phase (see fa_rules.benchmark.timing): per seed and varied setting, the cells that
-    trained stepping in turn; adds `interleaved_step_time_s` to their rows (and row files). A group
-    timed before (a resumed benchmark) is not timed again."""
+    trained stepping in turn; adds to their rows (and row files) the medians by both clocks,
+    `interleaved_step_cpu_s` and `interleaved_step_wall_s`, and as `interleaved_step_time_s` (the
+    ratio's) the one `ratio_seconds` picks for the cell's device. A group timed before (a resumed
+    benchmark) is not timed again."""
     groups: dict[tuple, list[int]] = {}
     for i, cell in enumerate(cells):
         if rows.get(i, {}).get("status") == "ok":
@@ -252,12 +259,13 @@ def time_interleaved(cells: list[Cell], rows: dict[int, dict], out_dir: Path, st
             continue
         for i, median in zip(members, time_group([cells[i] for i in members], steps)):
             if median is not None:
-                rows[i]["interleaved_step_time_s"] = median
-                write_json(out_dir / RUNS_DIR / cells[i].dirname / ROW_FILE, rows[i])
+                rows[i]["interleaved_step_time_s"] = ratio_seconds(median, resolve_device(cells[i].config.device))
+                rows[i]["interleaved_step_cpu_s"], rows[i]["interleaved_step_wall_s"] = median.cpu, median.wall
+                _write_json(out_dir / RUNS_DIR / cells[i].dirname / ROW_FILE, rows[i])
 
 
 def _run_cells(suite: Suite, cells: list[Cell], out_dir: Path, on_event: Event | None, command: str | None) -> list[dict]:
-    write_json(out_dir / SUITE_JSON, {**suite.to_dict(), "cells": len(cells)})
+    _write_json(out_dir / SUITE_JSON, {**suite.to_dict(), "cells": len(cells)})
     emit = on_event or (lambda *a: None)
     rows: dict[int, dict] = {}
     recorded = False
@@ -283,11 +291,11 @@ def _run_cells(suite: Suite, cells: list[Cell], out_dir: Path, on_event: Event |
                 record_machine(out_dir)
                 recorded = True
             run_dir.mkdir(parents=True, exist_ok=True)
-            write_json(run_dir / CELL_FILE, cell.config.to_dict())
+            _write_json(run_dir / CELL_FILE, cell.config.to_dict())
             emit("start", i, {})
             row = run_cell(cell, run_dir, out_dir, suite.measure,
                            on_epoch=lambda epoch, record, _i=i: emit("epoch", _i, record))
-            write_json(run_dir / ROW_FILE, row)
+            _write_json(run_dir / ROW_FILE, row)
             rows[i] = row
             emit("done", i, row)
             save_all(plots=False)

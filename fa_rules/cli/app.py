@@ -100,9 +100,30 @@ def main() -> None:
     sys.exit(code)
 
 
+def _import_commands():
+    """The typer app, imported with Ctrl-C held back until the imports end: a KeyboardInterrupt
+    raised inside a library's import (numpy, torch) can leave a half-initialised module that fails
+    later with an unrelated error; after the imports it is one line and exit code 130, every time."""
+    import signal
+
+    pressed = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda *_: pressed.append(True))
+    except ValueError:  # not the main thread: signals cannot be handled here anyway
+        previous = None
+    try:
+        from fa_rules.cli.commands import app  # imports torch: seconds
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
+    if pressed:
+        raise KeyboardInterrupt
+    return app
+
+
 def _run() -> int:
     """Run the command line; return its exit code (a mistake exits here, with its one line)."""
-    from fa_rules.cli.commands import app  # imports torch: inside main's Ctrl-C handling
+    app = _import_commands()
 
     import typer
 

@@ -6,6 +6,7 @@ entry point, which imports this module inside its Ctrl-C handling), so there is 
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import typer
@@ -13,6 +14,8 @@ import typer
 from fa_rules import __version__
 from fa_rules.cli import benchmark, catalog, generative, train
 from fa_rules.cli.common import Interrupted, check_path_names, out
+from fa_rules.core.errors import UserError
+from fa_rules.plugins.datasets import DATA_DIR_ENV
 
 app = typer.Typer(
     name="fa-rules",
@@ -52,6 +55,11 @@ def _command(command):
         for name, value in kwargs.items():
             if isinstance(value, Path) or (name == "data_dir" and isinstance(value, str)):
                 check_path_names(value)
+        if os.environ.get(DATA_DIR_ENV):  # the data directory when no --data-dir is given
+            try:
+                check_path_names(os.environ[DATA_DIR_ENV])
+            except UserError as e:
+                raise UserError(f"{DATA_DIR_ENV}: {e}") from None
         try:
             return command(*args, **kwargs)
         except KeyboardInterrupt:

@@ -91,14 +91,9 @@ def read_summary(run_dir: Path) -> dict | None:
 def write_summary(run_dir: Path, summary: dict) -> None:
     """A measurement added to the run's summary.json, written atomically: the OS refusing (a full
     disk) keeps the earlier file whole and is one line."""
-    from fa_rules.core.checkpoint import write_json
+    from fa_rules.core.checkpoint import write_json, write_or_explain
 
-    path = Path(run_dir) / "summary.json"
-    try:
-        write_json(path, summary)
-    except OSError as e:
-        raise UserError(f"cannot write {path} ({e.strerror or e}); its earlier version is kept: free space "
-                        "(or fix the folder) and measure again") from None
+    write_or_explain(write_json, Path(run_dir) / "summary.json", summary, "measure again")
 
 
 def save_pairs_grid(x: torch.Tensor, x_hat: torch.Tensor, path: Path, per_row: int = 8) -> None:
@@ -113,10 +108,31 @@ def save_pairs_grid(x: torch.Tensor, x_hat: torch.Tensor, path: Path, per_row: i
     _save_grid(torch.cat(rows), path, min(per_row, x.shape[0]))
 
 
+PICKS = ("classes", "first")
+
+
+def pick_test_images(dataset, num: int, pick: str = "classes") -> torch.Tensor:
+    """Indices of (at most) `num` test images. "classes": each class in turn (its first image, then
+    its second, ...), classes in the order they first appear, so a class-sorted split still shows
+    every class and the first image shown is the split's first; "first" (and unlabelled data): the
+    first `num`."""
+    n = dataset.test_x.shape[0]
+    if pick == "first" or dataset.num_classes == 0:
+        return torch.arange(min(num, n))
+    class_order, seen_in_class, keys = {}, {}, []
+    for i, label in enumerate(dataset.test_y[:n].tolist()):
+        order = class_order.setdefault(label, len(class_order))
+        seen_in_class[label] = seen_in_class.get(label, -1) + 1
+        keys.append((seen_in_class[label], order, i))
+    return torch.tensor([i for _, _, i in sorted(keys)[:num]], dtype=torch.long)
+
+
 def reconstruct(
     run_dir: Path = RUN_DIR,
     out_file: Optional[Path] = typer.Option(None, "--out", help="PNG to write (default RUN_DIR/reconstructions.png)."),
-    num: int = typer.Option(32, help="How many test images (the first ones of the test split)."),
+    num: int = typer.Option(32, help="How many test images."),
+    pick: str = typer.Option("classes", help="Which test images: 'classes' (each class in turn, so every class "
+                                             "shows) or 'first' (the first ones of the test split)."),
     seed: int = typer.Option(0, help="Seed of the rule's randomness (e.g. a random start of the flow)."),
     device: str = DEVICE,
 ):
@@ -124,6 +140,8 @@ def reconstruct(
     from fa_rules.core.data import as_float
 
     check_seed(seed)
+    if pick not in PICKS:
+        raise UserError(f"--pick must be one of {', '.join(PICKS)}, got '{pick}'")
     check_out_file(out_file)
     config, rule, network, params, state, dataset = _load(run_dir, device)
     if rule.reconstruct is None:
@@ -131,7 +149,7 @@ def reconstruct(
     if num < 1:
         raise UserError("--num must be >= 1")
     device_ = next(iter(params["model"].values())).device
-    x = as_float(dataset.test_x[:num].to(device_))
+    x = as_float(dataset.test_x[pick_test_images(dataset, num, pick)].to(device_))
     generator = torch.Generator(device=device_).manual_seed(seed)
     with torch.enable_grad():  # reconstruction may run a gradient flow
         x_hat = rule.reconstruct(network, params, state, x, generator).detach()

@@ -105,6 +105,17 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
     atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
 
 
+def write_or_explain(write: Callable[[Path, Any], None], path: Path, content: Any, then: str) -> None:
+    """`write(path, content)` (`write_json`, `atomic_write_text`: atomic, never through a symlink),
+    with the OS refusing (a full disk, a read-only folder) as one line: the earlier version of the
+    file is kept whole, and `then` says how to finish the job once that is fixed."""
+    try:
+        write(path, content)
+    except OSError as e:
+        raise UserError(f"cannot write {path} ({e.strerror or e}); its earlier version is kept: free space "
+                        f"(or fix the folder) and {then}") from None
+
+
 def save_checkpoint(path: Path, payload: dict) -> None:
     atomic_write_with(path, lambda f: torch.save(payload, f))
 

@@ -55,7 +55,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 import weakref
 from typing import Callable, Mapping
 
@@ -64,7 +63,8 @@ import torch.func
 from torch.autograd import forward_ad
 from torch import nn
 
-from fa_rules.core.autodiff import closed_form_allowed, first_order, grad_and_value, plain_autograd, vjp
+from fa_rules.core.autodiff import (closed_form_allowed, first_order, grad_and_value, load_forward_ad,
+                                   plain_autograd, vjp)
 from fa_rules.core.errors import UserError
 from fa_rules.core.metrics import classification_loss
 from fa_rules.core.network import Block, Network, Params, call_with, parameter_slots
@@ -672,22 +672,12 @@ def target_projection_gradients(network: Network, model_params: Params, x: torch
     return grads, loss
 
 
-@functools.cache
-def _load_forward_ad() -> None:
-    """torch's forward-mode AD imports its jvp decompositions on first use, and that import calls the
-    deprecated `torch.jit.script`: a FutureWarning on every `ifa` run that is torch's, not the user's.
-    Make the first use here with that one warning silenced."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"`torch\.jit\.script` is deprecated", category=FutureWarning)
-        torch.func.jvp(torch.sin, (torch.zeros(()),), (torch.ones(()),))
-
-
 def _jvp(fn: Callable, primal: torch.Tensor, tangent: torch.Tensor) -> torch.Tensor:
     """The directional derivative of `fn` at `primal` along `tangent` (forward mode): with torch's
     dual tensors under plain autograd (a fraction of `torch.func.jvp`'s per-call cost), with
     `torch.func.jvp` inside a `torch.func` transform, where it composes."""
     if not torch.compiler.is_compiling():  # (under tracing the warm-up itself would be traced)
-        _load_forward_ad()
+        load_forward_ad()  # the trainer did already; a rule called directly may not have
     if not plain_autograd():
         return torch.func.jvp(fn, (primal,), (tangent,))[1]
     with forward_ad.dual_level():

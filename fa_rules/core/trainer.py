@@ -29,7 +29,7 @@ import torch
 
 from fa_rules.core import checkpoint_contents, distributed
 from fa_rules.core.config import DEVICE_TYPES, LR_SCHEDULES, OPTIMIZERS, TrainConfig, check_config, read_config
-from fa_rules.core.autodiff import SavedTensorsProbe
+from fa_rules.core.autodiff import SavedTensorsProbe, load_forward_ad
 from fa_rules.core.compiled import CompiledStep
 from fa_rules.core.checkpoint import (
     CheckpointError,
@@ -39,6 +39,7 @@ from fa_rules.core.checkpoint import (
     save_checkpoint,
     write_json,
     write_jsonl,
+    write_or_explain,
 )
 from fa_rules.core.data import Dataset, as_float, epoch_order
 from fa_rules.core.errors import RuleError, UserError
@@ -379,6 +380,7 @@ class Trainer:
         self.decay = declared_weight_decay(config.rule, rule, self.network, self.params)
         self.optimizers = make_optimizers(config, self.params)
         self.step_fn = CompiledStep(config.rule, rule.step) if config.compile else rule.step
+        load_forward_ad()  # torch's own warning on a rule's first forward-mode step, silenced for every rule
         self.base_lr = {g: config.group_lr.get(g, config.lr) for g in self.optimizers}
         self.total_steps = self.steps_per_epoch(self.data.train_x.shape[0]) * config.epochs
         self.epoch = 0
@@ -748,7 +750,8 @@ class Trainer:
         summary["status"] = "ok"
         if not self.is_main:
             return summary
-        write_json(self.out_dir / SUMMARY_FILE, summary)
+        write_or_explain(write_json, self.out_dir / SUMMARY_FILE, summary,
+                         f"continue with --resume {self.out_dir} (it writes the summary again)")
         for callback in self.on_finish:
             callback(self)
         return summary

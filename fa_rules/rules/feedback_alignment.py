@@ -37,7 +37,9 @@ Every rule updates `W_l` by `delta_a_l h_{l-1}^T` and differs only in `delta_a_l
   the error, `delta_a_l = (D_l y*) * f'(a_l)`, the sign the authors' reference code uses (the
   update descends `delta_a_l h_{l-1}^T`). The target is known before the forward pass, so each
   hidden block is updated as soon as it has run: no backward pass, and no graph spans two blocks
-  (`fa_rules.core.feedback.target_projection_gradients`).
+  (`fa_rules.core.feedback.target_projection_gradients`). As in the authors' code, a hidden
+  block's update is a sum over the batch (`D_l y*` per example), while the output block's is the
+  batch mean of the cross-entropy's gradient, as in DFA.
 
 Sign symmetry's magnitude: ours (`magnitude=mean_abs`, the default) is `scale * mean|W_l|`,
 recomputed from the current weights every step, so the feedback keeps the forward weights' scale;
