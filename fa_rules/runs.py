@@ -187,8 +187,7 @@ def resume_trainer(run_dir: Path, epochs: int | None = None, progress: bool = Tr
     """A trainer continuing the run in `run_dir` (to `epochs` in total, if given); `check` is
     called with the ready trainer before anything is written."""
     run_dir = check_run_dir(run_dir)
-    config = read_run_config(run_dir)
-    check_config(config, str(run_dir / CONFIG_FILE), registry=get_registry())  # its options too, naming the file
+    config = read_run_config(run_dir, get_registry())  # its rule and model options too
     if epochs is not None:
         check_config(dataclasses.replace(config, epochs=epochs))  # spelled --epochs: the user's flag
         config.epochs = epochs
@@ -223,8 +222,7 @@ def load_run(run_dir: Path, trained: bool = True, device: str = "cpu"):
     from fa_rules.core.checkpoint import CheckpointError, check_params, load_checkpoint
 
     run_dir = check_run_dir(run_dir)
-    config = read_run_config(run_dir)
-    check_config(config, str(run_dir / CONFIG_FILE), registry=get_registry())  # its options too, naming the file
+    config = read_run_config(run_dir, get_registry())  # its rule and model options too
     checkpoint = run_dir / CHECKPOINT_FILE
     if trained and not os.path.lexists(checkpoint):  # a FIFO or a dangling link is there: load says what
         raise UserError(f"{run_dir} has no {CHECKPOINT_FILE} (no epoch has finished yet)")

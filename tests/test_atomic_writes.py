@@ -36,15 +36,16 @@ class Unpicklable:
 
 
 class HalfWriter:
-    """A file whose first write stores half of its bytes, then fails (a full disk)."""
+    """A file whose first write stores half of its bytes, then fails with `error` (a full disk)."""
 
-    def __init__(self, f):
+    def __init__(self, f, error: OSError | None = None):
         self._f = f
+        self._error = error or Interrupted("no space left on device (injected)")
 
     def write(self, data):
-        self._f.write(data[: len(data) // 2])
+        self._f.write(bytes(data)[: len(data) // 2])
         self._f.flush()
-        raise Interrupted("no space left on device (injected)")
+        raise self._error
 
     def __getattr__(self, name):
         return getattr(self._f, name)

@@ -4,9 +4,7 @@ propagation's +1, DFC's decay sign, the fork check, the probe's standardisation 
 per sample, the benchmark's resume and report, `load_run`'s initial state, the loaders that must
 never run a file's code)."""
 
-import os
 import types
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +17,7 @@ from fa_rules.core.feedback import mirror_gradients
 from fa_rules.core.network import Block
 from fa_rules.plugins.manager import get_registry
 from test_cli_errors import run_main
+from test_hardening_core import Payload
 
 
 # -- the weight mirror on a convolution --------------------------------------------------------------
@@ -112,16 +111,6 @@ def test_fork_check_fails_when_one_tensor_of_one_process_differs(monkeypatch):
 
 
 # -- loaders that must never run a file's code ---------------------------------------------------------
-class Payload:
-    """Unpickling this makes the directory `marker`: proof that a load ran the file's code."""
-
-    def __init__(self, marker: Path):
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (os.mkdir, (self.marker,))
-
-
 def test_fid_weights_file_never_runs_code(tmp_path):
     from fa_rules.measures.fid import load_inception
 

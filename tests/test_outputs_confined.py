@@ -20,6 +20,7 @@ from fa_rules import benchmark as bench
 from fa_rules import runs
 from fa_rules.core.checkpoint import atomic_write_bytes, remove_stale_tmp_files
 from fa_rules.core.errors import UserError
+from test_atomic_writes import HalfWriter
 from test_hardening_core import assert_one_line, main_in_process, tiny_config
 
 REAL_OPEN, REAL_IO_OPEN = builtins.open, io.open
@@ -216,27 +217,6 @@ def test_the_fid_feature_cache_writes_atomically_and_removes_killed_writers_temp
 
 # 4. a full disk: one line, the earlier file whole, no empty or partial file -----------------------------
 
-class FullDisk:
-    """A file whose writes store half of their bytes, then fail: disk full."""
-
-    def __init__(self, f):
-        self._f = f
-
-    def write(self, data):
-        self._f.write(bytes(data)[: len(data) // 2])
-        self._f.flush()
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    def __getattr__(self, name):
-        return getattr(self._f, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self._f.close()
-
-
 @pytest.fixture
 def full_disk(monkeypatch):
     """`full_disk(folder)`: files opened for writing in `folder` (by name or by descriptor) fill the
@@ -247,7 +227,7 @@ def full_disk(monkeypatch):
         def open_on_full_disk(file, mode="r", *args, **kwargs):
             f = real_open(file, mode, *args, **kwargs)
             name = os.readlink(f"/proc/self/fd/{file}") if isinstance(file, int) else os.path.abspath(file)
-            return FullDisk(f) if any(m in mode for m in "wax+") and Path(name).parent == folder else f
+            return HalfWriter(f, OSError(errno.ENOSPC, "No space left on device")) if any(m in mode for m in "wax+") and Path(name).parent == folder else f
 
         monkeypatch.setattr(builtins, "open", open_on_full_disk)
         monkeypatch.setattr(io, "open", open_on_full_disk)

@@ -83,19 +83,21 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict, where: str = "configuration") -> "TrainConfig":
+    def from_dict(cls, d: dict, where: str = "configuration", registry=None) -> "TrainConfig":
         """A checked configuration from plain data (e.g. a parsed `config.json`); unknown keys are
-        ignored, missing ones take their defaults. A bad value is a `UserError` naming `where`."""
+        ignored, missing ones take their defaults. A bad value is a `UserError` naming `where`.
+        Given the plugin `registry`, rule and model options are checked too (`check_config`)."""
         if not isinstance(d, dict):
             raise UserError(f"{where}: expected a table of settings, got {type(d).__name__}")
         names = {f.name for f in dataclasses.fields(cls)}
         config = cls(**{k: v for k, v in d.items() if k in names})
-        check_config(config, where)
+        check_config(config, where, registry=registry)
         return config
 
 
-def read_config(path: Path) -> TrainConfig:
-    """A run's `config.json`, checked: a file that is not JSON or holds a bad value is one line."""
+def read_config(path: Path, registry=None) -> TrainConfig:
+    """A run's `config.json`, checked (its rule and model options too, given the plugin `registry`):
+    a file that is not JSON or holds a bad value is one line."""
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, ValueError) as e:
@@ -103,7 +105,7 @@ def read_config(path: Path) -> TrainConfig:
         raise UserError(f"{path} is not a readable JSON run configuration ({reason})") from None
     except RecursionError:  # `[[[[...]]]]`: no configuration nests deeper than a table of options
         raise UserError(f"{path} is not a readable JSON run configuration (nested too deeply)") from None
-    return TrainConfig.from_dict(data, str(path))
+    return TrainConfig.from_dict(data, str(path), registry)
 
 
 # -- validation ----------------------------------------------------------------------------------

@@ -799,8 +799,9 @@ def prepare_run_dir(out_dir: Path, config: TrainConfig) -> None:
     write_json(out_dir / CONFIG_FILE, config.to_dict())
 
 
-def read_run_config(run_dir: Path) -> TrainConfig:
+def read_run_config(run_dir: Path, registry=None) -> TrainConfig:
+    """The run's checked config.json (see `read_config`)."""
     path = Path(run_dir) / CONFIG_FILE
     if not path.is_file():
         raise UserError(f"no run in {run_dir} (missing {CONFIG_FILE})")
-    return read_config(path)
+    return read_config(path, registry)
