@@ -19,9 +19,10 @@ units (16, 32, 64 channels, the last two starting with stride 2), global average
 Linear output: `6n + 2` layers (ResNet-20: n = 3, -32: 5, -56: 9). Shortcuts where the shape
 changes: option A (identity, subsampled by the stride and zero-padded to the new channels,
 parameter-free; the paper's CIFAR choice) or B (a 1x1 convolution with batch norm). Each residual
-unit is one block of the network view; batch norm uses batch statistics (no running buffers), so
-the network is a pure function of its parameters, and trains by its true local gradient under
-every rule. `vgg` is a small VGG-style net (Simonyan & Zisserman 2015): three stages of two 3x3
+unit is one block of the network view; batch norm uses batch statistics, at test time too (no
+running buffers: the network is a pure function of its parameters), and trains by its true local
+gradient under every rule; `running_stats=True` keeps running statistics as torch does instead
+(the engine carries them and evaluation uses them). `vgg` is a small VGG-style net (Simonyan & Zisserman 2015): three stages of two 3x3
 conv blocks (relu, batch norm), each stage ending in 2x2 max pooling, then a Linear output.
 """
 
@@ -256,8 +257,11 @@ def gan_generator(in_shape, out_shape, heads=None, activation: str = "leaky_relu
 SHORTCUTS = ("A", "B")
 
 
-def _batch_norm(channels: int) -> nn.BatchNorm2d:
-    return nn.BatchNorm2d(channels, track_running_stats=False)
+def _batch_norm(channels: int, running_stats: bool = False) -> nn.BatchNorm2d:
+    """Batch norm with batch statistics at test time too (the zoo's default, a pure function of the
+    parameters), or, with `running_stats`, running statistics as torch keeps them (the engine
+    carries them: `fa_rules.core.network`)."""
+    return nn.BatchNorm2d(channels, track_running_stats=running_stats)
 
 
 class ZeroPadShortcut(nn.Module):
@@ -275,25 +279,28 @@ class ZeroPadShortcut(nn.Module):
 class ResidualUnit(nn.Module):
     """He et al.'s basic unit: `relu(bn(conv(relu(bn(conv(x))))) + shortcut(x))`, 3x3 convs."""
 
-    def __init__(self, in_channels: int, channels: int, stride: int = 1, shortcut: str = "A"):
+    def __init__(self, in_channels: int, channels: int, stride: int = 1, shortcut: str = "A",
+                 running_stats: bool = False):
         super().__init__()
         self.conv1 = nn.Conv2d(in_channels, channels, 3, stride, 1, bias=False)
-        self.bn1 = _batch_norm(channels)
+        self.bn1 = _batch_norm(channels, running_stats)
         self.conv2 = nn.Conv2d(channels, channels, 3, 1, 1, bias=False)
-        self.bn2 = _batch_norm(channels)
+        self.bn2 = _batch_norm(channels, running_stats)
         if stride == 1 and in_channels == channels:
             self.shortcut = nn.Identity()
         elif shortcut == "A":
             self.shortcut = ZeroPadShortcut(channels - in_channels, stride)
         else:
-            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride, bias=False), _batch_norm(channels))
+            self.shortcut = nn.Sequential(nn.Conv2d(in_channels, channels, 1, stride, bias=False),
+                                          _batch_norm(channels, running_stats))
 
     def forward(self, x):
         out = torch.relu(self.bn1(self.conv1(x)))
         return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
-def resnet(in_shape, out_shape, heads=None, depth: int = 20, width: int = 16, shortcut: str = "A") -> Network:
+def resnet(in_shape, out_shape, heads=None, depth: int = 20, width: int = 16, shortcut: str = "A",
+           running_stats: bool = False) -> Network:
     """He et al.'s CIFAR ResNet with `depth = 6n + 2` layers; stage widths `width`, 2x, 4x."""
     if len(in_shape) != 3:
         raise UserError(f"resnet needs image inputs (C, H, W), got shape {tuple(in_shape)}")
@@ -304,13 +311,14 @@ def resnet(in_shape, out_shape, heads=None, depth: int = 20, width: int = 16, sh
     if shortcut not in SHORTCUTS:
         raise UserError(f"unknown shortcut '{shortcut}' (use A: zero-padding identity, or B: 1x1 projection)")
     n = (depth - 2) // 6
-    stem = nn.Sequential(nn.Conv2d(in_shape[0], width, 3, 1, 1, bias=False), _batch_norm(width), nn.ReLU())
+    stem = nn.Sequential(nn.Conv2d(in_shape[0], width, 3, 1, 1, bias=False), _batch_norm(width, running_stats),
+                         nn.ReLU())
     blocks: list[nn.Module] = [stem]
     channels = width
     for stage in range(3):
         for unit in range(n):
             stride = 2 if stage > 0 and unit == 0 else 1
-            blocks.append(ResidualUnit(channels, width * 2**stage, stride, shortcut))
+            blocks.append(ResidualUnit(channels, width * 2**stage, stride, shortcut, running_stats))
             channels = width * 2**stage
     pool = [nn.AdaptiveAvgPool2d(1), nn.Flatten()]
     if heads:
@@ -323,15 +331,18 @@ def resnet(in_shape, out_shape, heads=None, depth: int = 20, width: int = 16, sh
 def resnet_of_depth(depth: int):
     """`resnet` at a fixed depth (ResNet-20, -32, -56), its other settings free."""
 
-    def build(in_shape, out_shape, heads=None, width: int = 16, shortcut: str = "A") -> Network:
-        return resnet(in_shape, out_shape, heads, depth=depth, width=width, shortcut=shortcut)
+    def build(in_shape, out_shape, heads=None, width: int = 16, shortcut: str = "A",
+              running_stats: bool = False) -> Network:
+        return resnet(in_shape, out_shape, heads, depth=depth, width=width, shortcut=shortcut,
+                      running_stats=running_stats)
 
     build.__name__ = build.__qualname__ = f"resnet{depth}"
     build.__doc__ = f"He et al.'s CIFAR ResNet-{depth}."
     return build
 
 
-def vgg(in_shape, out_shape, heads=None, width: int = 32, activation: str = "relu", batch_norm: bool = True) -> Network:
+def vgg(in_shape, out_shape, heads=None, width: int = 32, activation: str = "relu", batch_norm: bool = True,
+        running_stats: bool = False) -> Network:
     """Small VGG-style net: stages of `width`, 2x, 4x channels, two 3x3 conv blocks each (batch
     norm after the activation), 2x2 max pooling closing each stage, then a Linear output."""
     if len(in_shape) != 3:
@@ -340,8 +351,9 @@ def vgg(in_shape, out_shape, heads=None, width: int = 32, activation: str = "rel
     blocks, c = [], in_shape[0]
     for stage in range(3):
         ch = width * 2**stage
-        blocks.append(Block(nn.Conv2d(c, ch, 3, 1, 1), make_activation(activation), _bn(ch, batch_norm)))
-        pool = nn.Sequential(_batch_norm(ch), nn.MaxPool2d(2)) if batch_norm else nn.MaxPool2d(2)
+        first_norm = _batch_norm(ch, running_stats) if batch_norm else None
+        blocks.append(Block(nn.Conv2d(c, ch, 3, 1, 1), make_activation(activation), first_norm))
+        pool = nn.Sequential(_batch_norm(ch, running_stats), nn.MaxPool2d(2)) if batch_norm else nn.MaxPool2d(2)
         blocks.append(Block(nn.Conv2d(ch, ch, 3, 1, 1), make_activation(activation), pool))
         c = ch
     blocks, head_blocks = _dense_tail(blocks, in_shape, [], out_shape, activation, heads)

@@ -73,11 +73,34 @@ def resolve(config: TrainConfig, registry: Registry | None = None, dataset=None)
         # a part of another rule's networks (an image-to-image generator) is not a model to train alone
         raise UserError(f"model '{config.model}' maps {dataset.name} inputs {tuple(dataset.in_shape)} to "
                         f"{tuple(network.out_shape)}; rule '{rule_spec.name}' needs outputs of shape {out_shape}")
+    check_output_shape(network, dataset, out_shape, config.model, rule_spec.name)
 
     def build_network():
         return model_spec.make(dataset.in_shape, out_shape, heads, **model_options)
 
     return rule, dataset, build_network
+
+
+def check_output_shape(network, dataset, out_shape, model: str, rule: str) -> None:
+    """One forward on two zero inputs: a model that fails on the data's shape, or whose output is
+    not what the rule trains (1000 ImageNet logits for 10 classes), is one line now, not a traceback
+    or a silently wrong loss later."""
+    import torch
+
+    with torch.no_grad():
+        try:
+            network.eval()
+            like = next(iter(network.parameters()), torch.zeros(()))
+            out = network(torch.zeros(2, *dataset.in_shape, dtype=like.dtype, device=like.device))
+        except Exception as e:
+            raise UserError(f"model '{model}' fails on {dataset.name} inputs {tuple(dataset.in_shape)}: "
+                            f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:200]}") from None
+        finally:
+            network.train()
+    if isinstance(out, torch.Tensor) and tuple(out.shape[1:]) != tuple(out_shape):
+        raise UserError(f"model '{model}' maps {dataset.name} inputs {tuple(dataset.in_shape)} to "
+                        f"{tuple(out.shape[1:])}; rule '{rule}' needs outputs of shape {tuple(out_shape)} "
+                        "(build it with that many outputs, e.g. num_classes)")
 
 
 def _draw_pictures(trainer: Trainer) -> None:
@@ -166,10 +189,19 @@ def train(config: TrainConfig | None = None, out_dir: Path | None = None, progre
     """Train one run and return its summary: `train(rule="local_fa", dataset="fashion_mnist")`.
 
     Takes a `TrainConfig`, or its fields as keywords (not both); writes the run directory `out_dir`
-    (default: a new one under runs/), as `fa-rules train` does."""
+    (default: a new one under runs/), as `fa-rules train` does. `model` is a registered name
+    (`mlp`, `torchvision:resnet18`), or your own `nn.Module` or a factory returning one: it runs as
+    it is (see "Your own model" in the docs), recorded in config.json as `python:<its name>`."""
     if config is not None and fields:
         raise TypeError("give a TrainConfig or its fields as keywords, not both")
-    return new_trainer(config or TrainConfig(**fields), out_dir, progress=progress).run()
+    config = config or TrainConfig(**fields)
+    config.model = model_name(config.model)
+    return new_trainer(config, out_dir, progress=progress).run()
+
+
+def model_name(model) -> str:
+    """A model's registered name; a module or factory is made a model of this process first."""
+    return model if isinstance(model, str) else get_registry().add_python_model(model)
 
 
 def check_run_dir(run_dir: Path) -> Path:
@@ -183,10 +215,13 @@ def check_run_dir(run_dir: Path) -> Path:
 
 
 def resume_trainer(run_dir: Path, epochs: int | None = None, progress: bool = True,
-                   check: Callable[[Trainer], None] | None = None) -> Trainer:
+                   check: Callable[[Trainer], None] | None = None, model=None) -> Trainer:
     """A trainer continuing the run in `run_dir` (to `epochs` in total, if given); `check` is
-    called with the ready trainer before anything is written."""
+    called with the ready trainer before anything is written. `model`: the module or factory a
+    run of `train(model=...)` was given, handed again."""
     run_dir = check_run_dir(run_dir)
+    if model is not None:
+        model_name(model)
     config = read_run_config(run_dir, get_registry())  # its rule and model options too
     if epochs is not None:
         check_config(dataclasses.replace(config, epochs=epochs))  # spelled --epochs: the user's flag
@@ -208,13 +243,14 @@ def resume_trainer(run_dir: Path, epochs: int | None = None, progress: bool = Tr
     return trainer
 
 
-def load_run(run_dir: Path, trained: bool = True, device: str = "cpu"):
+def load_run(run_dir: Path, trained: bool = True, device: str = "cpu", model=None):
     """A finished (or interrupted) run, rebuilt from its directory for inspection.
 
     Returns `(config, rule, network, params, state, dataset)`: the network and rule are rebuilt from
     `config.json` exactly as the trainer built them (same seed, so `trained=False` gives the run's
     untrained initial encoder, the floor for probes), then parameters and rule state are loaded from
-    `checkpoint.pt` unless `trained` is False. Everything is placed on `device`.
+    `checkpoint.pt` unless `trained` is False. Everything is placed on `device`, the network in
+    evaluation mode. `model`: the module or factory a run of `train(model=...)` was given.
     """
     import torch
 
@@ -222,6 +258,8 @@ def load_run(run_dir: Path, trained: bool = True, device: str = "cpu"):
     from fa_rules.core.checkpoint import CheckpointError, check_params, load_checkpoint
 
     run_dir = check_run_dir(run_dir)
+    if model is not None:
+        model_name(model)
     config = read_run_config(run_dir, get_registry())  # its rule and model options too
     checkpoint = run_dir / CHECKPOINT_FILE
     if trained and not os.path.lexists(checkpoint):  # a FIFO or a dangling link is there: load says what
@@ -232,15 +270,21 @@ def load_run(run_dir: Path, trained: bool = True, device: str = "cpu"):
     params, state = rule.init(
         network, {"model": network.init_params()}, torch.Generator().manual_seed(config.seed + 1)
     )
+    buffers = network.buffer_dict()
     if trained:
-        limit = checkpoint_contents.size_limit(params, state)
+        limit = checkpoint_contents.size_limit(params, state, buffers)
         ckpt = load_checkpoint(checkpoint, map_location=device, max_bytes=limit)  # verified, never runs code
         check_params(checkpoint, ckpt.get("params"), params)  # trained with this config.json
         if "state" not in ckpt:
             raise CheckpointError(f"{checkpoint} is not a checkpoint of this run (it holds no rule state)")
         checkpoint_contents.check_rule_state(checkpoint, ckpt["state"], state)
+        checkpoint_contents.check_buffers(checkpoint, ckpt.get("buffers", {} if not buffers else None), buffers)
         params, state = ckpt["params"], ckpt["state"]
+        with torch.no_grad():
+            for key, value in ckpt.get("buffers", {}).items():
+                buffers[key].copy_(value)
     params = {g: {k: v.to(device) for k, v in t.items()} for g, t in params.items()}
+    network.eval()  # for inspection: running statistics, no dropout
     return config, rule, network, params, state, dataset
 
 

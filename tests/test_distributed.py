@@ -107,13 +107,19 @@ def launches(tmp_path_factory, registered):
     runs = {rule: root / rule for rule in RULES if rule in registered}
     jobs = [["train", "--resume", str(killed), "--epochs", str(EPOCHS), "-q"]]
     jobs += [_train_args(rule, B, out) for rule, out in runs.items()]
+    # batch norm with running statistics: buffers each process updates from its own shard
+    running = root / "running_stats"
+    jobs.append(["train", "--rule", "backprop", "--model", "vgg", "--model-opt", "running_stats=true", *COMMON[:2],
+                 "--width", "4", "--epochs", str(EPOCHS), "--device", "cpu", "-q", "--batch-size", str(B),
+                 "--out", str(running)])
     proc = _launch([str(root / "driver.py"), str(root / "outcomes"), json.dumps(jobs)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     outcomes = json.loads((root / "outcomes.0").read_text())
     assert outcomes == json.loads((root / "outcomes.1").read_text())
     return {
         "died": died, "killed": killed, "killed_checkpoint": killed_checkpoint, "killed_metrics_lines": metrics_lines,
-        "resumed": outcomes[0], "runs": runs, "outcomes": dict(zip(runs, outcomes[1:])),
+        "resumed": outcomes[0], "runs": runs, "outcomes": dict(zip(runs, outcomes[1:-1])),
+        "running_stats": (running, outcomes[-1]),
     }
 
 
@@ -208,6 +214,20 @@ def test_a_distributed_run_resumes_to_exactly_the_uninterrupted_run(launches):
         assert torch.equal(value, resumed["params"]["model"][key]), key
     for pid, st in uninterrupted["optimizers"]["model"]["state"].items():
         assert torch.equal(st["exp_avg_sq"], resumed["optimizers"]["model"]["state"][pid]["exp_avg_sq"])
+
+
+def test_running_statistics_are_rank_0s_on_every_process(launches):
+    """Each process updates its batch norms' running buffers from its own shard; rank 0's are copied
+    to the others before each evaluation and checkpoint, and the per-epoch check (parameters, rule
+    state and buffers identical everywhere) let the run finish."""
+    run, outcome = launches["running_stats"]
+    assert outcome is None, outcome
+    ckpt = load_checkpoint(run / "checkpoint.pt")
+    buffers = ckpt["buffers"]
+    counts = [v for k, v in buffers.items() if k.endswith("num_batches_tracked")]
+    assert counts and all(int(c) == ckpt["global_step"] for c in counts)
+    variances = [v for k, v in buffers.items() if k.endswith("running_var")]
+    assert variances and all(bool((v > 0).all()) and not torch.equal(v, torch.ones_like(v)) for v in variances)
 
 
 def test_shards_of_all_processes_are_the_one_process_batches(tmp_path):

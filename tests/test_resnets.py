@@ -316,25 +316,30 @@ def test_the_resnet_plugin_example_trains_with_sign_symmetry_through_the_cli(tmp
     epochs = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert epochs[-1]["train_loss"] < epochs[0]["train_loss"]  # it learns
     spec = manager.get_registry().model("my_resnet")
-    assert spec.options == {"width": 16, "units": 2} and "residual" in spec.summary
+    assert spec.options == {"width": 16, "units": 2, "blocks": ""} and "residual" in spec.summary
     network = spec.make((1, 8, 8), (10,), width=8, units=1)
     assert network.num_blocks == 3 and "blocks.1.conv1.weight" in feedback_weight_keys(network)
     monkeypatch.setattr(manager, "_cached", None)
 
 
-def test_plain_factory_mistakes_are_one_line_errors():
+def test_a_plain_factory_may_return_any_module_and_a_non_module_is_one_line():
     from fa_rules.core.network import ModelSpec
 
-    def bad(in_shape, out_shape):
+    def single(in_shape, out_shape):
         return nn.Linear(3, 3)
 
     def running(in_shape, out_shape):
         return nn.Sequential(nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2)), nn.Sequential(nn.Flatten(), nn.LazyLinear(10)))
 
-    with pytest.raises(UserError, match="nn.Sequential of blocks"):
-        ModelSpec.from_factory(bad).make((1, 8, 8), (10,))
-    with pytest.raises(UserError, match="track_running_stats=False"):
-        ModelSpec.from_factory(running).make((1, 8, 8), (10,))
+    def not_a_module(in_shape, out_shape):
+        return 3
+
+    network = ModelSpec.from_factory(single).make((1, 8, 8), (10,))
+    assert network.num_blocks == 1 and "0 top-level children" in network.split_note
+    network = ModelSpec.from_factory(running).make((1, 8, 8), (10,))
+    assert [name for name, _ in network.tracked_norms] == ["blocks.0.1"]  # running statistics, carried by the engine
+    with pytest.raises(UserError, match=r"^model 'not_a_module' returned a int, not an nn.Module$"):
+        ModelSpec.from_factory(not_a_module).make((1, 8, 8), (10,))
 
 
 # -- the scaling suites -------------------------------------------------------------------------------

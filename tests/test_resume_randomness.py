@@ -180,7 +180,7 @@ def test_a_forked_process_stops_the_run_with_one_line(launch):
         error = outcomes["fork"]
         assert error is not None, f"rank {rank}: a run with differing parameters finished"
         assert "\n" not in error
-        assert error.startswith("DistributedError: parameters and rule state differ between processes"), error
+        assert error.startswith("DistributedError: parameters, rule state and buffers differ between processes"), error
         assert f"(process {rank} of 2)" in error
     # the forked epoch's checkpoint is not written
     assert not (launch["root"] / "fork" / "checkpoint.pt").exists()

@@ -119,6 +119,20 @@ def check_rule_state(path: Path, saved: Any, expected: Any) -> None:
     _Checker(path).tree("state", saved, expected)
 
 
+def check_buffers(path: Path, saved: Any, expected: dict[str, torch.Tensor]) -> None:
+    """The network's saved buffers have the names, shapes and dtypes of the ones it builds, finite
+    values, variances >= 0 and batch counts >= 0 (a negative running variance is a NaN at the first
+    evaluation)."""
+    checker = _Checker(path)
+    if saved is None:
+        raise CheckpointError(f"{path} does not match the run's configuration: it holds no buffers, the network "
+                              f"has {', '.join(sorted(expected)[:3])}{'...' if len(expected) > 3 else ''}")
+    checker.tree("buffers", saved, expected)
+    for key, value in saved.items():
+        if (key.endswith("running_var") or key.endswith("num_batches_tracked")) and bool((value < 0).any()):
+            raise checker.damaged(f"buffers/{key}", "holds negative values")
+
+
 # -- optimiser state --------------------------------------------------------------------------------
 def fresh_state_dict(optimizer: torch.optim.Optimizer) -> dict:
     """The state dict `optimizer` would have after one step: the same optimiser class and settings

@@ -11,10 +11,21 @@ sending a signal forward through its layer) refuse it with `Network.require_laye
 (e.g. `mu` / `logvar`) may follow the last block. Parameters live outside the module as a flat dict
 `{"blocks.0.layer.weight": tensor, ...}` and are applied with `call_with` (`functional_call`'s
 semantics at less cost), so rules can differentiate with respect to any subset of them.
+
+Any module is a network (`as_network`): a Sequential's items are its blocks, any other module is cut
+at split points (`fa_rules.core.split`). Buffers stay in the modules and are the engine's state, like
+rule state: batch norm's running statistics are not updated inside a rule's step (a mutation that
+`torch.func` transforms refuse). In training mode a tracked batch norm normalises with the batch's
+statistics and changes nothing; the engine records, for each one, the statistics of its first
+training-mode call in a step (`recording_statistics`), and updates the running buffers after the step
+as torch's own forward does (`update_running_statistics`: momentum, or the cumulative average when
+`momentum` is None, the unbiased variance, `num_batches_tracked`). In evaluation mode the running
+statistics normalise, as in torch.
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
 import math
 import warnings
@@ -165,6 +176,8 @@ class Network(nn.Module):
             n: {f"heads.{n}.{k}": k for k, _ in h.named_parameters()} for n, h in self.heads.items()
         }
         self.param_keys = frozenset(k for k, _ in self.named_parameters())
+        self.split_note: str | None = None  # why a user's module stayed one block (`fa_rules.core.split`)
+        self.tracked_norms = _track_norms(self)
 
     # -- module forward (used through call_with) ------------------------------------------------
     def forward(self, x: torch.Tensor, all_activations: bool = False):
@@ -233,6 +246,18 @@ class Network(nn.Module):
                 raise UserError(f"{who} {what} (a layer -> activation -> post block); block {i} is a "
                                 f"{type(self.blocks[i]).__name__}")
 
+    def require_blocks(self, rule: str, what: str = "a chain of blocks") -> None:
+        """A one-line UserError unless the body has at least two blocks: with one, a rule that
+        treats the hidden blocks differently from the output block would silently be backprop."""
+        if self.num_blocks < 2:
+            why = self.split_note or f"the network has {self.num_blocks} block"
+            raise UserError(f"rule '{rule}' needs {what}; {why}. Name split points with --model-opt "
+                            "blocks=NAME,NAME,... (submodules in call order)")
+
+    def buffer_dict(self) -> dict[str, torch.Tensor]:
+        """Every buffer of the network by name (running statistics among them): the engine's state."""
+        return dict(self.named_buffers())
+
     def head_apply(self, name: str, params: Params, h: torch.Tensor) -> torch.Tensor:
         """Head `name` applied to the last block's output `h`, with the head's parameters taken from `params`."""
         local = {lk: params[k] for k, lk in self.head_keys[name].items()}
@@ -244,34 +269,121 @@ class Network(nn.Module):
         return int(parts[1]) if parts[0] == "blocks" else None
 
 
-def as_network(model, in_shape: Sequence[int], out_shape: Sequence[int] | None, family: str = "custom") -> Network:
+def as_network(model, in_shape: Sequence[int], out_shape: Sequence[int] | None, family: str = "custom",
+               blocks: Sequence[str] | None = None, input_adapter: nn.Module | None = None) -> Network:
     """A user's model in the block view: a `Network` as it is; an `nn.Sequential`, a list of
     modules, or a module whose `blocks` attribute is a Sequential / ModuleList, as that sequence
-    of blocks (each any module from tensor to tensor; the last one's output are the logits)."""
-    if isinstance(model, Network):
-        return model
+    of blocks (each any module from tensor to tensor; the last one's output are the logits); any
+    other module cut at `blocks` (submodule names), by default after each top-level child that owns
+    parameters (`fa_rules.core.split`). `input_adapter`, a module that runs on the input first
+    (e.g. grey images to a 3-channel design), becomes part of the first block."""
+    from fa_rules.core.split import AdaptedModule, module_blocks
+
+    if isinstance(model, AdaptedModule) and input_adapter is None:  # (a builder's module with its adapter)
+        model, input_adapter = model.model, model.input_adapter
+    if not isinstance(model, nn.Module) and not isinstance(model, (list, tuple)):
+        raise UserError(f"model '{family}' returned a {type(model).__name__}, not an nn.Module")
+    note = None
+    if isinstance(model, Network) or isinstance(model, (list, tuple, nn.ModuleList, nn.Sequential)) or \
+            isinstance(getattr(model, "blocks", None), (nn.Sequential, nn.ModuleList)):
+        if blocks is not None:
+            raise UserError(f"model '{family}' is already a sequence of blocks; blocks= names split points of "
+                            "other modules")
+        if isinstance(model, Network):
+            return model
     if isinstance(model, (list, tuple, nn.ModuleList, nn.Sequential)):
-        blocks = list(model)
+        parts = list(model)
     elif isinstance(getattr(model, "blocks", None), (nn.Sequential, nn.ModuleList)):
         inside = {id(p) for p in model.blocks.parameters()}
         outside = [k for k, p in model.named_parameters() if id(p) not in inside]
         if outside:
             raise UserError(f"model '{family}' has parameters outside its blocks ({', '.join(outside[:3])}); "
                             "put every layer in its `blocks` sequence")
-        blocks = list(model.blocks)
+        parts = list(model.blocks)
     else:
-        raise UserError(f"model '{family}' returned a {type(model).__name__}: give an nn.Sequential of blocks, "
-                        "a list of blocks, or a module with a `blocks` Sequential")
-    if not blocks or not all(isinstance(b, nn.Module) for b in blocks):
+        parts, note = module_blocks(model, blocks, family, input_adapter)
+        input_adapter = None
+    if not parts or not all(isinstance(b, nn.Module) for b in parts):
         raise UserError(f"model '{family}' has no blocks, or a block that is not an nn.Module")
-    for i, block in enumerate(blocks):
-        for name, m in block.named_modules():
-            if isinstance(m, nn.modules.batchnorm._NormBase) and m.track_running_stats:
-                # an update of running buffers inside a gradient transform is a mutation torch.func refuses
-                raise UserError(f"model '{family}': block {i}'s {type(m).__name__} {name or ''} keeps running "
-                                "statistics; build it with track_running_stats=False (the network must be a pure "
-                                "function of its parameters)")
-    return Network(blocks, family=family, in_shape=in_shape, out_shape=out_shape)
+    if input_adapter is not None:
+        parts[0] = AdaptedModule(input_adapter, parts[0])
+    network = Network(parts, family=family, in_shape=in_shape, out_shape=out_shape)
+    network.split_note = note
+    return network
+
+
+# -- buffers: running statistics as engine state -----------------------------------------------------
+# While the engine records a step: {id(batch norm): (mean, unbiased variance) of its first training-mode
+# input, or None before it ran}; None when nothing records
+_RECORDING: dict[int, tuple[torch.Tensor, torch.Tensor] | None] | None = None
+
+
+def _track_norms(network: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The batch norms of `network` that keep running statistics, made pure in training mode (they
+    normalise by the batch and change no buffer; see the module docstring); others are refused."""
+    tracked = []
+    for name, m in network.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
+            if getattr(m, "_fa_rules_tracked", False):
+                tracked.append((name, m))
+                continue
+            # torch's forward passes the running buffers only `if not training or track_running_stats`:
+            # with the flag off, training mode reads and writes no buffer, evaluation mode reads them
+            m.track_running_stats = False
+            m._fa_rules_tracked = True
+            m.register_forward_hook(_record_batch_statistics)
+            tracked.append((name, m))
+        elif isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats:
+            raise UserError(f"{type(m).__name__} {name} keeps running statistics, which the engine does not "
+                            "carry for instance norms; build it with track_running_stats=False")
+    return tracked
+
+
+def _record_batch_statistics(module: nn.Module, args: tuple, output) -> None:
+    """Forward hook of a tracked batch norm: keep its first training-mode input's statistics."""
+    recording = _RECORDING
+    if recording is None or not module.training or recording.get(id(module), 0) is not None:
+        return
+    x = args[0].detach()
+    var, mean = torch.var_mean(x, dim=[d for d in range(x.dim()) if d != 1], correction=1)
+    recording[id(module)] = (mean, var)
+
+
+class recording_statistics:
+    """`with recording_statistics(network) as stats:` the batch statistics of the network's tracked
+    batch norms during the block (their first training-mode call each); then
+    `update_running_statistics(network, stats)`."""
+
+    def __init__(self, network: Network):
+        self.network = network
+
+    def __enter__(self) -> dict:
+        global _RECORDING
+        self.previous = _RECORDING
+        _RECORDING = {id(m): None for _, m in self.network.tracked_norms}
+        return _RECORDING
+
+    def __exit__(self, *exc) -> None:
+        global _RECORDING
+        _RECORDING = self.previous
+
+
+def update_running_statistics(network: Network, stats: dict) -> None:
+    """Each tracked batch norm's running buffers moved toward the recorded batch statistics, as
+    torch's training-mode forward moves them (its CPU and CUDA kernels: `(1 - m) r + m s`)."""
+    with torch.no_grad():
+        for _, m in network.tracked_norms:
+            recorded = stats.get(id(m))
+            if recorded is None:
+                continue
+            mean, var = recorded
+            m.num_batches_tracked.add_(1)
+            factor = m.momentum if m.momentum is not None else 1.0 / float(m.num_batches_tracked)
+            m.running_mean.mul_(1 - factor).add_(mean.to(m.running_mean.dtype), alpha=factor)
+            m.running_var.mul_(1 - factor).add_(var.to(m.running_var.dtype), alpha=factor)
+
+
+SPLIT_OPTION = "blocks"
 
 
 def count_params(params: Params) -> int:
@@ -292,6 +404,11 @@ class ModelSpec:
     options: dict[str, Any] = field(default_factory=dict)
     example_shape: tuple[int, ...] = (1, 8, 8)
 
+    def __post_init__(self):
+        # every model takes `blocks`: its split points (`as_network`), never passed to the builder
+        if SPLIT_OPTION not in self.options:
+            object.__setattr__(self, "options", {**self.options, SPLIT_OPTION: ""})
+
     @classmethod
     def from_factory(cls, factory: Callable[..., Any], name: str | None = None, summary: str | None = None,
                      example_shape: tuple[int, ...] = (1, 8, 8)) -> "ModelSpec":
@@ -310,6 +427,44 @@ class ModelSpec:
 
         return cls(name, build, summary or (doc.splitlines()[0] if doc else name), options, example_shape)
 
+    @classmethod
+    def from_module(cls, model, prefix: str = "python:") -> "ModelSpec":
+        """A model family from a module handed to the Python API: an `nn.Module` instance (each
+        network built is a copy of it, so every run starts from its weights as they were), a
+        factory `factory(in_shape, out_shape, **options)` (`from_factory`), or a factory called
+        with its keyword settings only (a class such as `MyNet`, `lambda: resnet18(num_classes=10)`),
+        its settings reachable as model options. Named `prefix` + the class or function name."""
+        if isinstance(model, nn.Module):
+            instance, name = model, prefix + type(model).__name__
+
+            def build(in_shape, out_shape, heads=None):
+                if heads:
+                    raise UserError(f"model '{name}' is a module as it is and builds no heads ({', '.join(heads)})")
+                return copy.deepcopy(instance)
+
+            return cls(name, build, f"the {type(model).__name__} module handed to the Python API")
+        if not callable(model):
+            raise UserError(f"model must be a name, an nn.Module or a factory returning one, not a "
+                            f"{type(model).__name__}")
+        name = prefix + getattr(model, "__name__", type(model).__name__)
+        try:
+            parameters = list(inspect.signature(model).parameters.values())
+        except (TypeError, ValueError):
+            parameters = []
+        required = [p for p in parameters if p.default is inspect.Parameter.empty
+                    and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if len(required) >= 2:
+            return cls.from_factory(model, name=name)
+        options = {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty
+                   and type(p.default) in (bool, int, float, str)}
+
+        def build_from_settings(in_shape, out_shape, heads=None, **settings):
+            if heads:
+                raise UserError(f"model '{name}' is a plain factory and builds no heads ({', '.join(heads)})")
+            return model(**settings)
+
+        return cls(name, build_from_settings, f"{name[len(prefix):]} handed to the Python API", options)
+
     def make(self, in_shape, out_shape, heads=None, **overrides) -> Network:
         """The network for these shapes with the family's settings, `overrides` replacing defaults (unknown ones are a UserError)."""
         unknown = set(overrides) - set(self.options)
@@ -320,12 +475,14 @@ class ModelSpec:
             )
         options = {**self.options, **overrides}
         changed = ", ".join(f"{k}={v}" for k, v in overrides.items()) or "its defaults"
-        self._check_fits_memory(in_shape, out_shape, heads, options, changed)
+        builder_options = {k: v for k, v in options.items() if k != SPLIT_OPTION}
+        split_points = [n.strip() for n in str(options[SPLIT_OPTION]).split(",") if n.strip()] or None
+        self._check_fits_memory(in_shape, out_shape, heads, builder_options, changed)
         try:
             with warnings.catch_warnings(record=True) as caught:  # shown once the model is built
                 warnings.simplefilter("always")
-                network = as_network(self.build(tuple(in_shape), tuple(out_shape), heads, **options), in_shape,
-                                     out_shape, family=self.name)
+                network = as_network(self.build(tuple(in_shape), tuple(out_shape), heads, **builder_options),
+                                     in_shape, out_shape, family=self.name, blocks=split_points)
         except UserError:
             raise
         except Exception as e:  # torch's own refusal of a size (0 channels, too much memory) is the user's setting
@@ -348,8 +505,8 @@ class ModelSpec:
         try:
             with warnings.catch_warnings(), torch.device("meta"):
                 warnings.simplefilter("ignore")
-                probe = as_network(self.build(tuple(in_shape), tuple(out_shape), heads, **options), in_shape,
-                                   out_shape, family=self.name)
+                probe = self.build(tuple(in_shape), tuple(out_shape), heads, **options)
+            probe = probe if isinstance(probe, nn.Module) else nn.ModuleList(probe)
             count = sum(p.numel() for p in probe.parameters())
             weight_bytes = sum(p.numel() * p.element_size() for p in probe.parameters())
         except UserError:

@@ -14,10 +14,19 @@ each step's global batch of `world_size * batch_size` examples (one seeded permu
 as in a one-process run) is cut into contiguous shards, one per process; the pseudo-gradients,
 the rule state the step changed and the scalar step metrics are averaged across processes
 weighted by shard size; only rank 0 writes files and shows progress.
+
+Buffers (batch norm's running statistics) are state the engine carries for the network: updated
+after each step from the statistics its batch norms saw (`fa_rules.core.network`), saved in the
+checkpoint, read in evaluation mode. Under torchrun each process updates its own from its shard, and
+rank 0's are copied to the others before every evaluation and checkpoint, which is what DDP's
+`broadcast_buffers` gives: training-mode forwards never read them. Random layers (dropout) draw from
+the global generator, which the engine seeds from the step's seed for the step (and restores after),
+so a seed fixes a run and resuming is exact.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import statistics
 import sys
@@ -44,7 +53,7 @@ from fa_rules.core.checkpoint import (
 from fa_rules.core.data import Dataset, as_float, epoch_order
 from fa_rules.core.errors import RuleError, UserError
 from fa_rules.core.metrics import alignment_angles, evaluate_classifier, evaluate_reconstruction
-from fa_rules.core.network import Network, count_params
+from fa_rules.core.network import Network, count_params, recording_statistics, update_running_statistics
 from fa_rules.core.rule import Batch, Groups, Rule, check_state
 
 CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, CHECKPOINT_FILE = (
@@ -345,6 +354,29 @@ class StepMetricsLog:
         return first, self.losses[first:]
 
 
+@contextlib.contextmanager
+def seeded_global_generators(seed: int, device: torch.device):
+    """The global generators (CPU, and `device`'s on CUDA) seeded with `seed` for the block, their
+    states restored after: what random layers (dropout) draw in a step depends on the step alone."""
+    devices = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
+        torch.random.default_generator.manual_seed(seed)
+        if devices:
+            torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()
+                                          ].manual_seed(seed)
+        yield
+
+
+@contextlib.contextmanager
+def evaluation_mode(network: Network):
+    """The network in evaluation mode for the block (running statistics, no dropout), then training mode."""
+    network.eval()
+    try:
+        yield
+    finally:
+        network.train()
+
+
 class Trainer:
     """Trains `rule` on `dataset` with the network `build_network()` makes; see module docstring."""
 
@@ -404,6 +436,7 @@ class Trainer:
             "epoch": self.epoch,
             "global_step": self.global_step,
             "params": self.params,
+            "buffers": self.network.buffer_dict(),
             "state": self.state,
             "optimizers": {g: o.state_dict() for g, o in self.optimizers.items()},
             "history": self.history,
@@ -423,9 +456,11 @@ class Trainer:
         """Continue from the checkpoint at `path`. Every entry is checked against what this
         configuration builds (shapes, dtypes, finite values, ranges) before any of it is used: a
         damaged optimiser moment would otherwise reach the fused kernels' raw memory."""
-        limit = checkpoint_contents.size_limit(self.params, self.state)
+        limit = checkpoint_contents.size_limit(self.params, self.state, self.network.buffer_dict())
         ckpt = load_checkpoint(path, map_location=self.device, max_bytes=limit)  # verified, never runs code
         check_params(path, ckpt.get("params"), self.params)
+        buffers = self.network.buffer_dict()
+        checkpoint_contents.check_buffers(path, ckpt.get("buffers", {} if not buffers else None), buffers)
         checkpoint_contents.check_progress(path, ckpt)
         if "state" not in ckpt or not isinstance(ckpt.get("optimizers"), dict):
             raise CheckpointError(f"{path} is not a checkpoint of this run (it holds no rule or optimiser state)")
@@ -445,6 +480,8 @@ class Trainer:
             for group, tensors in ckpt["params"].items():
                 for key, value in tensors.items():
                     self.params[group][key].copy_(value)
+            for key, value in ckpt.get("buffers", {}).items():
+                buffers[key].copy_(value)
         for group, opt in self.optimizers.items():
             opt.load_state_dict(optimizer_states[group])
         self.state = ckpt["state"]
@@ -512,7 +549,8 @@ class Trainer:
     def probe_memory(self, batch: Batch) -> None:
         """One throw-away step under the saved-tensor probe (training never sees its results)."""
         try:
-            with SavedTensorsProbe() as probe:
+            with SavedTensorsProbe() as probe, seeded_global_generators(batch.seed, self.device), \
+                    self.mutations_explained():
                 self.rule.step(self.network, self.params, self.state, batch)
         except RuntimeError as e:
             if "saved tensor hooks" not in str(e):
@@ -527,7 +565,10 @@ class Trainer:
         start = time.perf_counter()
         old_state = self.state
         self.dist.share = share
-        updates, self.state, metrics = self.step_fn(self.network, self.params, self.state, batch)
+        with seeded_global_generators(batch.seed, self.device), recording_statistics(self.network) as statistics, \
+                self.mutations_explained():
+            updates, self.state, metrics = self.step_fn(self.network, self.params, self.state, batch)
+        update_running_statistics(self.network, statistics)
         if not self._updates_checked:  # once per process: cheap, and names the rule at fault
             check_updates(self.config.rule, updates, self.params)
             if not isinstance(metrics, dict) or not _is_scalar(metrics.get("loss")):
@@ -552,6 +593,19 @@ class Trainer:
         self.step_times.append(time.perf_counter() - start)
         self.global_step += 1
         return metrics
+
+    @contextlib.contextmanager
+    def mutations_explained(self):
+        """A model whose forward changes a tensor in place (a buffer other than batch norm's running
+        statistics): torch.func's refusal, said in one line as the model's limit."""
+        try:
+            yield
+        except RuntimeError as e:
+            if "would mutate a captured Tensor" not in str(e):
+                raise
+            raise UserError(f"model '{self.config.model}' changes a tensor in place in its forward (a buffer?), "
+                            f"which rule '{self.config.rule}' cannot differentiate through; the engine carries "
+                            "batch norm's running statistics itself, other buffers must stay constant") from None
 
     def set_learning_rates(self) -> None:
         if self.config.lr_schedule == "constant":
@@ -585,27 +639,37 @@ class Trainer:
         return out, metrics
 
     def synchronised_tensors(self) -> list[torch.Tensor]:
-        """What must be identical on every process: all parameters and floating rule state."""
+        """What must be identical on every process: all parameters, floating rule state and buffers
+        (after `share_buffers`)."""
         params = [t for group in self.params.values() for t in group.values()]
-        return params + distributed.floating_leaves(self.state)
+        return params + distributed.floating_leaves(self.state) + list(self.network.buffer_dict().values())
+
+    def share_buffers(self) -> None:
+        """Rank 0's buffers on every process (see the module docstring); nothing with one process."""
+        self.dist.broadcast_(list(self.network.buffer_dict().values()))
 
     # -- evaluation ----------------------------------------------------------------------------
     def evaluate(self) -> dict:
         x, y = self.data.test_x, self.data.test_y
         self.dist.share = 1.0 / self.dist.world_size  # every process evaluates the same batches below
+        self.share_buffers()
         if self.rule.task == "classify":
-            out = self.evaluate_classifier(x, y)
-            out["alignment_angle_deg"] = alignment_angles(
-                self.rule, self.network, self.params, self.state, self.alignment_batch()
-            )
+            with evaluation_mode(self.network):
+                out = self.evaluate_classifier(x, y)
+            # (training mode: the angle compares the updates training makes)
+            with seeded_global_generators(self.config.seed, self.device):
+                out["alignment_angle_deg"] = alignment_angles(
+                    self.rule, self.network, self.params, self.state, self.alignment_batch()
+                )
         else:
-            out = evaluate_reconstruction(
-                self.rule, self.network, self.params, self.state, x, self.config.seed, self.config.eval_batch_size
-            )
+            with evaluation_mode(self.network):
+                out = evaluate_reconstruction(self.rule, self.network, self.params, self.state, x, self.config.seed,
+                                              self.config.eval_batch_size)
         if self.rule.evaluate is not None:
             n = min(self.config.eval_batch_size, x.shape[0])
             batch = Batch(as_float(x[:n]), y[:n], self.config.seed)
-            out.update({k: v for k, v in self.rule.evaluate(self.network, self.params, self.state, batch).items()})
+            with evaluation_mode(self.network):
+                out.update({k: v for k, v in self.rule.evaluate(self.network, self.params, self.state, batch).items()})
         return out
 
     def evaluate_classifier(self, x: torch.Tensor, y: torch.Tensor) -> dict:
@@ -681,7 +745,8 @@ class Trainer:
                 self.history.append(record)
                 if self.device.type == "cuda":
                     self.peak_cuda_bytes = max(self.peak_cuda_bytes or 0, torch.cuda.max_memory_allocated(self.device))
-                self.dist.check_identical(self.synchronised_tensors(), "parameters and rule state")
+                self.share_buffers()
+                self.dist.check_identical(self.synchronised_tensors(), "parameters, rule state and buffers")
                 self.save()
                 bar.end_epoch(record)
         return self.finish()
@@ -776,6 +841,9 @@ class Trainer:
             "peak_saved_bytes": self.peak_saved_bytes,
             **final,
         }
+        credit = getattr(self.rule, "credit", None)
+        if credit is not None:  # which parameters trained by substituted feedback, which by their gradient
+            summary["credit_assignment"] = credit(self.network, self.params, self.state)
         if isinstance(self.step_fn, CompiledStep):  # this process's first step: compiling and its check
             summary["compile_time_s"] = self.step_fn.compile_time_s
             summary["compiled"] = self.step_fn.compiled

@@ -24,7 +24,7 @@ from typing import Any
 import pluggy
 
 from fa_rules.core.data import DatasetSpec
-from fa_rules.core.errors import unknown_name_error
+from fa_rules.core.errors import UserError, unknown_name_error
 from fa_rules.core.hooks import PROJECT
 from fa_rules.core.network import ModelSpec
 from fa_rules.core.rule import RuleSpec
@@ -32,6 +32,8 @@ from fa_rules.plugins import hookspecs
 
 ENTRY_POINT_GROUP = "fa_rules"
 NO_AUTOLOAD_ENV = "FA_RULES_NO_AUTOLOAD"
+TORCHVISION_PREFIX = "torchvision:"  # `torchvision:resnet18`: torchvision's classification model by name
+PYTHON_PREFIX = "python:"  # a module or factory handed to `fa_rules.train(model=...)`
 BUILTIN_DISTRIBUTION = "fa-rules"
 
 # Built-in plugin modules, registered exactly as entry points are.
@@ -71,6 +73,8 @@ class Registry:
     aliases: dict[str, str] = field(default_factory=dict)
     failures: list[tuple[str, str]] = field(default_factory=list)
     conflicts: list[str] = field(default_factory=list)  # registrations refused: their name was taken
+    # models known by a name no plugin registers: torchvision's by name, modules handed to the Python API
+    named_models: dict[str, ModelSpec] = field(default_factory=dict)
 
     def _add(self, kind: str, spec: Any, source: Source) -> None:
         if kind == "models" and callable(spec) and not isinstance(spec, ModelSpec):
@@ -109,9 +113,26 @@ class Registry:
         return self.datasets[name]
 
     def model(self, name: str) -> ModelSpec:
-        if name not in self.models:
-            raise unknown_name_error("model", name, list(self.models))
-        return self.models[name]
+        if name in self.models:
+            return self.models[name]
+        if name not in self.named_models:
+            if name.startswith(TORCHVISION_PREFIX):
+                from fa_rules.plugins.torchvision_models import torchvision_model_spec
+
+                self.named_models[name] = torchvision_model_spec(name[len(TORCHVISION_PREFIX):])
+            elif name.startswith(PYTHON_PREFIX):
+                raise UserError(f"model '{name}' was a module handed to fa_rules.train; hand it again: "
+                                "resume_trainer(run_dir, model=...) or load_run(run_dir, model=...)")
+            else:
+                raise unknown_name_error("model", name, [*self.models, f"{TORCHVISION_PREFIX}NAME"])
+        return self.named_models[name]
+
+    def add_python_model(self, model) -> str:
+        """Make a module or a factory handed to the Python API a model of this process; returns its
+        name, `python:` and the class or function name (what config.json records)."""
+        spec = ModelSpec.from_module(model, PYTHON_PREFIX)
+        self.named_models[spec.name] = spec
+        return spec.name
 
 
 def _distribution_of(ep: metadata.EntryPoint) -> str:

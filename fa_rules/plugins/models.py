@@ -28,10 +28,10 @@ def register_models(register):
                        {"activation": "leaky_relu", "batch_norm": True, "width_multiplier": 1.0}, example_shape=(1, 28, 28)))
     register(ModelSpec("resnet", zoo.resnet, "He et al. 2016 CIFAR ResNet, --depth 6n+2 (8, 20, 32, 56...); "
                        "shortcut A (zero-padding) or B (1x1 projection)",
-                       {"depth": 20, "width": 16, "shortcut": "A"}, example_shape=(3, 32, 32)))
+                       {"depth": 20, "width": 16, "shortcut": "A", "running_stats": False}, example_shape=(3, 32, 32)))
     for depth in (20, 32, 56):
         register(ModelSpec(f"resnet{depth}", zoo.resnet_of_depth(depth),
                            f"He et al. 2016 CIFAR ResNet-{depth}; shortcut A (zero-padding) or B (1x1 projection)",
-                           {"width": 16, "shortcut": "A"}, example_shape=(3, 32, 32)))
+                           {"width": 16, "shortcut": "A", "running_stats": False}, example_shape=(3, 32, 32)))
     register(ModelSpec("vgg", zoo.vgg, "small VGG-style CNN: 3 stages of two 3x3 convs (batch norm), max pooling",
-                       {"width": 32, "activation": "relu", "batch_norm": True}))
+                       {"width": 32, "activation": "relu", "batch_norm": True, "running_stats": False}))
