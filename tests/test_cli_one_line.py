@@ -79,8 +79,8 @@ CASES = [
                                                     "symbolic links"),
     # a rule whose parameter group is empty on this model (torch: "optimizer got an empty parameter list")
     ("kolen-pollack-nothing-to-train", [*TRAIN, "--rule", "kolen_pollack", "--depth", "0"],
-     "rule 'kolen_pollack' has nothing to train in its parameter group 'feedback' on model 'mlp' (depth=0): "
-     "the rule reaches no layer of this model; give a larger --depth or another rule"),
+     "rule 'kolen_pollack' reaches no layer of this network: no weight of a linear map or convolution past the "
+     "first layer sends the error backwards"),
     # a mistyped option: only the options close to it (click offered --fid, --resume, --rule)
     ("option-typo", ["train", "--sed", "3"], "No such option: --sed (did you mean --seed?) (see 'fa-rules train --help')"),
     ("option-typo-far-from-others", ["train", "--lr-shedule", "cosine"],

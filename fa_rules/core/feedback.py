@@ -16,7 +16,7 @@ layer(x - stop(x); B, 0)` with `stop` a constant: value `layer(x; W, b)`, deriva
 Pooling, activations or any other parameter-free `post` are differentiated as usual. With `B = W`
 this is backprop.
 
-Four ways of routing the output error `e = dL/d(logits)` are built on it:
+Five ways of routing the output error `e = dL/d(logits)` are built on it:
 
 - `chained_feedback_gradients`: block by block from the output down, each block's input signal
   through its feedback tensor (feedback alignment, sign symmetry, Kolen-Pollack);
@@ -25,11 +25,14 @@ Four ways of routing the output error `e = dL/d(logits)` are built on it:
 - `indirect_feedback_gradients`: the first hidden block receives the projected error, which then
   travels forward through the forward weights to the later hidden blocks (indirect feedback
   alignment);
+- `layer_direct_feedback_gradients`: every linear map and convolution sends down `e` projected
+  to its input by its own matrix in place of `W^T g` (direct feedback alignment per layer, as
+  BioTorch's `dfa` mode computes it);
 - `target_projection_gradients`: every hidden block receives the one-hot *target* projected to
   its output, block by block as the forward pass reaches it, so no block's graph outlives the
   block (direct random target projection).
 
-In all four the output block receives its true local gradient `e h^T`. A direct projection is
+In all five the output block receives its true local gradient `e h^T`. A direct projection is
 either a dense matrix (block output numel, classes) or, for a block whose next layer is a Conv2d,
 a convolution kernel (classes, block channels, *next kernel*): the error broadcast over the next
 layer's output positions is sent back through a transposed convolution with the next layer's
@@ -43,6 +46,18 @@ pass without a graph, then each block's transpose and true gradients in closed f
 (`_closed_form_block_backward`). Same arithmetic, without autograd's bookkeeping; every loop is
 tested against its graph route.
 
+Which weights a layer-level rule (FA, sign symmetry, Kolen-Pollack, brSF, frSF) gives feedback
+tensors: `parameter_uses` runs the network once on zeros under a function mode and records what
+each parameter is used as (a linear map's or convolution's weight or bias, a normalisation's
+affine parameter, anything else), so raw `nn.Parameter`s called through `F.linear` / `F.conv2d`
+count like nn.Linear and nn.Conv modules. `feedback_weight_keys` is every such weight but a
+layered first block's layer. A parameter used any other way (`x @ W`, an embedding, `W.T`) is out
+of the feedback's reach, and training it silently by its exact gradient would pass for feedback
+alignment: `reached_weight_keys` refuses it in one line unless the rule option `exact_gradient`
+(fnmatch patterns over model keys) names it, and refuses a network left with no feedback weight.
+Biases and normalisation parameters train by their exact gradient by design (no signal goes
+through them); `credit_listing` says which keys are trained which way (`Rule.credit`).
+
 For learned feedback: `reverse_feedback_gradients` runs the network backwards from the target
 with the feedback tensors (the bidirectional FA reverse pass) and `mirror_gradients` correlates
 noise sent through each layer with the layer's response (the weight mirror). Layers must be affine in
@@ -53,6 +68,7 @@ tensors from an explicit generator.
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import math
 import weakref
@@ -62,6 +78,7 @@ import torch
 import torch.func
 from torch.autograd import forward_ad
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from fa_rules.core.autodiff import (closed_form_allowed, first_order, grad_and_value, load_forward_ad,
                                    plain_autograd, vjp)
@@ -96,18 +113,152 @@ def weight_key(i: int) -> str:
     return f"blocks.{i}.layer.weight"
 
 
-def feedback_weight_keys(network: Network) -> list[str]:
-    """Global keys of the weights whose layers send the error backwards, in block order: every
-    Linear and convolution inside the blocks, except the layer of a layered first block (it reads
-    the input, where no signal is needed)."""
-    keys = []
-    for i, block in enumerate(network.blocks):
-        if isinstance(block, Block):
-            if i > 0:
-                keys.append(weight_key(i))
-            continue
-        keys += [f"blocks.{i}.{name}.weight" for name, m in block.named_modules() if isinstance(m, AFFINE_LAYERS)]
+def feedback_weight_keys(network: Network, params: Params | None = None) -> list[str]:
+    """Global keys of the weights whose layers send the error backwards, in `named_parameters`
+    order: every parameter that the forward pass uses as the weight of a linear map or convolution
+    (`parameter_uses`), except the layer of a layered first block (it reads the input, where no
+    signal is needed). `params`: the model's parameters (default the module's own); only their keys,
+    dtype and device matter, and the answer is cached per network."""
+    uses = parameter_uses(network, dict(network.named_parameters()) if params is None else params)
+    first_layer = weight_key(0) if isinstance(network.blocks[0], Block) else None
+    return [k for k, use in uses.items() if "weight" in use and k != first_layer]
+
+
+# -- what each parameter is used for: where layer-level feedback reaches ----------------------------
+_NORMALISATIONS = tuple(f for f in (torch.nn.functional.batch_norm, torch.nn.functional.layer_norm,
+                                    torch.nn.functional.group_norm, torch.nn.functional.instance_norm,
+                                    getattr(torch.nn.functional, "rms_norm", None)) if f is not None)
+# reading a tensor's metadata sends no gradient anywhere: not a use
+_METADATA = frozenset({"shape", "dtype", "device", "ndim", "layout", "requires_grad", "is_leaf", "is_cuda", "size",
+                       "dim", "ndimension", "numel", "nelement", "stride", "element_size", "is_contiguous",
+                       "is_floating_point", "is_complex", "get_device"})
+
+
+def _function_name(func) -> str:
+    name = getattr(func, "__name__", None) or type(func).__name__
+    if name == "__get__":  # an attribute read (`W.T`): named by the attribute
+        name = getattr(getattr(func, "__self__", None), "__name__", name)
+    return name
+
+
+def _call_uses(func, args: tuple, kwargs: dict):
+    """`(tensor, use)` for the arguments of one torch function call (see `parameter_uses`)."""
+    name = _function_name(func)
+    if name in _METADATA:
+        return []
+    if func in _ROUTABLE or func in _NORMALISATIONS:
+        x = _arg(args, kwargs, 0, "input")
+        if func in _NORMALISATIONS:
+            rest = [*args[1:], *(v for k, v in kwargs.items() if k != "input")]
+            roles = [(t, "norm") for t in tree_leaves(rest)]
+        else:
+            roles = [(_arg(args, kwargs, 1, "weight"), "weight"), (_arg(args, kwargs, 2, "bias"), "bias")]
+        return [(x, f"other:{name}"), *roles]
+    return [(t, f"other:{name}") for t in tree_leaves((args, kwargs))]
+
+
+class _UseRecorder(torch.overrides.TorchFunctionMode):
+    """Records, per parameter (by identity), what each outermost torch function call uses it as."""
+
+    def __init__(self, keys_of: dict[int, str]):
+        super().__init__()
+        self.keys_of = keys_of
+        self.uses: dict[str, list[str]] = {k: [] for k in keys_of.values()}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        for tensor, use in _call_uses(func, args, kwargs):
+            key = self.keys_of.get(id(tensor)) if isinstance(tensor, torch.Tensor) else None
+            if key is not None and use not in self.uses[key]:
+                self.uses[key].append(use)
+        return func(*args, **kwargs)
+
+
+# network -> {parameter keys: {key: uses}}
+_USES: "weakref.WeakKeyDictionary[Network, dict]" = weakref.WeakKeyDictionary()
+
+
+def parameter_uses(network: Network, params: Params) -> dict[str, tuple[str, ...]]:
+    """`{key: uses}` for every model parameter, in `named_parameters` order, from one forward pass
+    on zeros (batch 2, no graph, the module in its current mode): "weight" or "bias" of a linear map
+    or convolution (the calls `feedback_call` routes), "norm" (weight or bias of a normalisation),
+    "other:<function>" for anything else (`x @ W`, an embedding); an unused parameter has none.
+    Only outermost calls count (a module's forward calling `F.linear` is a linear map). Cached per
+    network and set of keys: the uses depend on the code, not on the values."""
+    known = _USES.setdefault(network, {})
+    keys = frozenset(params)
+    if keys not in known:
+        if not network.in_shape:
+            raise UserError("finding which parameters layer-level feedback reaches runs the network once: build it "
+                            "with its input shape (Network(..., in_shape=...))")
+        recorder = _UseRecorder({id(v): k for k, v in params.items()})
+        like = next(iter(params.values()))
+        with torch.no_grad():
+            zeros = torch.zeros(2, *network.in_shape, device=like.device, dtype=like.dtype)
+            with recorder:
+                network.apply(params, zeros)
+        order = [k for k, _ in network.named_parameters() if k in keys]
+        known[keys] = {k: tuple(recorder.uses[k]) for k in order}
+    return known[keys]
+
+
+def _unreachable(uses: Mapping[str, tuple[str, ...]]) -> dict[str, list[str]]:
+    """`{key: functions}` of the parameters with a use no feedback tensor can stand in for."""
+    found = {k: [u.removeprefix("other:") for u in use if u.startswith("other:")] for k, use in uses.items()}
+    return {k: functions for k, functions in found.items() if functions}
+
+
+def exact_gradient_patterns(exact_gradient: str) -> list[str]:
+    """The rule option `exact_gradient`: comma-separated fnmatch patterns over model keys."""
+    return [p.strip() for p in exact_gradient.split(",") if p.strip()]
+
+
+# network -> {(parameter keys, exact_gradient): the keys reached}
+_REACHED: "weakref.WeakKeyDictionary[Network, dict]" = weakref.WeakKeyDictionary()
+
+
+def reached_weight_keys(network: Network, params: Params, rule: str, exact_gradient: str = "") -> list[str]:
+    """The weights a layer-level feedback rule gives feedback tensors: `feedback_weight_keys` less
+    those the user opted into their exact gradient. Refuses, in one line, a parameter that the
+    feedback cannot reach (used other than as a linear map's or convolution's weight, bias or a
+    normalisation's affine parameter) unless a pattern of `exact_gradient` names it; a pattern
+    that names none of those (a typo must not pass silently); and a network left with no feedback
+    weight at all (the rule would be backprop). Worked out once per network, keys and option."""
+    known = _REACHED.setdefault(network, {})
+    cache_key = (frozenset(params), exact_gradient)
+    if cache_key in known:
+        return known[cache_key]
+    unreachable = _unreachable(parameter_uses(network, params))
+    patterns = exact_gradient_patterns(exact_gradient)
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(k, pattern) for k in unreachable):
+            those = f"those are {', '.join(unreachable)}" if unreachable else "this network has none"
+            raise UserError(f"rule '{rule}': exact_gradient pattern '{pattern}' names no parameter that the "
+                            f"feedback cannot reach ({those})")
+    accepted = {k for k in unreachable if any(fnmatch.fnmatchcase(k, p) for p in patterns)}
+    refused = [k for k in unreachable if k not in accepted]
+    if refused:
+        k = refused[0]
+        more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
+        raise UserError(f"rule '{rule}' cannot send feedback through parameter '{k}'{more}: it is used in "
+                        f"{', '.join(unreachable[k])}, not as the weight of a linear map or convolution; to train "
+                        f"it by its exact gradient, opt in with the rule option exact_gradient={','.join(refused)}")
+    keys = [k for k in feedback_weight_keys(network, params) if k not in accepted]
+    if not keys:
+        raise UserError(f"rule '{rule}' reaches no layer of this network: no weight of a linear map or convolution "
+                        "past the first layer sends the error backwards, so it would train by backprop's exact "
+                        "gradient; give a model with more layers or another rule")
+    known[cache_key] = keys
     return keys
+
+
+def credit_listing(network: Network, feedback_keys) -> dict[str, list[str]]:
+    """`Rule.credit`'s listing: the model keys trained with substituted feedback, and the others
+    (the first layer, biases, normalisations, parameters opted into `exact_gradient`), each in
+    `named_parameters` order."""
+    fed = set(feedback_keys)
+    keys = [k for k, _ in network.named_parameters()]
+    return {"feedback": [k for k in keys if k in fed], "exact_gradient": [k for k in keys if k not in fed]}
 
 
 def _fans(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -635,6 +786,89 @@ def direct_feedback_gradients(network: Network, model_params: Params, x: torch.T
     signals = [_project(e, projections[i], tuple(h.shape[1:]), network, i) for i, h in enumerate(hs[:-1])]
     (grads,) = pullback((*signals, e))
     return grads, loss
+
+
+class _LayerInputs(torch.overrides.TorchFunctionMode):
+    """While active, every linear map or convolution whose weight is one of `keys_of`' tensors (by
+    identity) runs on its input cut from the graph, and its input (still on the graph) is kept with
+    the call's geometry: no signal passes down through that weight."""
+
+    def __init__(self, keys_of: dict[int, str]):
+        super().__init__()
+        self.keys_of = keys_of
+        self.calls: list[tuple[str, torch.Tensor, Callable]] = []  # (key, input, input -> projected error)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        key = self.keys_of.get(id(_arg(args, kwargs, 1, "weight"))) if func in _ROUTABLE else None
+        if key is None:
+            return func(*args, **kwargs)
+        if func in _TRANSPOSED:
+            raise UserError(f"layer-level direct feedback alignment has no projection for the transposed "
+                            f"convolution of '{key}'")
+        x = args[0]
+        if func is torch.nn.functional.linear:
+            def reading(x_, d):  # (N, ..., classes) -> (N, classes)
+                out = torch.nn.functional.linear(x_, d)
+                return out.reshape(out.shape[0], -1, out.shape[-1]).sum(1)
+        else:
+            geometry = {name: _arg(args, kwargs, i, name, default)
+                        for i, name, default in ((3, "stride", 1), (4, "padding", 0), (5, "dilation", 1))}
+
+            def reading(x_, d, _func=func, _geometry=geometry):  # (N, classes, *positions) -> (N, classes)
+                return _func(x_, d, None, **_geometry).flatten(2).sum(2)
+        self.calls.append((key, x, reading))
+        return func(x.detach(), *args[1:], **kwargs)
+
+
+def layer_direct_feedback_gradients(network: Network, model_params: Params, x: torch.Tensor, y: torch.Tensor,
+                                    projections: Mapping[str, torch.Tensor]):
+    """`(grads, loss)` of direct feedback alignment at every layer (Nøkland 2016 writes DFA per
+    layer; this is what BioTorch's `dfa` mode computes): each linear map or convolution whose weight
+    is a key of `projections` sends down, in place of `W^T g`, the output error `e = dL/d(logits)`
+    projected to its input by its own fixed random `D`; its weight and bias get their true
+    gradients for the signal `g` arriving at its output.
+
+    `D` is shaped as BioTorch shapes it (`layer_projection_shapes`): `(classes, in_features)` for a
+    Linear, whose input receives `e D`; `(classes, in_channels, *kernel)` for a convolution, whose
+    input receives `e` copied to every output position and sent back by the transposed convolution
+    with `D` and the layer's stride, padding and dilation (groups 1). What arrives at a layer's
+    output is that injection taken back, as backprop would, through everything between it and the
+    layers above that read it: batch norm (trained by its true gradient), activations, pooling,
+    residual additions (the skip path adds its share). The last layer's output receives `e` itself.
+
+    One gradient of a surrogate over one forward pass: the layers run on their inputs cut from the
+    graph (`_LayerInputs`), then `L + sum_l <D_l-reading of x_l, stop(e)>`, whose derivative with
+    respect to a layer input `x_l` is exactly the projected error; plain autograd and `torch.func`
+    alike."""
+    def surrogate(p: Params):
+        inputs = _LayerInputs({id(p[k]): k for k in projections})
+        with inputs:
+            logits = call_with(network, p, (x,))
+        loss = classification_loss(logits, y)
+        e = output_error(logits.detach(), y)[0]
+        injected = sum(((reading(x_l, projections[key]) * e).sum() for key, x_l, reading in inputs.calls),
+                       logits.new_zeros(()))
+        return loss + injected, loss
+
+    grads, (_, loss) = grad_and_value(surrogate, has_aux=True)(model_params)
+    return grads, loss.detach()
+
+
+def layer_projection_shapes(network: Network, model_params: Params, keys, classes: int) -> dict[str, tuple]:
+    """`{key: shape}` of layer-level DFA's projections (`layer_direct_feedback_gradients`), from one
+    forward pass on zeros: `(classes, in_features)` for a linear map's weight, `(classes,
+    in_channels, *kernel)` for a convolution's (the whole input, whatever its groups), as BioTorch
+    shapes its `weight_backward`; a weight called more than once shares one projection."""
+    like = next(iter(model_params.values()))
+    inputs = _LayerInputs({id(model_params[k]): k for k in keys})
+    with torch.no_grad(), inputs:
+        call_with(network, model_params, (torch.zeros(2, *network.in_shape, device=like.device, dtype=like.dtype),))
+    shapes = {}
+    for key, x_l, _ in inputs.calls:
+        kernel = tuple(model_params[key].shape[2:])
+        shapes.setdefault(key, (classes, x_l.shape[-1]) if not kernel else (classes, x_l.shape[1], *kernel))
+    return {k: shapes[k] for k in keys if k in shapes}
 
 
 def one_hot(y: torch.Tensor, classes: int, like: torch.Tensor) -> torch.Tensor:

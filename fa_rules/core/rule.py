@@ -32,6 +32,10 @@ lambda}}` (computed once, after `init`). The engine adds `lambda p` to those upd
 inside the optimiser's fused Adam kernel where that runs (which reads `p` anyway, so the term costs
 no pass of its own), otherwise as `update + lambda p` handed to the optimiser. It comes on top of
 the optimiser's own `--weight-decay`, which applies to every parameter.
+
+A rule that sends substitute feedback through some weights may say which with `credit(network,
+params, state)`: the model keys trained with that feedback and those trained by their exact
+gradient, which the engine records as the run's `credit_assignment`.
 """
 
 from __future__ import annotations
@@ -88,6 +92,8 @@ class Rule:
     # (network, params) -> {group: {key: lambda}}: an L2 term `lambda p` the engine adds to those
     # parameters' updates (see the module docstring)
     weight_decay: Callable[[Network, Groups], dict[str, dict[str, float]]] | None = None
+    # {"feedback": [model keys trained with substituted feedback], "exact_gradient": [the other model keys]}
+    credit: Callable[[Network, Groups, State], dict[str, list[str]]] | None = None
 
     def __post_init__(self):
         if self.task not in TASKS:

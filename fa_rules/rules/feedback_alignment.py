@@ -49,6 +49,17 @@ rule; Adam's per-parameter scaling absorbs it, SGD does not); BioTorch's `usf`
 (`magnitude=xavier`) is the constant `scale * sqrt(2 / (fan_in + fan_out))`, the standard deviation
 of Xavier's init, fixed by the shape.
 
+DFA's `targets` says where the projected error lands. `blocks` (the default): at each hidden block's
+output, as described below. `layers`: Nøkland's DFA per layer, which is BioTorch's `dfa` mode; every
+Linear and convolution (each weight of `feedback_weight_keys`) sends down, in place of `W^T g`, the
+error projected to its input by a fixed random `D` of its own, shaped as BioTorch shapes it
+(`(classes, in_features)`; `(classes, in_channels, *kernel)`, the error copied over the layer's output
+positions and sent back by the transposed convolution), and its weight gets its true gradient for
+what reaches its output; batch norm, activations, pooling and skip paths pass the signal on as in
+backprop (`fa_rules.core.feedback.layer_direct_feedback_gradients`). On `Linear -> activation`
+blocks the two agree; on a residual network (torchvision's resnet18: 7 blocks, 21 layers) they do
+not, and `layers` equals BioTorch's update (`tests/test_biotorch_parity.py`).
+
 DFA's `projection=conv` is BioTorch's structured feedback for conv blocks: where the next block's
 layer is a Conv2d, `D_l` is a kernel (classes, channels, kh, kw) and block `l`'s output receives the
 error broadcast over the next layer's output positions, sent back by the transposed convolution
@@ -76,7 +87,17 @@ Settings (`--opt key=value`): `init` (uniform: the forward weights' default dist
 U(+-1/sqrt(fan_in)); gaussian; xavier), `scale` (multiplies the feedback), `feedback_seed` (-1: draw
 from the run's seeded generator; otherwise a generator of its own with this seed, so the same
 seed gives the same feedback whatever the run seed), `decay` (Kolen-Pollack), `magnitude` (sign
-symmetry), `projection` (DFA, DRTP: dense or conv).
+symmetry), `projection` (DFA, DRTP: dense or conv), `targets` (DFA: blocks or layers),
+`exact_gradient` (FA, sign symmetry, Kolen-Pollack, brSF, frSF; see below).
+
+FA, sign symmetry, Kolen-Pollack, brSF and frSF give a feedback tensor to every parameter the
+forward pass uses as the weight of a linear map or convolution, raw parameters called through
+`F.linear` / `F.conv2d` included (`fa_rules.core.feedback.reached_weight_keys`), and refuse in one
+line a parameter used any other way (`x @ W`, an embedding), which no feedback tensor can stand in
+for, rather than train it silently by its exact gradient; `exact_gradient`, comma-separated fnmatch
+patterns over model keys (`blocks.0.W,blocks.3.*`), accepts that for the parameters it names (a
+pattern naming none is refused too). `Rule.credit` lists the model keys trained with feedback and
+the others (the first layer, biases, normalisations, the parameters opted in).
 
 The learned-feedback rules of the family (bidirectional FA and DFA, the weight mirror) are in
 `fa_rules.rules.learned_feedback`.
@@ -97,10 +118,14 @@ from fa_rules.core.feedback import (
     chained_feedback_gradients,
     check_feedback_network,
     conv_projection_shape,
+    credit_listing,
     direct_feedback_gradients,
     draw_feedback,
     feedback_weight_keys,
     indirect_feedback_gradients,
+    layer_direct_feedback_gradients,
+    layer_projection_shapes,
+    reached_weight_keys,
     target_projection_gradients,
     xavier_std,
 )
@@ -111,17 +136,20 @@ RANDOM_OPTIONS = {"init": "uniform", "scale": 1.0, "feedback_seed": -1}
 # leaves only the output block learning, the random-features floor
 RANDOM_RANGES = {"init": FEEDBACK_INITS, "scale": NON_NEGATIVE,
                  "feedback_seed": Range(-1, MAX_SEED, note="-1: drawn from the run's seed")}
+# the layer-level rules' opt-in for parameters their feedback cannot reach (`reached_weight_keys`):
+# comma-separated fnmatch patterns over model keys, any string, so no declared range
+EXACT = {"exact_gradient": ""}
 
 
 def _generator(generator: torch.Generator, feedback_seed: int) -> torch.Generator:
     return generator if feedback_seed < 0 else torch.Generator().manual_seed(feedback_seed)
 
 
-def _random_weight_feedback(network, model, generator, init, scale, feedback_seed) -> dict:
-    """One random tensor shaped like each weight that sends the error backwards (every Linear and
-    convolution but the one reading the input; `feedback_weight_keys`)."""
+def _random_weight_feedback(model, keys, generator, init, scale, feedback_seed) -> dict:
+    """One random tensor shaped like each weight of `keys` (those that send the error backwards,
+    `reached_weight_keys`), drawn in their order."""
     gen = _generator(generator, feedback_seed)
-    return {k: draw_feedback(model[k].shape, init, scale, gen, like=model[k]) for k in feedback_weight_keys(network)}
+    return {k: draw_feedback(model[k].shape, init, scale, gen, like=model[k]) for k in keys}
 
 
 PROJECTIONS = ("dense", "conv")
@@ -150,12 +178,14 @@ def _ordered(model: dict, grads: dict) -> dict:
 
 
 # -- feedback alignment ------------------------------------------------------------------------------
-def feedback_alignment(init: str = "uniform", scale: float = 1.0, feedback_seed: int = -1) -> Rule:
-    """Fixed random feedback tensors, one per block that sends the error backwards."""
+def feedback_alignment(init: str = "uniform", scale: float = 1.0, feedback_seed: int = -1,
+                       exact_gradient: str = "") -> Rule:
+    """Fixed random feedback tensors, one per weight that sends the error backwards."""
 
     def init_fn(network, params, generator):
         check_feedback_network(network, "feedback_alignment")
-        return params, {"feedback": _random_weight_feedback(network, params["model"], generator, init, scale,
+        keys = reached_weight_keys(network, params["model"], "feedback_alignment", exact_gradient)
+        return params, {"feedback": _random_weight_feedback(params["model"], keys, generator, init, scale,
                                                             feedback_seed)}
 
     def step(network, params, state, batch):
@@ -163,7 +193,10 @@ def feedback_alignment(init: str = "uniform", scale: float = 1.0, feedback_seed:
         grads, loss = chained_feedback_gradients(network, model, batch.x, batch.y, state["feedback"])
         return {"model": _ordered(model, grads)}, state, {"loss": loss}
 
-    return Rule(init=init_fn, step=step, task="classify")
+    def credit(network, params, state):
+        return credit_listing(network, state["feedback"])
+
+    return Rule(init=init_fn, step=step, task="classify", credit=credit)
 
 
 # -- direct feedback alignment -----------------------------------------------------------------------
@@ -173,6 +206,7 @@ def _projection_rule(name: str, gradients, init: str, scale: float, feedback_see
 
     def init_fn(network, params, generator):
         check_feedback_network(network, name)
+        network.require_blocks(name, "hidden blocks to project to")  # with one block it would be backprop
         hidden = range(network.num_blocks - 1)
         return params, {"projections": _random_projections(network, params["model"], hidden, generator, init,
                                                            scale, feedback_seed, projection)}
@@ -186,10 +220,43 @@ def _projection_rule(name: str, gradients, init: str, scale: float, feedback_see
     return Rule(init=init_fn, step=step, task="classify")
 
 
+TARGETS = ("blocks", "layers")
+
+
+def _layer_projection_rule(init: str, scale: float, feedback_seed: int, projection: str) -> Rule:
+    """DFA at every linear map and convolution (`targets=layers`): one fixed random projection per
+    weight that `feedback_weight_keys` lists, in `state["projections"]` under that weight's key."""
+    name = "direct_feedback_alignment"
+
+    def init_fn(network, params, generator):
+        check_feedback_network(network, name)
+        if projection != "dense":
+            raise UserError(f"rule '{name}': projection={projection} shapes block projections; with "
+                            "targets=layers each layer's projection is shaped by the layer (leave projection=dense)")
+        model = params["model"]
+        classes = block_output_shapes(network, model)[-1][0]
+        shapes = layer_projection_shapes(network, model, feedback_weight_keys(network, model), classes)
+        gen = _generator(generator, feedback_seed)
+        return params, {"projections": {k: draw_feedback(shape, init, scale, gen, like=model[k])
+                                        for k, shape in shapes.items()}}
+
+    def step(network, params, state, batch):
+        model = params["model"]
+        grads, loss = layer_direct_feedback_gradients(network, model, batch.x, batch.y, state["projections"])
+        return {"model": _ordered(model, grads)}, state, {"loss": loss}
+
+    return Rule(init=init_fn, step=step, task="classify")
+
+
 def direct_feedback_alignment(init: str = "uniform", scale: float = 1.0, feedback_seed: int = -1,
-                              projection: str = "dense") -> Rule:
+                              projection: str = "dense", targets: str = "blocks") -> Rule:
     """The output error projected by a fixed random matrix (or conv kernel) straight to every
-    hidden block."""
+    hidden block (`targets=blocks`) or to the input of every linear map and convolution
+    (`targets=layers`, BioTorch's dfa)."""
+    if targets == "layers":
+        return _layer_projection_rule(init, scale, feedback_seed, projection)
+    if targets != "blocks":
+        raise UserError(f"unknown DFA targets '{targets}' (use {' or '.join(TARGETS)})")
     return _projection_rule("direct_feedback_alignment", direct_feedback_gradients, init, scale, feedback_seed,
                             projection)
 
@@ -236,35 +303,46 @@ def sign_feedback(weight: torch.Tensor, scale: float, magnitude: str = "mean_abs
     raise UserError(f"unknown sign-symmetry magnitude '{magnitude}' (use {', '.join(MAGNITUDES)})")
 
 
-def sign_symmetry(scale: float = 1.0, magnitude: str = "mean_abs") -> Rule:
+def sign_symmetry(scale: float = 1.0, magnitude: str = "mean_abs", exact_gradient: str = "") -> Rule:
     """Feedback tensors that share the forward weights' signs, recomputed every step."""
+
+    def keys(network, model):
+        return reached_weight_keys(network, model, "sign_symmetry", exact_gradient)  # (cached after init)
 
     def init_fn(network, params, generator):
         check_feedback_network(network, "sign_symmetry")
         sign_feedback(next(iter(params["model"].values())), scale, magnitude)  # an unknown magnitude fails here
+        keys(network, params["model"])
         return params, {}
 
     def step(network, params, state, batch):
         model = params["model"]
-        feedback = {k: sign_feedback(model[k], scale, magnitude) for k in feedback_weight_keys(network)}
+        feedback = {k: sign_feedback(model[k], scale, magnitude) for k in keys(network, model)}
         grads, loss = chained_feedback_gradients(network, model, batch.x, batch.y, feedback)
         return {"model": _ordered(model, grads)}, state, {"loss": loss}
 
-    return Rule(init=init_fn, step=step, task="classify")
+    def credit(network, params, state):
+        return credit_listing(network, keys(network, params["model"]))
+
+    return Rule(init=init_fn, step=step, task="classify", credit=credit)
 
 
 # -- sign-concordant feedback with random magnitudes ------------------------------------------------
 def random_magnitude_sign_feedback(frsf: bool, init: str = "uniform", scale: float = 1.0,
-                                   feedback_seed: int = -1) -> Rule:
+                                   feedback_seed: int = -1, exact_gradient: str = "") -> Rule:
     """`B_l = |R_l| * sign(W_l)`; `R_l` fixed (frSF) or drawn anew every batch (brSF)."""
     name = "frsf" if frsf else "brsf"
 
+    def keys(network, model):
+        return reached_weight_keys(network, model, name, exact_gradient)  # (cached after init)
+
     def init_fn(network, params, generator):
         check_feedback_network(network, name)
+        model = params["model"]
         if not frsf:
-            _random_weight_feedback(network, params["model"], generator, init, scale, 0)  # checks `init`
+            _random_weight_feedback(model, keys(network, model), generator, init, scale, 0)  # checks `init`
             return params, {}
-        magnitudes = _random_weight_feedback(network, params["model"], generator, init, scale, feedback_seed)
+        magnitudes = _random_weight_feedback(model, keys(network, model), generator, init, scale, feedback_seed)
         return params, {"magnitudes": {k: m.abs() for k, m in magnitudes.items()}}
 
     def step(network, params, state, batch):
@@ -272,23 +350,26 @@ def random_magnitude_sign_feedback(frsf: bool, init: str = "uniform", scale: flo
         if frsf:
             magnitudes = state["magnitudes"]
         else:
-            magnitudes = {k: m.abs() for k, m in
-                          _random_weight_feedback(network, model, batch.generator(), init, scale, -1).items()}
+            magnitudes = {k: m.abs() for k, m in _random_weight_feedback(model, keys(network, model),
+                                                                         batch.generator(), init, scale, -1).items()}
         feedback = {k: m * torch.sign(model[k]) for k, m in magnitudes.items()}
         grads, loss = chained_feedback_gradients(network, model, batch.x, batch.y, feedback)
         return {"model": _ordered(model, grads)}, state, {"loss": loss}
 
-    return Rule(init=init_fn, step=step, task="classify")
+    def credit(network, params, state):
+        return credit_listing(network, state["magnitudes"] if frsf else keys(network, params["model"]))
+
+    return Rule(init=init_fn, step=step, task="classify", credit=credit)
 
 
-def brsf(init: str = "uniform", scale: float = 1.0) -> Rule:
+def brsf(init: str = "uniform", scale: float = 1.0, exact_gradient: str = "") -> Rule:
     """Sign-concordant feedback with batchwise random magnitudes."""
-    return random_magnitude_sign_feedback(False, init, scale)
+    return random_magnitude_sign_feedback(False, init, scale, exact_gradient=exact_gradient)
 
 
-def frsf(init: str = "uniform", scale: float = 1.0, feedback_seed: int = -1) -> Rule:
+def frsf(init: str = "uniform", scale: float = 1.0, feedback_seed: int = -1, exact_gradient: str = "") -> Rule:
     """Sign-concordant feedback with fixed random magnitudes."""
-    return random_magnitude_sign_feedback(True, init, scale, feedback_seed)
+    return random_magnitude_sign_feedback(True, init, scale, feedback_seed, exact_gradient)
 
 
 # -- direct random target projection ---------------------------------------------------------------
@@ -300,13 +381,15 @@ def direct_random_target_projection(init: str = "uniform", scale: float = 1.0, f
 
 
 # -- Kolen-Pollack -----------------------------------------------------------------------------------
-def kolen_pollack(init: str = "uniform", scale: float = 1.0, feedback_seed: int = -1, decay: float = 1e-3) -> Rule:
+def kolen_pollack(init: str = "uniform", scale: float = 1.0, feedback_seed: int = -1, decay: float = 1e-3,
+                  exact_gradient: str = "") -> Rule:
     """Learned feedback: forward and feedback weights get the same update plus weight decay (>= 0: a
     negative decay would push W and B apart, not together)."""
 
     def init_fn(network, params, generator):
         check_feedback_network(network, "kolen_pollack")
-        feedback = _random_weight_feedback(network, params["model"], generator, init, scale, feedback_seed)
+        keys = reached_weight_keys(network, params["model"], "kolen_pollack", exact_gradient)
+        feedback = _random_weight_feedback(params["model"], keys, generator, init, scale, feedback_seed)
         return {**params, "feedback": feedback}, {}
 
     def step(network, params, state, batch):
@@ -320,33 +403,38 @@ def kolen_pollack(init: str = "uniform", scale: float = 1.0, feedback_seed: int 
         keys = params["feedback"]
         return {"model": {k: decay for k in keys}, "feedback": {k: decay for k in keys}}
 
-    return Rule(init=init_fn, step=step, task="classify", weight_decay=weight_decay)
+    def credit(network, params, state):
+        return credit_listing(network, params["feedback"])
+
+    return Rule(init=init_fn, step=step, task="classify", weight_decay=weight_decay, credit=credit)
 
 
 @hookimpl
 def register_rules(register):
     projected = {**RANDOM_RANGES, "projection": PROJECTIONS}
     register(RuleSpec("feedback_alignment", feedback_alignment,
-                      "fixed random feedback weights (Lillicrap et al. 2016)", options=dict(RANDOM_OPTIONS),
+                      "fixed random feedback weights (Lillicrap et al. 2016)", options={**RANDOM_OPTIONS, **EXACT},
                       ranges=RANDOM_RANGES))
     register(RuleSpec("direct_feedback_alignment", direct_feedback_alignment,
                       "output error projected to every hidden block (Nøkland 2016)",
-                      options={**RANDOM_OPTIONS, "projection": "dense"}, ranges=projected, aliases=("dfa",)))
+                      options={**RANDOM_OPTIONS, "projection": "dense", "targets": "blocks"},
+                      ranges={**projected, "targets": TARGETS}, aliases=("dfa",)))
     register(RuleSpec("indirect_feedback_alignment", indirect_feedback_alignment,
                       "error projected to the first hidden block, then sent forward (Nøkland 2016)",
                       options=dict(RANDOM_OPTIONS), ranges=RANDOM_RANGES, aliases=("ifa",)))
     register(RuleSpec("sign_symmetry", sign_symmetry,
                       "feedback = sign of the forward weights (Liao, Leibo & Poggio 2016)",
-                      options={"scale": 1.0, "magnitude": "mean_abs"},
+                      options={"scale": 1.0, "magnitude": "mean_abs", **EXACT},
                       ranges={"scale": NON_NEGATIVE, "magnitude": MAGNITUDES}))
     register(RuleSpec("brsf", brsf, "feedback = sign of the forward weights, random magnitudes drawn every batch "
-                      "(Moskovitz et al. 2018)", options={"init": "uniform", "scale": 1.0},
+                      "(Moskovitz et al. 2018)", options={"init": "uniform", "scale": 1.0, **EXACT},
                       ranges={"init": FEEDBACK_INITS, "scale": NON_NEGATIVE}))
     register(RuleSpec("frsf", frsf, "feedback = sign of the forward weights, fixed random magnitudes "
-                      "(Moskovitz et al. 2018)", options=dict(RANDOM_OPTIONS), ranges=RANDOM_RANGES))
+                      "(Moskovitz et al. 2018)", options={**RANDOM_OPTIONS, **EXACT}, ranges=RANDOM_RANGES))
     register(RuleSpec("direct_random_target_projection", direct_random_target_projection,
                       "one-hot target projected to every hidden block, no backward pass (Frenkel et al. 2021)",
                       options={**RANDOM_OPTIONS, "projection": "dense"}, ranges=projected, aliases=("drtp",)))
     register(RuleSpec("kolen_pollack", kolen_pollack,
                       "learned feedback, same update as the forward weights plus decay (Akrout et al. 2019)",
-                      options={**RANDOM_OPTIONS, "decay": 1e-3}, ranges={**RANDOM_RANGES, "decay": NON_NEGATIVE}))
+                      options={**RANDOM_OPTIONS, "decay": 1e-3, **EXACT},
+                      ranges={**RANDOM_RANGES, "decay": NON_NEGATIVE}))

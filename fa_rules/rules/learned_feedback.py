@@ -143,6 +143,7 @@ def bidirectional_dfa(init: str = "uniform", scale: float = 1.0, feedback_seed: 
 
     def init_fn(network, params, generator):
         check_feedback_network(network, "bidirectional_dfa")
+        network.require_blocks("bidirectional_dfa", "hidden blocks to project to")
         hidden = range(network.num_blocks - 1)
         projections = _random_projections(network, params["model"], hidden, generator, init, scale, feedback_seed)
         return {**params, "feedback": projections}, {}
