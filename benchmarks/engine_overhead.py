@@ -8,10 +8,13 @@ state. Every step is timed by the wall clock and by CPU time (`fa_rules.benchmar
 the ratio is of CPU time (run with one torch thread, `OMP_NUM_THREADS=1`, so that the thread's own
 CPU time counts the whole step; with more threads it is the process's), on CUDA of wall time with
 every step synchronised. Goal: <= 1.10 on the tiny MLP (784-64-10, batch 8), where the engine's
-Python overhead weighs most.
+Python overhead weighs most; <= 1.05 on torchvision's ResNet-18 as it is (batch norm with running
+statistics, which the engine records in the step and updates after it; the plain loop is the same
+torchvision module behind the same input adapter, whose batch norms update in their kernels).
 
     OMP_NUM_THREADS=1 python benchmarks/engine_overhead.py                 # tiny MLP
     OMP_NUM_THREADS=1 python benchmarks/engine_overhead.py --model lenet --batch-size 64
+    OMP_NUM_THREADS=1 python benchmarks/engine_overhead.py --model torchvision:resnet18 --batch-size 32 --steps 30 --warmup 3
 """
 
 from __future__ import annotations
@@ -31,7 +34,15 @@ from fa_rules.runs import resolve
 
 
 def plain_module(model: str, in_shape: tuple, num_classes: int, depth: int = 1, width: int = 64) -> nn.Module:
-    """The engine's `mlp` (tanh) or `lenet` (relu) written as a user would write it."""
+    """The engine's `mlp` (tanh) or `lenet` (relu) written as a user would write it; a torchvision
+    model as torchvision builds it, behind the input adapter the engine gives it."""
+    if model.startswith("torchvision:"):
+        import torchvision
+
+        from fa_rules.plugins.torchvision_models import InputAdapter
+
+        net = torchvision.models.get_model(model.split(":", 1)[1], weights=None, num_classes=num_classes)
+        return nn.Sequential(InputAdapter(in_shape[0]), net) if in_shape[0] == 1 else net
     if model == "mlp":
         widths = [in_shape[0] * in_shape[1] * in_shape[2]] + [width] * depth
         layers: list[nn.Module] = [nn.Flatten()]
@@ -45,7 +56,7 @@ def plain_module(model: str, in_shape: tuple, num_classes: int, depth: int = 1, 
             nn.Conv2d(6, 16, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(),
             nn.Linear(16 * side * side, 120), nn.ReLU(), nn.Linear(120, 84), nn.ReLU(), nn.Linear(84, num_classes),
         )
-    raise SystemExit(f"--model {model}: the plain loop is written for mlp and lenet")
+    raise SystemExit(f"--model {model}: the plain loop is written for mlp, lenet and torchvision:NAME")
 
 
 def plain_copy(trainer: Trainer) -> nn.Module:
@@ -102,7 +113,7 @@ def engine_against_plain(config: TrainConfig, steps: int, warmup: int) -> tuple[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="mlp", choices=["mlp", "lenet"])
+    parser.add_argument("--model", default="mlp", help="mlp, lenet or torchvision:NAME")
     parser.add_argument("--dataset", default="fashion_mnist")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps", type=int, default=500)
@@ -121,7 +132,8 @@ def main() -> None:
     print(f"engine backprop step   {engine.wall * 1e3:8.3f} {engine.cpu * 1e3:8.3f}")
     print(f"plain loop step        {plain.wall * 1e3:8.3f} {plain.cpu * 1e3:8.3f}")
     print(f"engine / plain         {engine.wall / plain.wall:8.3f} {engine.cpu / plain.cpu:8.3f}")
-    print(f"ratio by {ratio_clock(args.device)}: {ratio:.3f}  (goal <= 1.10)")
+    goal = 1.05 if args.model.startswith("torchvision:") else 1.10
+    print(f"ratio by {ratio_clock(args.device)}: {ratio:.3f}  (goal <= {goal:.2f})")
 
 
 if __name__ == "__main__":

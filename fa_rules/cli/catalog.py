@@ -59,6 +59,10 @@ def models(as_json: bool = typer.Option(False, "--json", help="Print JSON instea
          "distribution": registry.source("models", n).distribution}
         for n, s in sorted(registry.models.items())
     ]
+    rows.append({"name": "torchvision:NAME", "options": {"image_size": 0, "blocks": ""},
+                 "summary": "any torchvision classification model by name (weights=None), images through the input "
+                            "adapter; its class's plain settings are options too",
+                 "distribution": "torchvision"})
     _list_table("models", rows, as_json)
 
 
