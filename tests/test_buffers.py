@@ -184,3 +184,18 @@ def test_a_forward_that_changes_a_buffer_is_one_line_under_torch_func(tmp_path):
     with functional_transforms(), pytest.raises(UserError, match=r"^model 'python:MutatesABuffer' changes a tensor in place in its forward"):
         fa_rules.train(rule="backprop", dataset="digits", model=MutatesABuffer, epochs=1, out_dir=tmp_path / "r",
                        progress=False)
+
+
+def test_a_3_channel_design_handed_grey_images_gets_the_input_adapter():
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=10).double().eval()
+    network = as_network(copy.deepcopy(model), (1, 28, 28), (10,), "resnet18").eval()
+    assert type(network.blocks[0].input_adapter).__name__ == "InputAdapter"
+    x = torch.rand(3, 1, 28, 28, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(network.apply(network.init_params(), x), model(x.repeat(1, 3, 1, 1)),
+                                   rtol=0, atol=1e-12)
+    # a design that takes grey images as they are gets none
+    assert not hasattr(_network(SmallNet()).blocks[0], "input_adapter")

@@ -277,7 +277,7 @@ def as_network(model, in_shape: Sequence[int], out_shape: Sequence[int] | None, 
     other module cut at `blocks` (submodule names), by default after each top-level child that owns
     parameters (`fa_rules.core.split`). `input_adapter`, a module that runs on the input first
     (e.g. grey images to a 3-channel design), becomes part of the first block."""
-    from fa_rules.core.split import AdaptedModule, module_blocks
+    from fa_rules.core.split import AdaptedModule, grey_input_adapter, module_blocks
 
     if isinstance(model, AdaptedModule) and input_adapter is None:  # (a builder's module with its adapter)
         model, input_adapter = model.model, model.input_adapter
@@ -301,6 +301,8 @@ def as_network(model, in_shape: Sequence[int], out_shape: Sequence[int] | None, 
                             "put every layer in its `blocks` sequence")
         parts = list(model.blocks)
     else:
+        if input_adapter is None:  # a 3-channel design handed grey images: repeated to three channels
+            input_adapter = grey_input_adapter(model, in_shape)
         parts, note = module_blocks(model, blocks, family, input_adapter)
         input_adapter = None
     if not parts or not all(isinstance(b, nn.Module) for b in parts):

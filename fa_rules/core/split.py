@@ -20,6 +20,10 @@ alone: a value made before it and used after it (a skip connection around it) ma
 impossible, and the message names the value. A module that cannot be traced, or a default split that
 is impossible, stays one block, with the reason kept (`Network.split_note`) for the rules that need
 a chain to quote.
+
+A module built for 3-channel images and handed grey ones (torchvision's designs, as they are) gets
+an `InputAdapter` in its first block, which repeats the grey channel three times
+(`grey_input_adapter`; found by trying both on zeros).
 """
 
 from __future__ import annotations
@@ -158,6 +162,26 @@ def _prepend(block: fx.GraphModule, adapter: nn.Module) -> None:
     block.recompile()
 
 
+class InputAdapter(nn.Module):
+    """Images with `in_channels` channels (1 or 3) to a 3-channel design: grey repeated to three
+    channels (a view, no copy), then, with `size`, resized bilinearly to `size` x `size`."""
+
+    def __init__(self, in_channels: int, size: int = 0):
+        super().__init__()
+        self.in_channels = in_channels
+        self.size = size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_channels == 1:
+            x = x.expand(-1, 3, *x.shape[2:])
+        if self.size:
+            x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return x
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, size={self.size or 'unchanged'}"
+
+
 class AdaptedModule(nn.Module):
     """`model(input_adapter(x))`: a module that could not be split, with its input adapter."""
 
@@ -168,6 +192,32 @@ class AdaptedModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(self.input_adapter(x))
+
+
+def grey_input_adapter(module: nn.Module, in_shape: Sequence[int]) -> nn.Module | None:
+    """An `InputAdapter` for grey images when `module` takes 3-channel images and not these (a
+    torchvision design handed over as it is), else None. Tried on two zero images in evaluation
+    mode without a graph: only when the grey images fail and 3-channel ones pass."""
+    if len(in_shape) != 3 or in_shape[0] != 1:
+        return None
+    like = next(iter(module.parameters()), None)
+    if like is None or like.device.type == "meta":
+        return None
+
+    def takes(channels: int) -> bool:
+        try:
+            with torch.no_grad():
+                module(torch.zeros(2, channels, *in_shape[1:], dtype=like.dtype, device=like.device))
+            return True
+        except Exception:
+            return False
+
+    training = module.training
+    module.eval()
+    try:
+        return InputAdapter(1) if not takes(1) and takes(3) else None
+    finally:
+        module.train(training)
 
 
 def module_blocks(module: nn.Module, split_points: Sequence[str] | None, family: str,

@@ -9,7 +9,7 @@ float or string default of the model class, e.g. `zero_init_residual`, `width_pe
 (`fa_rules.core.split`).
 
 These designs take 3-channel images of 224 px. Data of other shapes reaches them through the
-**input adapter** (`InputAdapter`), part of the model's first block: grey images are repeated to
+**input adapter** (`fa_rules.core.split.InputAdapter`), part of the model's first block: grey images are repeated to
 three channels, and with `--model-opt image_size=N` images are resized (bilinear) to N x N first.
 Without it the images keep their size: most designs end in an adaptive pooling and take 28 or 32 px
 images as they are (ResNet-18 on 28 px reaches 1 x 1 after its last stage); a design that cannot is
@@ -25,31 +25,11 @@ from torch import nn
 
 from fa_rules.core.errors import UserError, unknown_name_error
 from fa_rules.core.network import ModelSpec
-from fa_rules.core.split import AdaptedModule
+from fa_rules.core.split import AdaptedModule, InputAdapter
 from fa_rules.plugins.manager import TORCHVISION_PREFIX as PREFIX
 
 MAX_IMAGE_SIZE = 1024
 PLAIN = (bool, int, float, str)
-
-
-class InputAdapter(nn.Module):
-    """Images with `in_channels` channels (1 or 3) to a 3-channel design: grey repeated to three
-    channels (a view, no copy), then, with `size`, resized bilinearly to `size` x `size`."""
-
-    def __init__(self, in_channels: int, size: int = 0):
-        super().__init__()
-        self.in_channels = in_channels
-        self.size = size
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.in_channels == 1:
-            x = x.expand(-1, 3, *x.shape[2:])
-        if self.size:
-            x = torch.nn.functional.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        return x
-
-    def extra_repr(self) -> str:
-        return f"in_channels={self.in_channels}, size={self.size or 'unchanged'}"
 
 
 def classification_models() -> list[str]:
