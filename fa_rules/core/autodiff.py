@@ -200,9 +200,13 @@ def vjp(f: Callable, *primals, has_aux: bool = False):
     def vjp_fn(cotangent):
         out_leaves, _ = tree_flatten(out)
         cot_leaves, _ = tree_flatten(cotangent)
-        grads = torch.autograd.grad(
-            out_leaves, leaves, cot_leaves, retain_graph=True, create_graph=nested, allow_unused=True
-        )
+        # outputs that depend on no input (a parameter-free block on a cut input) and inputs that
+        # are none (no parameters) contribute zeros, as torch.func.vjp gives them
+        pairs = [(o, c) for o, c in zip(out_leaves, cot_leaves) if o.requires_grad]
+        grads = [None] * len(leaves)
+        if pairs and leaves:
+            grads = torch.autograd.grad([o for o, _ in pairs], leaves, [c for _, c in pairs], retain_graph=True,
+                                        create_graph=nested, allow_unused=True)
         grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, leaves)]
         return tuple(tree_unflatten(grads, spec))
 

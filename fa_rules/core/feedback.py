@@ -127,7 +127,8 @@ def feedback_weight_keys(network: Network, params: Params | None = None) -> list
 # -- what each parameter is used for: where layer-level feedback reaches ----------------------------
 _NORMALISATIONS = tuple(f for f in (torch.nn.functional.batch_norm, torch.nn.functional.layer_norm,
                                     torch.nn.functional.group_norm, torch.nn.functional.instance_norm,
-                                    getattr(torch.nn.functional, "rms_norm", None)) if f is not None)
+                                    getattr(torch.nn.functional, "rms_norm", None), torch.native_batch_norm)
+                       if f is not None)
 # reading a tensor's metadata sends no gradient anywhere: not a use
 _METADATA = frozenset({"shape", "dtype", "device", "ndim", "layout", "requires_grad", "is_leaf", "is_cuda", "size",
                        "dim", "ndimension", "numel", "nelement", "stride", "element_size", "is_contiguous",

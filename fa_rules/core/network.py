@@ -26,6 +26,7 @@ statistics normalise, as in torch.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import math
 import warnings
@@ -326,14 +327,11 @@ def _track_norms(network: nn.Module) -> list[tuple[str, nn.Module]]:
     tracked = []
     for name, m in network.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is not None:
-            if getattr(m, "_fa_rules_tracked", False):
-                tracked.append((name, m))
-                continue
-            # torch's forward passes the running buffers only `if not training or track_running_stats`:
-            # with the flag off, training mode reads and writes no buffer, evaluation mode reads them
-            m.track_running_stats = False
-            m._fa_rules_tracked = True
-            m.register_forward_hook(_record_batch_statistics)
+            if "forward" not in vars(m):
+                # torch's forward passes the running buffers only `if not training or track_running_stats`:
+                # with the flag off, training mode reads and writes no buffer, evaluation mode reads them
+                m.track_running_stats = False
+                object.__setattr__(m, "forward", functools.partial(_tracked_batch_norm, m))
             tracked.append((name, m))
         elif isinstance(m, nn.modules.instancenorm._InstanceNorm) and m.track_running_stats:
             raise UserError(f"{type(m).__name__} {name} keeps running statistics, which the engine does not "
@@ -341,14 +339,29 @@ def _track_norms(network: nn.Module) -> list[tuple[str, nn.Module]]:
     return tracked
 
 
-def _record_batch_statistics(module: nn.Module, args: tuple, output) -> None:
-    """Forward hook of a tracked batch norm: keep its first training-mode input's statistics."""
+def _tracked_batch_norm(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """A tracked batch norm's forward: torch's own in evaluation mode (running statistics); in
+    training mode normalised by the batch, and, while the engine records a step and this is the
+    module's first call in it, the batch's mean and unbiased variance kept for the update."""
+    if not module.training:
+        return type(module).forward(module, x)
     recording = _RECORDING
-    if recording is None or not module.training or recording.get(id(module), 0) is not None:
-        return
-    x = args[0].detach()
-    var, mean = torch.var_mean(x, dim=[d for d in range(x.dim()) if d != 1], correction=1)
-    recording[id(module)] = (mean, var)
+    wanted = recording is not None and id(module) in recording and recording[id(module)] is None
+    if x.device.type == "cpu" and not torch.compiler.is_compiling():
+        # the CPU kernel torch's forward calls, which returns the statistics it normalised with
+        module._check_input_dim(x)
+        out, mean, invstd = torch.native_batch_norm(x, module.weight, module.bias, None, None, True, 0.0, module.eps)
+        if wanted:
+            n = x.numel() // x.shape[1]
+            var = (invstd.detach() ** -2 - module.eps) * (n / max(n - 1, 1))
+            recording[id(module)] = (mean.detach(), var)
+        return out
+    out = type(module).forward(module, x)  # (cuDNN where torch picks it)
+    if wanted:
+        xd = x.detach()
+        var, mean = torch.var_mean(xd, dim=[d for d in range(xd.dim()) if d != 1], correction=1)
+        recording[id(module)] = (mean, var)
+    return out
 
 
 class recording_statistics:
