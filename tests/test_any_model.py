@@ -211,3 +211,11 @@ def test_cli_refuses_in_one_line(rule, model, expected, tiny_digits, tmp_path, m
     lines = stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(expected), stderr
     assert not out.exists()  # refused before the run directory is made
+
+
+def test_torchvision_resnet18_registered_by_a_plugin_trains_as_it_is(tiny_digits, tmp_path):
+    """The issue's first case: `torchvision.models.resnet18(num_classes=10)` returned by a plugin's factory."""
+    summary = fa_rules.train(rule="direct_feedback_alignment", dataset="digits", model="plugin_resnet18", epochs=1,
+                             batch_size=BATCH, out_dir=tmp_path / "run", progress=False)
+    assert summary["status"] == "ok" and math.isfinite(summary["train_loss"])
+    assert len(summary["alignment_angle_deg"]) == 7  # conv1 | bn1 | layer1 | layer2 | layer3 | layer4 | fc

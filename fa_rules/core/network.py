@@ -277,7 +277,9 @@ def as_network(model, in_shape: Sequence[int], out_shape: Sequence[int] | None, 
     of blocks (each any module from tensor to tensor; the last one's output are the logits); any
     other module cut at `blocks` (submodule names), by default after each top-level child that owns
     parameters (`fa_rules.core.split`). `input_adapter`, a module that runs on the input first
-    (e.g. grey images to a 3-channel design), becomes part of the first block."""
+    (e.g. grey images to a 3-channel design), becomes part of the first block. The module itself
+    becomes the network's (its batch norms tracked by the engine, see the module docstring): hand a
+    copy to keep using the original outside fa-rules, as `ModelSpec.from_module` does."""
     from fa_rules.core.split import AdaptedModule, grey_input_adapter, module_blocks
 
     if isinstance(model, AdaptedModule) and input_adapter is None:  # (a builder's module with its adapter)

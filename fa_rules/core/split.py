@@ -133,8 +133,8 @@ def split_module(module: nn.Module, split_points: Sequence[str], input_adapter: 
         for node in stage:
             for used in node.all_input_nodes:
                 if used not in inside and used is not entry and used.op != "get_attr":
-                    raise SplitImpossible(f"'{used.name}' crosses the cut after '{_named(entry)}' (used by "
-                                          f"'{node.name}': a connection around the split)")
+                    raise SplitImpossible(f"'{_named(used)}' crosses the cut after '{_named(entry)}' (used by "
+                                          f"'{_named(node)}': a connection around the split)")
         # get_attr nodes (a parameter or constant the forward reads directly) go to every block using them
         attrs = [n for n in {u for node in stage for u in node.all_input_nodes} if n.op == "get_attr" and n not in inside]
         stage_graph = _stage_graph(sorted(attrs, key=position.__getitem__) + stage, entry, cut)

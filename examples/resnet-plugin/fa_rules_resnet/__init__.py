@@ -1,13 +1,19 @@
-"""Example plugin: a user's own residual network, registered as a plain factory.
+"""Example plugin: a user's own models, registered as plain factories.
 
-The factory returns an ordinary `nn.Sequential` whose items are the blocks: a stem, residual units
+`my_resnet` returns an ordinary `nn.Sequential` whose items are the blocks: a stem, residual units
 (any module from tensor to tensor) and a pooled Linear readout. fa-rules sees each item as one
 block; the feedback-alignment family reaches every Linear and Conv2d inside them, batch norm trains
-by its true gradient. Keyword arguments with defaults are the model's options:
+by its true gradient and keeps its running statistics (the engine carries them). Keyword arguments
+with defaults are the model's options:
 
     pip install ./examples/resnet-plugin
     fa-rules train --rule sign_symmetry --model my_resnet --model-opt width=32 --model-opt units=3 \\
         --dataset digits --epochs 3
+
+`plugin_resnet18` returns torchvision's ResNet-18 exactly as torchvision builds it: fa-rules cuts it
+at its top-level children for the block-level rules and feeds grey images to its 3-channel stem:
+
+    fa-rules train --rule dfa --model plugin_resnet18 --dataset fashion_mnist --epochs 1
 """
 
 import torch
@@ -17,8 +23,7 @@ from fa_rules.core import hookimpl
 
 
 def batch_norm(channels: int) -> nn.BatchNorm2d:
-    # batch statistics only: the network stays a pure function of its parameters
-    return nn.BatchNorm2d(channels, track_running_stats=False)
+    return nn.BatchNorm2d(channels)
 
 
 class Residual(nn.Module):
@@ -40,6 +45,14 @@ def my_resnet(in_shape, out_shape, width: int = 16, units: int = 2) -> nn.Sequen
     return nn.Sequential(stem, *(Residual(width) for _ in range(units)), readout)
 
 
+def plugin_resnet18(in_shape, out_shape) -> nn.Module:
+    """torchvision's ResNet-18 as it is (weights=None), registered by a plugin."""
+    import torchvision
+
+    return torchvision.models.resnet18(weights=None, num_classes=out_shape[0])
+
+
 @hookimpl
 def register_models(register):
     register(my_resnet)
+    register(plugin_resnet18)
