@@ -20,8 +20,8 @@ after each step from the statistics its batch norms saw (`fa_rules.core.network`
 checkpoint, read in evaluation mode. Under torchrun each process updates its own from its shard, and
 rank 0's are copied to the others before every evaluation and checkpoint, which is what DDP's
 `broadcast_buffers` gives: training-mode forwards never read them. Random layers (dropout) draw from
-the global generator, which the engine seeds from the step's seed for the step (and restores after),
-so a seed fixes a run and resuming is exact.
+the global generator, which the engine seeds with the step's seed before the step, so a seed fixes
+a run and resuming is exact.
 """
 
 from __future__ import annotations
@@ -354,17 +354,14 @@ class StepMetricsLog:
         return first, self.losses[first:]
 
 
-@contextlib.contextmanager
-def seeded_global_generators(seed: int, device: torch.device):
-    """The global generators (CPU, and `device`'s on CUDA) seeded with `seed` for the block, their
-    states restored after: what random layers (dropout) draw in a step depends on the step alone."""
-    devices = [device] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices, device_type=device.type if devices else "cuda"):
-        torch.random.default_generator.manual_seed(seed)
-        if devices:
-            torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()
-                                          ].manual_seed(seed)
-        yield
+def seed_global_generators(seed: int, device: torch.device) -> None:
+    """Torch's global generator (and `device`'s on CUDA) seeded with `seed`: what random layers
+    (dropout) draw in a step depends on the step alone. Not restored after (saving and restoring the
+    state costs a visible part of a small step; the engine itself draws nothing from it)."""
+    torch.random.default_generator.manual_seed(seed)
+    if device.type == "cuda":
+        torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()
+                                      ].manual_seed(seed)
 
 
 @contextlib.contextmanager
@@ -549,9 +546,8 @@ class Trainer:
     def probe_memory(self, batch: Batch) -> None:
         """One throw-away step under the saved-tensor probe (training never sees its results)."""
         try:
-            with SavedTensorsProbe() as probe, seeded_global_generators(batch.seed, self.device), \
-                    self.mutations_explained():
-                self.rule.step(self.network, self.params, self.state, batch)
+            with SavedTensorsProbe() as probe:
+                self.run_step(self.rule.step, batch, record=False)
         except RuntimeError as e:
             if "saved tensor hooks" not in str(e):
                 raise
@@ -565,10 +561,7 @@ class Trainer:
         start = time.perf_counter()
         old_state = self.state
         self.dist.share = share
-        with seeded_global_generators(batch.seed, self.device), recording_statistics(self.network) as statistics, \
-                self.mutations_explained():
-            updates, self.state, metrics = self.step_fn(self.network, self.params, self.state, batch)
-        update_running_statistics(self.network, statistics)
+        updates, self.state, metrics = self.run_step(self.step_fn, batch)
         if not self._updates_checked:  # once per process: cheap, and names the rule at fault
             check_updates(self.config.rule, updates, self.params)
             if not isinstance(metrics, dict) or not _is_scalar(metrics.get("loss")):
@@ -594,12 +587,19 @@ class Trainer:
         self.global_step += 1
         return metrics
 
-    @contextlib.contextmanager
-    def mutations_explained(self):
-        """A model whose forward changes a tensor in place (a buffer other than batch norm's running
-        statistics): torch.func's refusal, said in one line as the model's limit."""
+    def run_step(self, step_fn, batch: Batch, record: bool = True):
+        """`step_fn(network, params, state, batch)` with the global generators seeded from the
+        batch; with `record`, the running statistics of batch norms updated after it. A model whose
+        forward changes a tensor in place (a buffer other than batch norm's running statistics) is
+        torch.func's refusal, said in one line as the model's limit."""
+        seed_global_generators(batch.seed, self.device)
         try:
-            yield
+            if not (record and self.network.tracked_norms):
+                return step_fn(self.network, self.params, self.state, batch)
+            with recording_statistics(self.network) as statistics:
+                result = step_fn(self.network, self.params, self.state, batch)
+            update_running_statistics(self.network, statistics)
+            return result
         except RuntimeError as e:
             if "would mutate a captured Tensor" not in str(e):
                 raise
@@ -657,10 +657,10 @@ class Trainer:
             with evaluation_mode(self.network):
                 out = self.evaluate_classifier(x, y)
             # (training mode: the angle compares the updates training makes)
-            with seeded_global_generators(self.config.seed, self.device):
-                out["alignment_angle_deg"] = alignment_angles(
-                    self.rule, self.network, self.params, self.state, self.alignment_batch()
-                )
+            seed_global_generators(self.config.seed, self.device)
+            out["alignment_angle_deg"] = alignment_angles(
+                self.rule, self.network, self.params, self.state, self.alignment_batch()
+            )
         else:
             with evaluation_mode(self.network):
                 out = evaluate_reconstruction(self.rule, self.network, self.params, self.state, x, self.config.seed,
