@@ -59,12 +59,17 @@ def _heads(width: int, heads: dict[str, int] | None) -> dict[str, Block]:
 
 
 def _shape_after(blocks: Sequence[Block], in_shape: Sequence[int]) -> tuple[int, ...]:
-    import torch
-
-    with torch.no_grad():
-        x = torch.zeros(2, *in_shape)
-        for b in blocks:
-            x = b(x)
+    """The output shape of `blocks`, from zeros run in evaluation mode (a training-mode pass would
+    move running statistics before training starts)."""
+    modes = [b.training for b in blocks]
+    try:
+        with torch.no_grad():
+            x = torch.zeros(2, *in_shape)
+            for b in blocks:
+                x = b.eval()(x)
+    finally:
+        for b, mode in zip(blocks, modes):
+            b.train(mode)
     return tuple(x.shape[1:])
 
 

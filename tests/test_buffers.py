@@ -199,3 +199,13 @@ def test_a_3_channel_design_handed_grey_images_gets_the_input_adapter():
                                    rtol=0, atol=1e-12)
     # a design that takes grey images as they are gets none
     assert not hasattr(_network(SmallNet()).blocks[0], "input_adapter")
+
+
+@pytest.mark.parametrize("model", ["vgg", "resnet20"])
+def test_zoo_models_with_running_statistics_start_untouched(model):
+    """Building a model runs shape probes; none may move the running statistics before training."""
+    network = get_registry().model(model).make((1, 8, 8), (10,), running_stats=True, width=4)
+    assert network.tracked_norms
+    for name, value in network.named_buffers():
+        expected = torch.ones_like(value) if name.endswith("running_var") else torch.zeros_like(value)
+        assert torch.equal(value, expected), name
