@@ -199,6 +199,14 @@ def test_a_3_channel_design_handed_grey_images_gets_the_input_adapter():
                                    rtol=0, atol=1e-12)
     # a design that takes grey images as they are gets none
     assert not hasattr(_network(SmallNet()).blocks[0], "input_adapter")
+    # the same design written as an nn.Sequential of its stages gets it in its first block
+    r = copy.deepcopy(model)
+    stages = nn.Sequential(nn.Sequential(r.conv1, r.bn1, r.relu, r.maxpool), r.layer1, r.layer2, r.layer3, r.layer4,
+                           nn.Sequential(r.avgpool, nn.Flatten(), r.fc))
+    sequential = as_network(stages, (1, 28, 28), (10,), "stages").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(sequential.apply(sequential.init_params(), x), model(x.repeat(1, 3, 1, 1)),
+                                   rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("model", ["vgg", "resnet20"])

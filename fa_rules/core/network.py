@@ -296,6 +296,8 @@ def as_network(model, in_shape: Sequence[int], out_shape: Sequence[int] | None, 
             return model
     if isinstance(model, (list, tuple, nn.ModuleList, nn.Sequential)):
         parts = list(model)
+        if input_adapter is None and parts and all(isinstance(b, nn.Module) for b in parts):
+            input_adapter = grey_input_adapter(nn.Sequential(*parts), in_shape)
     elif isinstance(getattr(model, "blocks", None), (nn.Sequential, nn.ModuleList)):
         inside = {id(p) for p in model.blocks.parameters()}
         outside = [k for k, p in model.named_parameters() if id(p) not in inside]
