@@ -841,9 +841,8 @@ class Trainer:
             "peak_saved_bytes": self.peak_saved_bytes,
             **final,
         }
-        credit = getattr(self.rule, "credit", None)
-        if credit is not None:  # which parameters trained by substituted feedback, which by their gradient
-            summary["credit_assignment"] = credit(self.network, self.params, self.state)
+        if self.rule.credit is not None:  # which parameters trained by substituted feedback, which by their gradient
+            summary["credit_assignment"] = self.rule.credit(self.network, self.params, self.state)
         if isinstance(self.step_fn, CompiledStep):  # this process's first step: compiling and its check
             summary["compile_time_s"] = self.step_fn.compile_time_s
             summary["compiled"] = self.step_fn.compiled
