@@ -217,3 +217,10 @@ def test_zoo_models_with_running_statistics_start_untouched(model):
     for name, value in network.named_buffers():
         expected = torch.ones_like(value) if name.endswith("running_var") else torch.zeros_like(value)
         assert torch.equal(value, expected), name
+
+
+def test_compile_runs_a_model_with_running_statistics_eager_and_says_so(tmp_path, capsys):
+    run = _train(tmp_path, "run", epochs=1, compile=True)
+    assert "keeps running statistics, which a compiled step cannot record; running eager" in capsys.readouterr().err
+    ckpt = load_checkpoint(run / "checkpoint.pt")
+    assert [int(v) for k, v in ckpt["buffers"].items() if k.endswith("num_batches_tracked")] == [ckpt["global_step"]]

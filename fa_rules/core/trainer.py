@@ -408,7 +408,13 @@ class Trainer:
         self.params, self.state = rule.init(self.network, params, generator)
         self.decay = declared_weight_decay(config.rule, rule, self.network, self.params)
         self.optimizers = make_optimizers(config, self.params)
-        self.step_fn = CompiledStep(config.rule, rule.step) if config.compile else rule.step
+        self.step_fn = rule.step
+        if config.compile and self.network.tracked_norms:
+            # the batch statistics a step records would leave the compiled graph as functorch wrappers
+            print(f"warning: model '{config.model}' keeps running statistics, which a compiled step cannot record; "
+                  "running eager", file=sys.stderr)
+        elif config.compile:
+            self.step_fn = CompiledStep(config.rule, rule.step)
         load_forward_ad()  # torch's own warning on a rule's first forward-mode step, silenced for every rule
         self.base_lr = {g: config.group_lr.get(g, config.lr) for g in self.optimizers}
         self.total_steps = self.steps_per_epoch(self.data.train_x.shape[0]) * config.epochs
