@@ -6,9 +6,15 @@ import contextlib
 import copy
 import json
 import os
+import queue as queue_module
+import re
+import signal
 import stat
 import statistics
+import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Callable
 
@@ -223,11 +229,14 @@ def output_lock(out_dir: Path):
 Event = Callable[[str, int, dict], None]  # (kind, cell index, payload)
 
 
-def run_suite(suite: Suite, out_dir: Path, on_event: Event | None = None, command: str | None = None) -> list[dict]:
+def run_suite(suite: Suite, out_dir: Path, on_event: Event | None = None, command: str | None = None,
+              workers: int | str = 1) -> list[dict]:
     """Run (or finish) every cell of `suite` into `out_dir`; write results, report and plots.
+    `workers` > 1 trains up to that many cells at once, each in a worker process (`check_workers`).
 
     Events: ("skip", i, row), ("start", i, {}), ("epoch", i, record), ("done", i, row).
     """
+    workers = check_workers(workers)
     out_dir = Path(out_dir)
     cells = plan_cells(suite)  # every check that needs no directory comes first: nothing is written
     check_cells(cells, suite.source or "suite")
@@ -236,7 +245,7 @@ def run_suite(suite: Suite, out_dir: Path, on_event: Event | None = None, comman
     except OSError as e:  # a file of that name, no permission
         raise UserError(f"cannot use {out_dir} as the output directory ({e.strerror or e})") from None
     with output_lock(out_dir):
-        return _run_cells(suite, cells, out_dir, on_event, command)
+        return _run_cells(suite, cells, out_dir, on_event, command, workers)
 
 
 def _write_json(path: Path, obj) -> None:
@@ -264,15 +273,24 @@ def time_interleaved(cells: list[Cell], rows: dict[int, dict], out_dir: Path, st
                 _write_json(out_dir / RUNS_DIR / cells[i].dirname / ROW_FILE, rows[i])
 
 
-def _run_cells(suite: Suite, cells: list[Cell], out_dir: Path, on_event: Event | None, command: str | None) -> list[dict]:
+def _run_cells(suite: Suite, cells: list[Cell], out_dir: Path, on_event: Event | None, command: str | None,
+               workers: int = 1) -> list[dict]:
     _write_json(out_dir / SUITE_JSON, {**suite.to_dict(), "cells": len(cells)})
     emit = on_event or (lambda *a: None)
     rows: dict[int, dict] = {}
     recorded = False
+    for_workers: list[int] = []  # with workers > 1: the cells to train, in planned order
 
     def save_all(plots: bool) -> None:
         ordered = [rows[i] for i in sorted(rows)]
         write_outputs(suite, out_dir, ordered, plots=plots, command=command)
+
+    def finish(i: int, row: dict) -> None:
+        """A cell's row, from this process or a worker: its row file, then every output."""
+        _write_json(out_dir / RUNS_DIR / cells[i].dirname / ROW_FILE, row)
+        rows[i] = row
+        emit("done", i, row)
+        save_all(plots=False)
 
     for cell in cells:  # before anything runs or is rewritten
         check_cell_dir(out_dir / RUNS_DIR / cell.dirname, cell)
@@ -292,16 +310,172 @@ def _run_cells(suite: Suite, cells: list[Cell], out_dir: Path, on_event: Event |
                 recorded = True
             run_dir.mkdir(parents=True, exist_ok=True)
             _write_json(run_dir / CELL_FILE, cell.config.to_dict())
+            if workers > 1:
+                for_workers.append(i)
+                continue
             emit("start", i, {})
             row = run_cell(cell, run_dir, out_dir, suite.measure,
                            on_epoch=lambda epoch, record, _i=i: emit("epoch", _i, record))
-            _write_json(run_dir / ROW_FILE, row)
-            rows[i] = row
-            emit("done", i, row)
-            save_all(plots=False)
+            finish(i, row)
+        if for_workers:
+            _run_in_workers(cells, for_workers, out_dir, suite.measure, workers, emit, finish)
         if suite.measure.get("timing", True):
             time_interleaved(cells, rows, out_dir, suite.measure.get("timing_steps", DEFAULT_STEPS))
     finally:  # also on Ctrl-C: every finished row is kept, plots drawn
         if rows:
             save_all(plots=True)
     return [rows[i] for i in sorted(rows)]
+
+
+# -- workers: `--workers N` trains up to N cells at once, each in a spawned process -----------------
+
+MAX_WORKERS = 64
+# tests only: a cell's dirname; the worker training that cell SIGKILLs itself after the cell's
+# first epoch checkpoint (a worker killed mid-cell, as the OOM killer or `kill -9` would)
+KILL_WORKER_FOR_TEST = "FA_RULES_TEST_KILL_WORKER_AFTER_EPOCH1"
+_WORKER_DIED = ("a worker process ended abruptly (killed, out of memory?) and its pool stopped this cell; "
+                "run the same command again to continue it from its last finished epoch")
+
+
+def check_workers(value) -> int:
+    """The number of worker processes (an int from Python, text from the command line), checked in
+    this one place: an integer in 1..MAX_WORKERS, else one line."""
+    text = str(value).strip()
+    if isinstance(value, bool) or not re.fullmatch(r"[0-9]+", text) or not 1 <= int(text) <= MAX_WORKERS:
+        raise UserError(f"--workers must be an integer in 1..{MAX_WORKERS}, got {str(value)!r}")
+    return int(text)
+
+
+_to_parent = None  # in a worker process: the queue its cells' events go to
+
+
+def _end_with_parent(parent_pid: int) -> None:
+    """A worker must not outlive its benchmark: after the parent is killed, a rerun would otherwise
+    train the same cell in two processes. Linux ends the worker with its parent (PR_SET_PDEATHSIG);
+    elsewhere a thread checks for the parent every second."""
+    try:
+        import ctypes
+
+        if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0) == 0:  # PR_SET_PDEATHSIG
+            if os.getppid() != parent_pid:  # the parent ended before the request
+                os._exit(1)
+            return
+    except (OSError, AttributeError, TypeError):  # no prctl (not Linux)
+        pass
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _start_worker(to_parent, counter, threads: int, cuda: bool, parent_pid: int) -> None:
+    """Once in each worker process: its share of the CPU threads, on CUDA its GPU (worker k takes
+    cuda:(k % device_count) as its current device, which `cuda` and `auto` resolve to), and Ctrl-C
+    left to the parent, which stops every worker."""
+    global _to_parent
+    _end_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _to_parent = to_parent
+    import torch
+
+    torch.set_num_threads(threads)
+    with counter.get_lock():
+        index = counter.value
+        counter.value += 1
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_device(index % torch.cuda.device_count())
+
+
+def _cell_in_worker(i: int, cell: Cell, run_dir: Path, root: Path, measure: dict) -> dict:
+    """`run_cell` in a worker process; its start and epochs go to the parent's live table."""
+    kill_after_epoch1 = os.environ.get(KILL_WORKER_FOR_TEST) == cell.dirname
+
+    def on_epoch(epoch: int, record: dict) -> None:
+        if kill_after_epoch1 and epoch == 1:
+            os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+        _to_parent.put(("epoch", i, dict(record)))  # pickled later, by the queue's thread: a copy
+
+    _to_parent.put(("start", i, {}))
+    return run_cell(cell, run_dir, root, measure, on_epoch=on_epoch)
+
+
+def _stop_workers(executor: ProcessPoolExecutor) -> None:
+    """Ctrl-C or an error in the parent: running cells stop now (each resumes from its last epoch
+    checkpoint on a rerun), queued ones never start. The executor has no public way to stop running
+    workers before Python 3.14, hence its process table."""
+    processes = list((getattr(executor, "_processes", None) or {}).values())
+    for process in processes:
+        process.terminate()
+    executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _run_in_workers(cells: list[Cell], todo: list[int], root: Path, measure: dict, workers: int,
+                    emit: Event, finish: Callable[[int, dict], None]) -> None:
+    """Train the cells `todo` in up to `workers` spawned processes and hand each row to `finish` (in
+    this process, as cells end). A cell that raises is a failed row. A worker that dies breaks its
+    pool: the cells that had started get a failed row (a rerun continues them from their last epoch)
+    and the others run in a new pool."""
+    import multiprocessing
+
+    import torch
+
+    context = multiprocessing.get_context("spawn")  # no fork of a process holding torch's threads
+    cuda = torch.cuda.is_available() and any(cells[i].config.device in ("auto", "cuda") for i in todo)
+    while todo:
+        size = min(workers, len(todo))
+        events = context.Queue()
+        started: set[int] = set()
+        finished: set[int] = set()
+        retry: list[int] = []
+        broken = None
+        executor = ProcessPoolExecutor(
+            size, mp_context=context, initializer=_start_worker,
+            initargs=(events, context.Value("i", 0), max(1, torch.get_num_threads() // size), cuda, os.getpid()))
+
+        def relay() -> None:
+            while True:
+                try:
+                    kind, i, payload = events.get_nowait()
+                except queue_module.Empty:
+                    return
+                if i not in finished:  # an epoch's message can trail its cell's result
+                    started.add(i)
+                    emit(kind, i, payload)
+
+        try:
+            futures = {executor.submit(_cell_in_worker, i, cells[i], root / RUNS_DIR / cells[i].dirname, root,
+                                       measure): i for i in todo}
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                relay()
+                for future in sorted(done, key=futures.get):
+                    i = futures[future]
+                    error = future.exception()
+                    if isinstance(error, BrokenProcessPool) and i not in started:
+                        broken = error
+                        retry.append(i)
+                        continue
+                    if error is None:
+                        row = future.result()
+                    else:
+                        row = _base_row(cells[i], root / RUNS_DIR / cells[i].dirname, root)
+                        row.update(status="failed", error=_WORKER_DIED if isinstance(error, BrokenProcessPool)
+                                   else _first_line(error))
+                    finished.add(i)
+                    finish(i, row)
+        except BaseException:
+            _stop_workers(executor)
+            raise
+        executor.shutdown(wait=True)
+        events.close()
+        if broken is not None and not finished:  # no worker ever ran a cell: another pool would not either
+            for i in retry:
+                row = _base_row(cells[i], root / RUNS_DIR / cells[i].dirname, root)
+                row.update(status="failed", error=f"no worker process could run it: {_first_line(broken)}")
+                finish(i, row)
+            retry = []
+        todo = sorted(retry)

@@ -33,11 +33,16 @@ def benchmark(
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Output directory (default runs/benchmark-NAME); rerun to resume."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write the report here (e.g. benchmarks/reports/NAME.md)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No live table."),
+    workers: str = typer.Option("1", "--workers", metavar="N", show_default=True,
+                                help="Train up to N cells at once (1..64), each in its own process; the CPU "
+                                     "threads are split between them, on CUDA worker k takes GPU k mod count."),
 ):
     """Run rules side by side on identical weights, data and optimiser; write results, report, plots."""
     from fa_rules import benchmark as bench
+    from fa_rules.benchmark.runner import check_workers
     from fa_rules.core.distributed import launch_env
 
+    worker_count = check_workers(workers)  # before anything is read or written
     launch_env()  # a partial torchrun environment is one line here, not a failed row per cell
     registry()  # report plugins that failed to load, once
     flags = {"dataset": dataset, "model": model, "depth": depth, "width": width, "activation": activation,
@@ -72,7 +77,7 @@ def benchmark(
 
     try:
         with bench.LiveTable(suite, enabled=not quiet) as live:
-            rows = bench.run_suite(suite, target, on_event=live, command=command)
+            rows = bench.run_suite(suite, target, on_event=live, command=command, workers=worker_count)
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted; finished cells are kept in {target} (run the same command again to "
                           "continue; the interrupted cell resumes from its last finished epoch)") from None
