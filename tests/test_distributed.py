@@ -110,7 +110,7 @@ def launches(tmp_path_factory, registered):
     # batch norm with running statistics: buffers each process updates from its own shard
     running = root / "running_stats"
     jobs.append(["train", "--rule", "backprop", "--model", "vgg", "--model-opt", "running_stats=true", *COMMON[:2],
-                 "--width", "4", "--epochs", str(EPOCHS), "--device", "cpu", "-q", "--batch-size", str(B),
+                 "--width", "4", "--epochs", "1", "--device", "cpu", "-q", "--batch-size", str(B),
                  "--out", str(running)])
     proc = _launch([str(root / "driver.py"), str(root / "outcomes"), json.dumps(jobs)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]

@@ -1,5 +1,5 @@
 """The torchvision suite's quick form runs end to end (tiny Fashion-MNIST-format files written here):
-two torchvision models as they are, seven rules, every cell trained, timed and reported."""
+two torchvision models as they are, three of the suite's rules, every cell trained and reported."""
 
 import json
 from pathlib import Path
@@ -11,8 +11,7 @@ from fa_rules.cli.app import app
 from test_datasets import write_mnist_like
 
 ROOT = Path(__file__).resolve().parents[1]
-RULES = {"backprop", "feedback_alignment", "direct_feedback_alignment", "sign_symmetry", "kolen_pollack", "frsf",
-         "direct_random_target_projection"}
+RULES = {"backprop", "feedback_alignment", "direct_feedback_alignment"}
 
 
 def test_fashion_mnist_torchvision_quick_suite_runs_on_a_fashion_mnist_format_file_set(tmp_path):
@@ -26,8 +25,8 @@ def test_fashion_mnist_torchvision_quick_suite_runs_on_a_fashion_mnist_format_fi
                                                       ("torchvision:resnet18", "torchvision:mobilenet_v3_small")}
     assert all(r["status"] == "ok" for r in rows), [r.get("error") for r in rows]
     by_cell = {(r["rule"], r["model"]): r for r in rows}
-    # the layer-level rules' feedback reached the convolutions: their updates are not backprop's
-    for rule in ("feedback_alignment", "sign_symmetry", "kolen_pollack", "frsf"):
+    # the rules' signals reached the convolutions: their updates are not backprop's
+    for rule in ("feedback_alignment", "direct_feedback_alignment"):
         angles = by_cell[(rule, "torchvision:resnet18")]["alignment_angle_per_block_deg"]
         assert max(angles) > 1.0, (rule, angles)
     assert "torchvision:mobilenet_v3_small" in (out / "report.md").read_text()
