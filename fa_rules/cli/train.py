@@ -31,12 +31,12 @@ def train(
     ctx: typer.Context,
     rule: str = typer.Option("backprop", "--rule", "-r", help="Credit-assignment rule (see `fa-rules rules`)."),
     dataset: str = typer.Option("digits", "--dataset", "-d", help="Dataset (see `fa-rules datasets`)."),
-    model: str = typer.Option("mlp", "--model", "-m", help="Model family (see `fa-rules models`)."),
+    model: str = typer.Option("mlp", "--model", "-m", help="Model family (see `fa-rules models`), or torchvision:NAME (e.g. torchvision:resnet18)."),
     depth: Optional[int] = typer.Option(None, help="mlp: number of hidden blocks."),
     width: Optional[int] = typer.Option(None, help="mlp: units per hidden block."),
     activation: Optional[str] = typer.Option(None, help="tanh, relu, leaky_relu or asinh."),
     model_opt: list[str] = typer.Option(
-        [], "--model-opt", help="KEY=VALUE model setting, e.g. width_multiplier=0.25 (repeatable; see `fa-rules models`)."
+        [], "--model-opt", help="KEY=VALUE model setting, e.g. width_multiplier=0.25 or blocks=layer1,layer2,fc (repeatable; see `fa-rules models`)."
     ),
     latent_dim: int = typer.Option(32, help="Latent size for reconstruct / generate rules."),
     epochs: Optional[int] = typer.Option(None, help="Epochs in total (default 20; with --resume: continue to this)."),
