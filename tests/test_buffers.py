@@ -224,3 +224,10 @@ def test_compile_runs_a_model_with_running_statistics_eager_and_says_so(tmp_path
     assert "keeps running statistics, which a compiled step cannot record; running eager" in capsys.readouterr().err
     ckpt = load_checkpoint(run / "checkpoint.pt")
     assert [int(v) for k, v in ckpt["buffers"].items() if k.endswith("num_batches_tracked")] == [ckpt["global_step"]]
+
+
+def test_backprops_angle_to_itself_is_zero_with_dropout(tmp_path):
+    """The alignment angle compares the rule's update and backprop's gradient under the same dropout masks."""
+    summary = fa_rules.train(rule="backprop", dataset="digits", model=SmallNet, epochs=1, batch_size=256,
+                             out_dir=tmp_path / "r", progress=False)
+    assert summary["alignment_angle_deg"] and max(summary["alignment_angle_deg"]) < 1e-2

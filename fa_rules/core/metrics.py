@@ -65,8 +65,11 @@ def backprop_gradient(network: Network, model_params: dict, batch: Batch) -> dic
 
 def alignment_angles(rule: Rule, network: Network, params: Groups, state, batch: Batch) -> list[float]:
     """Per parametrised block, the angle (degrees) between the rule's model update and the backprop
-    gradient on the same batch (all of the block's parameters as one vector). Heads come last."""
+    gradient on the same batch (all of the block's parameters as one vector). Heads come last. Both
+    draw the same dropout masks (the global generators seeded from the batch before each)."""
+    batch.seed_global_generators()
     updates, _, _ = rule.step(network, params, state, batch)
+    batch.seed_global_generators()
     reference = backprop_gradient(network, params["model"], batch)
     groups = [list(k) for k in network.block_keys] + [list(k) for k in network.head_keys.values()]
     angles = []

@@ -67,6 +67,15 @@ class Batch:
         """A fresh generator on the batch's device, seeded for this step only."""
         return torch.Generator(device=self.x.device).manual_seed(self.seed)
 
+    def seed_global_generators(self) -> None:
+        """Torch's global generator (and that of the batch's CUDA device) seeded with the step's seed:
+        what random layers of a model (dropout) draw depends on the step alone. Not restored after
+        (saving and restoring the state costs a visible part of a small step)."""
+        torch.random.default_generator.manual_seed(self.seed)
+        if self.x.device.type == "cuda":
+            index = self.x.device.index if self.x.device.index is not None else torch.cuda.current_device()
+            torch.cuda.default_generators[index].manual_seed(self.seed)
+
 
 InitFn = Callable[[Network, Groups, torch.Generator], "tuple[Groups, State]"]
 StepFn = Callable[[Network, Groups, State, Batch], "tuple[Groups, State, Metrics]"]

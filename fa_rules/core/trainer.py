@@ -354,16 +354,6 @@ class StepMetricsLog:
         return first, self.losses[first:]
 
 
-def seed_global_generators(seed: int, device: torch.device) -> None:
-    """Torch's global generator (and `device`'s on CUDA) seeded with `seed`: what random layers
-    (dropout) draw in a step depends on the step alone. Not restored after (saving and restoring the
-    state costs a visible part of a small step; the engine itself draws nothing from it)."""
-    torch.random.default_generator.manual_seed(seed)
-    if device.type == "cuda":
-        torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()
-                                      ].manual_seed(seed)
-
-
 @contextlib.contextmanager
 def evaluation_mode(network: Network):
     """The network in evaluation mode for the block (running statistics, no dropout), then training mode."""
@@ -598,7 +588,7 @@ class Trainer:
         batch; with `record`, the running statistics of batch norms updated after it. A model whose
         forward changes a tensor in place (a buffer other than batch norm's running statistics) is
         torch.func's refusal, said in one line as the model's limit."""
-        seed_global_generators(batch.seed, self.device)
+        batch.seed_global_generators()
         try:
             if not (record and self.network.tracked_norms):
                 return step_fn(self.network, self.params, self.state, batch)
@@ -663,7 +653,6 @@ class Trainer:
             with evaluation_mode(self.network):
                 out = self.evaluate_classifier(x, y)
             # (training mode: the angle compares the updates training makes)
-            seed_global_generators(self.config.seed, self.device)
             out["alignment_angle_deg"] = alignment_angles(
                 self.rule, self.network, self.params, self.state, self.alignment_batch()
             )
