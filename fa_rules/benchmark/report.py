@@ -227,7 +227,8 @@ def _settings_line(suite: Suite) -> str:
     opt = f"{s['optimizer']} lr {s['lr']}" + (f" momentum {s['momentum']}" if s["optimizer"] == "sgd" else "")
     if s["weight_decay"]:
         opt += f" weight decay {s['weight_decay']}"
-    text = (f"dataset `{s['dataset']}`, model `{s['model']}`" + (f" ({model_options})" if model_options else "")
+    model = "varied" if "model" in suite.vary else f"`{s['model']}`"
+    text = (f"dataset `{s['dataset']}`, model {model}" + (f" ({model_options})" if model_options else "")
             + f", epochs {s['epochs']}, batch size {s['batch_size']}, {opt}, "
             f"seeds {', '.join(map(str, suite.seeds))}, device {s['device']}")
     if suite.vary:
