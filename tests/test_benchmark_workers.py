@@ -130,17 +130,19 @@ def test_a_worker_killed_mid_cell_is_a_failed_row_and_a_rerun_finishes_it(suite_
     _assert_same_results(out, sequential)
 
 
-def test_a_cell_that_raises_in_a_worker_is_a_failed_row(tmp_path, monkeypatch):
+def test_a_cell_that_raises_in_a_worker_is_a_failed_row_beside_cells_that_finish(tmp_path, monkeypatch):
     # a rule registered at run time exists in this process only: a worker process discovers the
     # installed plugins afresh, so there the cell raises (an unknown rule) and fails on its own
     registry = get_registry()
     monkeypatch.setitem(registry.rules, "parent_only", RuleSpec("parent_only", registry.rules["backprop"].make,
                                                                 "backprop, known to the parent only"))
-    suite = bench.suite_from_dict({"rules": ["backprop", "parent_only"], "seeds": 1, "measure": {"timing": False},
+    suite = bench.suite_from_dict({"rules": ["backprop", "parent_only", "feedback_alignment"], "seeds": 1,
+                                   "measure": {"timing": False},
                                    "settings": {"epochs": 1, "depth": 1, "width": 16, "batch_size": 128,
                                                 "device": "cpu"}})
     rows = bench.run_suite(suite, tmp_path / "bench", workers=2)
-    assert [(r["rule"], r["status"]) for r in rows] == [("backprop", "ok"), ("parent_only", "failed")]
+    assert [(r["rule"], r["status"]) for r in rows] == [("backprop", "ok"), ("parent_only", "failed"),
+                                                       ("feedback_alignment", "ok")]
     assert "parent_only" in rows[1]["error"] and "\n" not in rows[1]["error"]
 
 
