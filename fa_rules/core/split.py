@@ -72,14 +72,15 @@ def trace(module: nn.Module, split_points: Sequence[str]) -> fx.Graph:
                               f"{(str(e).splitlines() or [''])[0][:200]})") from None
 
 
-def default_split_points(module: nn.Module) -> list[str]:
-    """The top-level children that own parameters, in the order `module.forward` calls them."""
+def default_split_points(module: nn.Module) -> tuple[list[str], fx.Graph]:
+    """The top-level children that own parameters, in the order `module.forward` calls them, and the
+    graph they were found in (the one `split_module` cuts at top-level names: traced once)."""
     children = [name for name, _ in module.named_children()]
     graph = trace(module, children)
     called = [n.target for n in graph.nodes if n.op == "call_module"]
     owners = {name for name, child in module.named_children() if any(True for _ in child.parameters())}
     points = [name for name in called if name in owners]
-    return [name for name in dict.fromkeys(points) if points.count(name) == 1]
+    return [name for name in dict.fromkeys(points) if points.count(name) == 1], graph
 
 
 def _stage_graph(nodes: list[fx.Node], entry: fx.Node | None, exit_node: fx.Node) -> fx.Graph:
@@ -97,17 +98,18 @@ def _stage_graph(nodes: list[fx.Node], entry: fx.Node | None, exit_node: fx.Node
     return graph
 
 
-def split_module(module: nn.Module, split_points: Sequence[str], input_adapter: nn.Module | None = None
-                 ) -> list[nn.Module]:
+def split_module(module: nn.Module, split_points: Sequence[str], input_adapter: nn.Module | None = None,
+                 graph: fx.Graph | None = None) -> list[nn.Module]:
     """`module` cut after each of `split_points` (qualified submodule names): a list of blocks
     whose composition is `module.forward` (`input_adapter`, if given, runs first, inside block 0).
-    Raises `SplitImpossible` with the reason in one line."""
+    `graph`: `trace(module, split_points)` when the caller has it already. Raises `SplitImpossible`
+    with the reason in one line."""
     names = dict(module.named_modules())
     for name in split_points:
         if name not in names or name == "":
             raise SplitImpossible(f"it has no submodule '{name}' (top-level children: "
                                   f"{', '.join(n for n, _ in module.named_children()) or 'none'})")
-    graph = trace(module, split_points)
+    graph = graph if graph is not None else trace(module, split_points)
     nodes = list(graph.nodes)
     inputs = [n for n in nodes if n.op == "placeholder"]
     if len(inputs) != 1:
@@ -226,11 +228,15 @@ def module_blocks(module: nn.Module, split_points: Sequence[str] | None, family:
     or, where the default split is impossible, `[module]` and the reason. A split the user named
     that is impossible is a UserError."""
     try:
-        points = default_split_points(module) if split_points is None else list(split_points)
-        if len(points) < 2 and split_points is None:
-            raise SplitImpossible(f"it has {len(points)} top-level {'child' if len(points) == 1 else 'children'} "
-                                  "with parameters")
-        return split_module(module, points, input_adapter), None
+        graph = None
+        if split_points is None:
+            points, graph = default_split_points(module)
+            if len(points) < 2:
+                raise SplitImpossible(f"it has {len(points)} top-level {'child' if len(points) == 1 else 'children'} "
+                                      "with parameters")
+        else:
+            points = list(split_points)
+        return split_module(module, points, input_adapter, graph), None
     except SplitImpossible as e:
         if split_points is not None:
             raise UserError(f"model '{family}' cannot be split at blocks={','.join(split_points)}: {e}") from None
