@@ -68,14 +68,30 @@ def resolve(config: TrainConfig, registry: Registry | None = None, dataset=None)
     else:
         out_shape = (config.latent_dim,)
     heads = rule.heads(config.latent_dim, dataset.num_classes) if rule.heads else None
-    network = model_spec.make(dataset.in_shape, out_shape, heads, **model_options)  # fail early on bad options
+    import torch
+
+    # Built once, here, exactly as the trainer builds it (the global generator seeded with the run's
+    # seed), so that a bad option or shape fails early and a large model is not built twice.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        seeded = torch.get_rng_state()
+        network = model_spec.make(dataset.in_shape, out_shape, heads, **model_options)
+        after_build = torch.get_rng_state()
     if network.out_shape is not None and tuple(network.out_shape) != tuple(out_shape):
         # a part of another rule's networks (an image-to-image generator) is not a model to train alone
         raise UserError(f"model '{config.model}' maps {dataset.name} inputs {tuple(dataset.in_shape)} to "
                         f"{tuple(network.out_shape)}; rule '{rule_spec.name}' needs outputs of shape {out_shape}")
     check_output_shape(network, dataset, out_shape, config.model, rule_spec.name)
 
+    built = [network]
+
     def build_network():
+        """The network; the one built above when the caller has just seeded the global generator
+        with the run's seed (the trainer does): the generator then moves on as if it built it now."""
+        if built and torch.equal(torch.get_rng_state(), seeded):
+            torch.set_rng_state(after_build)
+            return built.pop()
+        built.clear()
         return model_spec.make(dataset.in_shape, out_shape, heads, **model_options)
 
     return rule, dataset, build_network

@@ -28,8 +28,8 @@ from fa_rules.plugins.manager import get_registry
 from fa_rules.runs import model_name, new_trainer
 from test_cli_errors import run_main
 
-EXAMPLES = 64
-BATCH = 32
+EXAMPLES = 32
+BATCH = 16
 # rules whose feedback reaches any linear map or convolution, wherever a module calls it
 EVERYWHERE = ("backprop", "feedback_alignment", "sign_symmetry", "kolen_pollack", "frsf", "brsf")
 # rules that project the error to each block's output: they need a chain of blocks
@@ -131,8 +131,8 @@ def test_every_rule_trains_or_refuses_in_one_line(kind, tiny_digits, tmp_path, m
         if spec.models is not None:
             assert outcomes[rule].refusal is not None and \
                 f"rule '{rule}' does not support model '{model}'" in outcomes[rule].refusal, rule
-    tp_family = [rule for rule, spec in registry.rules.items() if spec.models == ("mlp",)]
-    assert {"target_prop", "dtp", "ddtp", "dfc"} <= set(tp_family)
+    named_models_only = [rule for rule, spec in registry.rules.items() if spec.models is not None]
+    assert {"target_prop", "dtp", "ddtp", "dfc"} <= set(named_models_only)
 
     # two steps, the first identical (same start): feedback alignment's second update is not backprop's
     assert outcomes["feedback_alignment"].summary["train_loss"] != pytest.approx(
