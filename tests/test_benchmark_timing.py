@@ -133,7 +133,7 @@ def test_cpu_time_ratios_hold_while_the_wall_clock_is_inflated():
         competitor.kill()
         competitor.wait()
     plain, held = medians["plain"], medians["held up"]
-    assert held.wall / plain.wall > 2  # the wall clock counts the lost time
+    assert held.wall - plain.wall > 0.015  # the wall clock counts the 20 ms lost (a ratio would depend on the load)
     assert 0.75 < held.cpu / plain.cpu < 1.33  # CPU time does not
     assert ratio_seconds(held, "cpu") == held.cpu and ratio_seconds(held, "cuda:0") == held.wall
 

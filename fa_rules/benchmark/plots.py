@@ -48,6 +48,13 @@ def make_plots(out_dir: Path, rows: list[dict], vkeys=()) -> list[str]:
         if fig is not None:
             save_figure(fig, out_dir / name)
             written.append(name)
+    from fa_rules.benchmark.tune import read_summary
+
+    tuning = read_summary(out_dir)  # a tuned suite: each rule's best validation score against trials
+    fig = plot_tuning_history(tuning, plt) if tuning else None
+    if fig is not None:
+        save_figure(fig, out_dir / "tuning_history.png")
+        written.append("tuning_history.png")
     for key in vkeys:
         values = [r.get(key) for r in rows]
         if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
@@ -136,5 +143,24 @@ def plot_against(rows: list[dict], key: str, vkeys, plt, kinds, name: str):
         ax.set(xlabel=key, ylabel=heading)
         ax.legend(fontsize=7)
     fig.suptitle(f"{name} against {key}")
+    fig.tight_layout()
+    return fig
+
+
+def plot_tuning_history(tuning: dict, plt):
+    """Best-so-far validation metric against trial number (finished trials), one line per rule."""
+    lines = {label: [(h["trial"], h["best"]) for h in record.get("history", []) if h.get("best") is not None]
+             for label, record in tuning["rules"].items()}
+    lines = {label: points for label, points in lines.items() if points}
+    if not lines:
+        return None
+    fig, ax = plt.subplots(figsize=(6.5, 4.0))
+    for n, (label, points) in enumerate(lines.items()):
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="os^vDP*X"[n % 8],
+                linestyle=("-", "--", ":", "-.")[n % 4], markersize=4, drawstyle="steps-post", label=label)
+    ax.set(xlabel="trial", ylabel=f"best {tuning['metric'].replace('_', ' ')} so far")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.legend(fontsize=7)
+    fig.suptitle("tuning history (validation split)")
     fig.tight_layout()
     return fig

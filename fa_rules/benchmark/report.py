@@ -99,7 +99,8 @@ def write_outputs(suite: Suite, out_dir: Path, rows: list[dict], plots: bool = T
             plot_files = []
     else:  # keep the names of plots drawn earlier, so the report mentions them
         plot_files = sorted(p.name for p in out_dir.glob("*.png"))
-    report = render_report(suite, rows, plot_files, command=command, machine=_machine_info(out_dir))
+    report = render_report(suite, rows, plot_files, command=command, machine=_machine_info(out_dir),
+                           tuning=_tuning(suite, out_dir))
     _write_output(atomic_write_text, out_dir / REPORT_MD, report)
     return plot_files
 
@@ -111,7 +112,16 @@ def write_report_copy(suite: Suite, out_dir: Path, path: Path, command: str | No
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, render_report(suite, rows, plots, command=command, machine=_machine_info(out_dir),
-                                          embed_plots=False))
+                                          embed_plots=False, tuning=_tuning(suite, out_dir)))
+
+
+def _tuning(suite: Suite, out_dir: Path) -> dict | None:
+    """A tuned suite's DIR/tune/summary.json (see fa_rules.benchmark.tune), else None."""
+    if not suite.tune:
+        return None
+    from fa_rules.benchmark.tune import read_summary
+
+    return read_summary(out_dir)
 
 
 def _pm(mean, std, n, fmt) -> str:
@@ -127,6 +137,7 @@ def _column_specs(aggs: list[dict], suite: Suite) -> list[tuple[str, str, Callab
     ref = suite.reference or "reference"
     specs = [
         ("test_error", "test error %", lambda v: f"{100 * v:.2f}"),
+        ("validation_error", "validation error %", lambda v: f"{100 * v:.2f}"),
         ("test_recon_mse", "recon MSE", lambda v: f"{v:.4g}"),
         ("fid", "FID", lambda v: f"{v:.2f}"),
         ("probe_accuracy", "probe acc %", lambda v: f"{100 * v:.2f}"),
@@ -179,7 +190,8 @@ def comparison_cells(suite: Suite, rows: list[dict]) -> tuple[list[str], list[li
         entry = by_label.get(a["rule"])
         if entry is not None and (entry.options or entry.overrides or entry.name != entry.label):
             bits = [f"rule {entry.name}"] if entry.name != entry.label else []
-            bits += [f"{k}={v}" for k, v in {**entry.options, **entry.overrides}.items()]
+            bits += [f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"  # a tuned rate: 4 digits, not 17
+                     for k, v in {**entry.options, **entry.overrides}.items()]
             notes.insert(0, ", ".join(bits))
         cells += [f"{a['ok']}/{a['seeds']}", "; ".join(notes)]
         body.append(cells)
@@ -237,7 +249,7 @@ def _settings_line(suite: Suite) -> str:
 
 
 def render_report(suite: Suite, rows: list[dict], plot_files: list[str], command: str | None = None,
-                  machine: dict | None = None, embed_plots: bool = True) -> str:
+                  machine: dict | None = None, embed_plots: bool = True, tuning: dict | None = None) -> str:
     total = sum(r.get("train_time_s") or 0.0 for r in rows)
     if machine is None:
         today = datetime.date.today().isoformat()
@@ -275,6 +287,8 @@ def render_report(suite: Suite, rows: list[dict], plot_files: list[str], command
         out.append(f"Anchors for {metric}: {anchor['source']}.{note}")
     if suite.anchors:
         out.append("")
+    if tuning:
+        out += tuning_section(suite, rows, tuning)
     problems = [r for r in rows if r.get("status") != "ok"]
     noted = [r for r in rows if r.get("notes")]
     if problems or noted:
@@ -292,6 +306,60 @@ def render_report(suite: Suite, rows: list[dict], plot_files: list[str], command
     out += ["Every row (one per rule, seed and setting) is in `results.json` and `results.csv`; each cell's run "
             "directory is under `runs/`.", ""]
     return "\n".join(out)
+
+
+def _mean_metric(rows: list[dict], label: str, metric: str) -> tuple[float | None, int]:
+    values = [r[metric] for r in rows if r.get("rule") == label and r.get("status") == "ok"
+              and isinstance(r.get(metric), (int, float))]
+    return (sum(values) / len(values) if values else None), len(values)
+
+
+def tuning_section(suite: Suite, rows: list[dict], tuning: dict) -> list[str]:
+    """Markdown lines of the Tuning section: how settings were chosen, each rule's choice, its
+    validation score and trials, and its test error untuned against tuned (mean over seeds)."""
+    from fa_rules.benchmark.tune import UNTUNED_SUFFIX
+
+    tune = suite.tune
+    split = next((r.get("validation_split") for r in tuning["rules"].values() if r.get("validation_split")), None)
+    split_text = (f"{split['n_train']} training and {split['n_validation']} validation examples, indices "
+                  f"SHA-256 `{split['indices_sha256'][:12]}…`" if split else "no finished trial yet")
+    metric = tuning["metric"].replace("_", " ")
+    out = ["## Tuning", "",
+           f"Each rule's settings were searched with Optuna (TPE sampler, seed {tune['sampler_seed']}; "
+           f"{'median pruner on the per-epoch validation metric' if tune['pruner'] == 'median' else 'no pruning'}; "
+           f"budget {tune['trials']} finished trials of {tune['epochs'] or 'the suite' + chr(39) + 's'} epochs, "
+           f"seed {suite.seeds[0]}). Trials trained on the training split minus a validation split stratified "
+           f"by label (fraction {tune['validation_fraction']}, seed {tune['validation_seed']}: {split_text}) and "
+           f"were scored by {metric} on it; the test split was never read while choosing. The cells above then "
+           "train each rule with its chosen setting on the whole training split"
+           + (f" (`<rule>{UNTUNED_SUFFIX}`: the suite's own settings)." if tune["untuned"] else "."), ""]
+    head = ["rule", "chosen setting", f"best {metric}", "trials complete / pruned / budget"]
+    if tune["untuned"]:
+        head += ["test error % untuned", "test error % tuned", "change (points)"]
+    else:
+        head += ["test error % tuned"]
+    out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, record in tuning["rules"].items():
+        params = record.get("params")
+        chosen = "none (no trial finished)" if params is None else ", ".join(
+            f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+        value = record.get("value")
+        cells = [label, chosen, f"{value:.4f}" if isinstance(value, (int, float)) else "",
+                 f"{record.get('trials_complete', 0)} / {record.get('trials_pruned', 0)} / {record.get('budget')}"]
+        tuned, _ = _mean_metric(rows, label, "test_error")
+        fmt = (lambda v: f"{100 * v:.2f}" if v is not None else "")
+        if tune["untuned"]:
+            untuned, _ = _mean_metric(rows, label + UNTUNED_SUFFIX, "test_error")
+            change = f"{100 * (tuned - untuned):+.2f}" if tuned is not None and untuned is not None else ""
+            cells += [fmt(untuned), fmt(tuned), change]
+        else:
+            cells += [fmt(tuned)]
+        out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    errors = [(label, r["error"]) for label, r in tuning["rules"].items() if r.get("error")]
+    out += [""] + [f"- tuning `{label}`: {error}" for label, error in errors] + ([""] if errors else [])
+    out += ["Studies: `tune/<rule>.journal` (Optuna journal storage), trials' runs: `tune/<rule>/trial-<n>/`; "
+            "`tuning_history.png` plots each rule's best validation score against the trial number.", ""]
+    return out
 
 
 def _point_text(r: dict, suite: Suite) -> str:

@@ -40,6 +40,8 @@ def _base_row(cell: Cell, run_dir: Path, root: Path) -> dict:
            "status": None, "error": None, "notes": None, "dataset": cell.config.dataset,
            "model": cell.config.model, "epochs": cell.config.epochs}
     row["run_dir"] = run_dir.relative_to(root).as_posix() if run_dir.is_relative_to(root) else str(run_dir)
+    if cell.entry.tuning:  # a tuned suite's final cell: how its settings were found (fa_rules.benchmark.tune)
+        row["tuning"] = cell.entry.tuning
     return row
 
 
@@ -56,6 +58,10 @@ def _from_summary(summary: dict) -> dict:
         out["alignment_angle_per_block_deg"] = list(angles)
         out["alignment_angle_deg"] = statistics.fmean(angles)
     out["train_loss"] = summary.get("train_loss")
+    for key in ("validation_accuracy", "validation_loss", "validation_split"):  # a run on a validation split
+        out[key] = summary.get(key)
+    if out["validation_accuracy"] is not None:
+        out["validation_error"] = 1.0 - out["validation_accuracy"]
     return {k: v for k, v in out.items() if v is not None}
 
 
@@ -230,22 +236,56 @@ Event = Callable[[str, int, dict], None]  # (kind, cell index, payload)
 
 
 def run_suite(suite: Suite, out_dir: Path, on_event: Event | None = None, command: str | None = None,
-              workers: int | str = 1) -> list[dict]:
+              workers: int | str = 1, cluster: str | None = None, tune: str = "run",
+              say: Callable[[str], None] | None = None) -> list[dict]:
     """Run (or finish) every cell of `suite` into `out_dir`; write results, report and plots.
-    `workers` > 1 trains up to that many cells at once, each in a worker process (`check_workers`).
+    `workers` > 1 trains up to that many cells at once, each in a worker process (`check_workers`);
+    `cluster` sends them to a Ray cluster as tasks (fa_rules.benchmark.cluster.check_cluster).
+
+    A suite with [tune] first tunes every rule (fa_rules.benchmark.tune; `tune`: "run" tunes or
+    finishes tuning, then the cells; "only" tunes and returns no rows; "skip" runs the cells with
+    the stored studies' best settings), `say` getting a line per trial.
 
     Events: ("skip", i, row), ("start", i, {}), ("epoch", i, record), ("done", i, row).
     """
+    from fa_rules.benchmark.cluster import check_cluster
+
     workers = check_workers(workers)
+    cluster = check_cluster(cluster, workers)
+    tuning = _check_tune_mode(tune, suite)
     out_dir = Path(out_dir)
-    cells = plan_cells(suite)  # every check that needs no directory comes first: nothing is written
-    check_cells(cells, suite.source or "suite")
+    if tuning is not None:  # its search spaces at every bound, and (skip) the studies in place
+        tuning.check_tune(suite)
+        if tune == "skip":
+            tuning.check_studies(suite, out_dir)
+    cells = plan_cells(tuning.final_suite(suite) if tuning else suite)  # every check that needs no directory
+    check_cells(cells, suite.source or "suite")                         # comes first: nothing is written
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:  # a file of that name, no permission
         raise UserError(f"cannot use {out_dir} as the output directory ({e.strerror or e})") from None
     with output_lock(out_dir):
-        return _run_cells(suite, cells, out_dir, on_event, command, workers)
+        if tuning is not None:
+            summary = (tuning.write_summary(suite, out_dir) if tune == "skip"
+                       else tuning.run_tuning(suite, out_dir, workers, cluster, say))
+            if tune == "only":
+                return []
+            suite = tuning.final_suite(suite, summary)
+            cells = plan_cells(suite)
+        return _run_cells(suite, cells, out_dir, on_event, command, workers, cluster)
+
+
+def _check_tune_mode(mode: str, suite: Suite):
+    """The tuning module for a suite with [tune] (None without), `mode` checked against it."""
+    if mode not in ("run", "only", "skip"):
+        raise ValueError(f"tune must be run, only or skip, got {mode!r}")
+    if not suite.tune:
+        if mode != "run":
+            raise UserError(f"--{'tune-only' if mode == 'only' else 'skip-tune'} needs a suite with a [tune] table")
+        return None
+    from fa_rules.benchmark import tune as tuning
+
+    return tuning
 
 
 def _write_json(path: Path, obj) -> None:
@@ -274,12 +314,12 @@ def time_interleaved(cells: list[Cell], rows: dict[int, dict], out_dir: Path, st
 
 
 def _run_cells(suite: Suite, cells: list[Cell], out_dir: Path, on_event: Event | None, command: str | None,
-               workers: int = 1) -> list[dict]:
+               workers: int = 1, cluster: str | None = None) -> list[dict]:
     _write_json(out_dir / SUITE_JSON, {**suite.to_dict(), "cells": len(cells)})
     emit = on_event or (lambda *a: None)
     rows: dict[int, dict] = {}
     recorded = False
-    for_workers: list[int] = []  # with workers > 1: the cells to train, in planned order
+    for_workers: list[int] = []  # with workers > 1 or a cluster: the cells to train, in planned order
 
     def save_all(plots: bool) -> None:
         ordered = [rows[i] for i in sorted(rows)]
@@ -310,14 +350,18 @@ def _run_cells(suite: Suite, cells: list[Cell], out_dir: Path, on_event: Event |
                 recorded = True
             run_dir.mkdir(parents=True, exist_ok=True)
             _write_json(run_dir / CELL_FILE, cell.config.to_dict())
-            if workers > 1:
+            if workers > 1 or cluster:
                 for_workers.append(i)
                 continue
             emit("start", i, {})
             row = run_cell(cell, run_dir, out_dir, suite.measure,
                            on_epoch=lambda epoch, record, _i=i: emit("epoch", _i, record))
             finish(i, row)
-        if for_workers:
+        if for_workers and cluster:
+            from fa_rules.benchmark.cluster import run_cells_on_ray
+
+            run_cells_on_ray(cells, for_workers, out_dir, suite.measure, cluster, emit, finish)
+        elif for_workers:
             _run_in_workers(cells, for_workers, out_dir, suite.measure, workers, emit, finish)
         if suite.measure.get("timing", True):
             time_interleaved(cells, rows, out_dir, suite.measure.get("timing_steps", DEFAULT_STEPS))

@@ -25,8 +25,9 @@ MAX_CELLS = 10_000
 # TrainConfig fields a suite may set in [settings] (rule and seed come from the suite itself)
 _SETTING_FIELDS = {f.name for f in dataclasses.fields(TrainConfig)} - {"rule", "seed", "rule_options"}
 _PER_RULE_KEYS = {"name", "label", "options", "model", "model_options", "group_lr", "latent_dim", "eval_every"}
-_TOP_KEYS = {"name", "description", "rules", "seeds", "reference", "settings", "vary", "measure", "anchors", "quick"}
-_QUICK_KEYS = {"rules", "seeds", "settings", "vary", "measure", "description"}
+_TOP_KEYS = {"name", "description", "rules", "seeds", "reference", "settings", "vary", "measure", "anchors", "quick",
+             "tune"}
+_QUICK_KEYS = {"rules", "seeds", "settings", "vary", "measure", "description", "tune"}
 MEASURE_DEFAULTS = {"probe": False, "fid": True, "fid_samples": 10000, "sample_batch": 1, "sample_repeats": 20,
                     "timing": True, "timing_steps": 20}
 # the counts' ranges: generous, but a mistyped count must not make a measurement run for days
@@ -37,6 +38,7 @@ _LABEL = re.compile(r"^[A-Za-z0-9_.+-]+$")
 # row metrics that aggregate as mean +- std over seeds, in report order
 METRICS = (
     "test_accuracy", "test_error", "test_loss", "test_recon_mse", "fid", "probe_accuracy",
+    "validation_accuracy", "validation_error", "validation_loss",  # cells with validation_fraction in [settings]
     "alignment_angle_deg", "interleaved_step_time_s", "interleaved_step_ratio", "interleaved_step_cpu_s",
     "interleaved_step_wall_s", "step_time_s", "step_time_ratio",
     "peak_saved_bytes", "peak_saved_ratio",
@@ -60,6 +62,7 @@ class RuleEntry:
     label: str
     options: dict = field(default_factory=dict)
     overrides: dict = field(default_factory=dict)  # model, model_options, group_lr, latent_dim, eval_every
+    tuning: dict = field(default_factory=dict)  # a tuned suite's final cells: how the settings were found
 
 
 @dataclass
@@ -75,6 +78,7 @@ class Suite:
     description: str = ""
     source: str | None = None  # the suite file, if any
     quick: bool = False
+    tune: dict = field(default_factory=dict)  # the [tune] table, checked (`_tune`); {}: no tuning
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -309,6 +313,117 @@ def _measure(raw: dict, where: str) -> dict:
     return out
 
 
+# [tune]: what a suite may say about tuning, and its defaults (see fa_rules.benchmark.tune)
+TUNE_METRICS = {"validation_error": "minimize", "validation_loss": "minimize", "validation_accuracy": "maximize"}
+TUNE_DEFAULTS = {"trials": 20, "epochs": None, "metric": "validation_error", "validation_fraction": 0.1,
+                 "validation_seed": 0, "sampler_seed": 0, "pruner": "median", "untuned": True}
+_TUNE_RANGES = {"trials": Range(1, 10_000), "epochs": Range(1, 1_000_000),
+                "validation_fraction": Range(0, 1, low_open=True, high_open=True),
+                "validation_seed": Range(0, MAX_SEED), "sampler_seed": Range(0, 2**32 - 1),
+                "metric": tuple(TUNE_METRICS), "pruner": ("median", "none")}
+_TUNE_EXAMPLES = {"trials": 12, "epochs": 3, "metric": "validation_error", "validation_fraction": 0.1,
+                  "validation_seed": 0, "sampler_seed": 0, "pruner": "median", "untuned": True}
+# training settings a search space may hold (the others fix what a cell is, or how it is run)
+TUNABLE_FIELDS = ("lr", "weight_decay", "momentum", "batch_size", "optimizer", "lr_schedule", "latent_dim")
+# prefixes of the other search-space keys: `options.decay`, `group_lr.feedback`, `model_options.width`
+TUNABLE_TABLES = ("options", "group_lr", "model_options")
+_SPEC_KEYS = {"low", "high", "log", "step", "choices"}
+
+
+def _tune(raw, suite: "Suite", where: str) -> dict:
+    """[tune] -> its settings over TUNE_DEFAULTS and `space`: {rule label: {key: distribution}}, the
+    shared space ([tune.space]'s own keys) for each rule without a table of its own. A distribution
+    is {low, high[, log][, step]} (integers when low and high are) or {choices}. What a key names is
+    checked here against the rule's options and the training settings; group names need the rule
+    built on its network (`fa_rules.benchmark.tune.check_tune`, before anything runs)."""
+    if not isinstance(raw, dict):
+        raise _err(where, "[tune] must be a table")
+    if suite.vary:
+        raise _err(where, "[tune] and [vary] together are not supported: tuning picks one setting per rule")
+    out = dict(TUNE_DEFAULTS)
+    for key, value in raw.items():
+        if key == "space":
+            continue
+        if key not in TUNE_DEFAULTS:
+            raise _err(where, f"[tune] has no setting '{key}' (known: {', '.join([*TUNE_DEFAULTS, 'space'])})")
+        default = TUNE_DEFAULTS[key] if TUNE_DEFAULTS[key] is not None else 1
+        must = value_problem(default, value, _TUNE_RANGES.get(key))
+        if must:
+            raise _err(where, f"[tune] {key} must be {must}, got {show(value)}; e.g. {key} = "
+                              f"{json.dumps(_TUNE_EXAMPLES[key])}")
+        out[key] = value
+    space = raw.get("space")
+    if not isinstance(space, dict) or not space:
+        raise _err(where, "[tune] needs a [tune.space] table, e.g. lr = { low = 1e-4, high = 1e-2, log = true }")
+    labels = [e.label for e in suite.rules]
+    shared = {k: v for k, v in space.items() if k not in labels}
+    out["space"] = {}
+    for entry in suite.rules:
+        own = space.get(entry.label)
+        if own is not None and not isinstance(own, dict):
+            raise _err(where, f"[tune.space.{entry.label}] must be a table of distributions")
+        table = own if own is not None else shared
+        if not table:
+            raise _err(where, f"[tune.space] gives rule '{entry.label}' nothing to tune; add keys to [tune.space] "
+                              f"or a table [tune.space.{entry.label}]")
+        out["space"][entry.label] = {k: _distribution(k, v, entry, f"{where}: [tune.space"
+                                                      f"{'.' + entry.label if own is not None else ''}] {k}")
+                                     for k, v in table.items()}
+    return out
+
+
+def _distribution(key: str, spec, entry: RuleEntry, where: str) -> dict:
+    """One search-space entry, checked: what it names and the values it may take."""
+    from fa_rules.plugins.manager import get_registry
+
+    if not isinstance(spec, dict):
+        raise UserError(f"{where} must be a distribution, e.g. {{ low = 1e-4, high = 1e-2, log = true }} or "
+                        f"{{ choices = [...] }} (or is '{key}' a rule label? rule labels: {entry.label}, ...)")
+    table, _, name = key.partition(".")
+    if name and table in TUNABLE_TABLES:
+        if table == "options":
+            options = get_registry().rule(entry.name).options
+            if name not in options:
+                raise UserError(f"{where}: rule '{entry.label}' ({entry.name}) has no option '{name}' "
+                                f"(options: {', '.join(sorted(options)) or 'none'})")
+        elif table == "group_lr" and name == "model":
+            raise UserError(f"{where}: the 'model' group's rate is 'lr'; group_lr names the rule's own groups")
+    elif key not in TUNABLE_FIELDS:
+        raise UserError(f"{where}: unknown key; tune a training setting ({', '.join(TUNABLE_FIELDS)}) or "
+                        f"options.NAME, group_lr.GROUP, model_options.NAME")
+    unknown = set(spec) - _SPEC_KEYS
+    if unknown:
+        raise UserError(f"{where} has unknown key '{sorted(unknown)[0]}' (a distribution has low, high, log, step, "
+                        "or choices)")
+    if "choices" in spec:
+        choices = spec["choices"]
+        if set(spec) != {"choices"}:
+            raise UserError(f"{where}: choices take no low, high, log or step")
+        if not isinstance(choices, list) or not choices or not all(
+                isinstance(c, (str, bool, int, float)) for c in choices):
+            raise UserError(f"{where}: choices must be a non-empty list of strings, numbers or booleans")
+        if len(set(map(repr, choices))) != len(choices):
+            raise UserError(f"{where}: choices repeat a value: {choices}")
+        return {"choices": list(choices)}
+    if "low" not in spec or "high" not in spec:
+        raise UserError(f"{where} needs low and high (or choices)")
+    low, high, log, step = spec["low"], spec["high"], spec.get("log", False), spec.get("step")
+    for name_, v in (("low", low), ("high", high)):
+        if value_problem(0.0, v):
+            raise UserError(f"{where}: {name_} must be a finite number, got {show(v)}")
+    if not isinstance(log, bool):
+        raise UserError(f"{where}: log must be true or false, got {show(log)}")
+    if not low < high:
+        raise UserError(f"{where}: low must be below high, got low = {show(low)}, high = {show(high)}")
+    if log and low <= 0:
+        raise UserError(f"{where}: a log distribution needs low > 0, got {show(low)}")
+    if step is not None and (value_problem(0.0, step) or step <= 0 or log):
+        raise UserError(f"{where}: step must be a positive number, and not with log = true")
+    integer = all(isinstance(v, int) and not isinstance(v, bool) for v in (low, high)) and \
+        (step is None or isinstance(step, int))
+    return {"low": low, "high": high, "log": log, "step": step, "integer": integer}
+
+
 def suite_from_dict(data: dict, where: str = "suite", quick: bool = False, default_name: str = "suite",
                     check_other_form: bool = True) -> Suite:
     """Validate a parsed suite (see the module docstring); every mistake is one UserError line. A
@@ -349,6 +464,8 @@ def suite_from_dict(data: dict, where: str = "suite", quick: bool = False, defau
         description=str(data.get("description", "")).strip(),
         quick=quick,
     )
+    if "tune" in data:
+        suite.tune = _tune(data["tune"], suite, where)
     check_size(suite, where)
     if check_other_form and quick_part:
         _check_other_form(original, where, not quick, default_name)

@@ -36,13 +36,34 @@ def benchmark(
     workers: str = typer.Option("1", "--workers", metavar="N", show_default=True,
                                 help="Train up to N cells at once (1..64), each in its own process; the CPU "
                                      "threads are split between them, on CUDA worker k takes GPU k mod count."),
+    cluster: Optional[str] = typer.Option(
+        None, "--cluster", metavar="ADDRESS",
+        help="Train the cells as tasks on a Ray cluster: ray (RAY_ADDRESS, a `ray start` cluster here, or a new "
+             "local one), auto (RAY_ADDRESS) or ray://HOST:PORT, e.g. --cluster ray://head:10001; --out must be "
+             "on a filesystem every node shares. Needs pip install \"fa-rules\\[ray]\"."),
+    tune_only: bool = typer.Option(
+        False, "--tune-only", help="A suite with \\[tune]: tune (or finish tuning) every rule, train no final cells; "
+        "e.g. fa-rules benchmark benchmarks/fashion_mnist_lenet_tuned.toml --tune-only --workers 2."),
+    skip_tune: bool = typer.Option(
+        False, "--skip-tune", help="A suite with \\[tune]: no new trials; the final cells use the best settings of "
+        "the studies already in --out."),
 ):
-    """Run rules side by side on identical weights, data and optimiser; write results, report, plots."""
+    """Run rules side by side on identical weights, data and optimiser; write results, report, plots.
+
+    A suite with a [tune] table first tunes each rule on a validation split (Optuna), then trains it
+    with its best setting beside the untuned one, e.g.
+    fa-rules benchmark benchmarks/fashion_mnist_lenet_tuned.toml --workers 2
+    """
     from fa_rules import benchmark as bench
+    from fa_rules.benchmark.cluster import check_cluster
     from fa_rules.benchmark.runner import check_workers
+    from fa_rules.benchmark.tune import final_suite, planned_suite, read_summary
     from fa_rules.core.distributed import launch_env
 
     worker_count = check_workers(workers)  # before anything is read or written
+    if tune_only and skip_tune:
+        raise UserError("--tune-only and --skip-tune exclude each other: give one")
+    cluster = check_cluster(cluster, worker_count)
     launch_env()  # a partial torchrun environment is one line here, not a failed row per cell
     registry()  # report plugins that failed to load, once
     flags = {"dataset": dataset, "model": model, "depth": depth, "width": width, "activation": activation,
@@ -76,11 +97,19 @@ def benchmark(
         command = "fa-rules " + " ".join(shlex.quote(a) for a in sys.argv[1:])
 
     try:
-        with bench.LiveTable(suite, enabled=not quiet) as live:
-            rows = bench.run_suite(suite, target, on_event=live, command=command, workers=worker_count)
+        with bench.LiveTable(planned_suite(suite), enabled=not quiet) as live:
+            rows = bench.run_suite(suite, target, on_event=live, command=command, workers=worker_count,
+                                   cluster=cluster, tune="only" if tune_only else "skip" if skip_tune else "run",
+                                   say=None if quiet else lambda text: print(text, file=sys.stderr, flush=True))
     except KeyboardInterrupt:
         raise Interrupted(f"interrupted; finished cells are kept in {target} (run the same command again to "
                           "continue; the interrupted cell resumes from its last finished epoch)") from None
+    if suite.tune:  # the tuned suite's cells: each rule tuned, and untuned beside it
+        summary = read_summary(target)
+        if tune_only:
+            print_tuning(suite, summary, target)
+            return
+        suite = final_suite(suite, summary)
     if report is not None:
         try:
             bench.write_report_copy(suite, target, report, command=command)
@@ -114,3 +143,18 @@ def check_report_path(report: Path) -> None:
             pass
     except OSError as e:
         raise UserError(f"cannot write the report to {report}: {e.strerror or e}") from None
+
+
+def print_tuning(suite, summary: dict | None, target: Path) -> None:
+    """--tune-only: each rule's best setting so far, one line per rule."""
+    for entry in suite.rules:
+        record = (summary or {}).get("rules", {}).get(entry.label) or {}
+        params = record.get("params")
+        best = "no finished trial" if params is None else ", ".join(
+            f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+        value = record.get("value")
+        score = f"{record.get('metric')} {value:.4f}" if isinstance(value, (int, float)) else ""
+        out.print(f"{entry.label}: {best}" + (f" ({score}" if score else " (") +
+                  f"{', ' if score else ''}{record.get('trials_complete', 0)} complete, "
+                  f"{record.get('trials_pruned', 0)} pruned of {record.get('budget')})", markup=False, highlight=False)
+    out.print(f"studies in {target}/tune/; run without --tune-only for the final cells", markup=False, highlight=False)

@@ -70,6 +70,11 @@ def train(
     fid_weights: Optional[Path] = typer.Option(
         None, "--fid-weights", help="Inception weights for --fid (else $FA_RULES_FID_WEIGHTS or torch hub's cache)."
     ),
+    validation_fraction: float = typer.Option(
+        0.0, help="Hold out this fraction of the training split (stratified by label), train on the rest and "
+        "evaluate on it instead of the test split, which is then never read; e.g. 0.1 (0: off)."
+    ),
+    validation_seed: int = typer.Option(0, help="Seed of the --validation-fraction split."),
 ):
     """Train a model with a credit-assignment rule; writes a run directory."""
     from fa_rules.core.config import TrainConfig, check_config
@@ -111,7 +116,7 @@ def train(
             group_lr={k: parse_value(v, 0.0) for k, v in parse_pairs(group_lr, "--group-lr").items()},
             optimizer=optimizer, momentum=momentum, weight_decay=weight_decay, lr_schedule=lr_schedule, seed=seed,
             device=device, data_dir=data_dir, eval_every=eval_every, divergence_factor=divergence_factor,
-            compile=compile,
+            compile=compile, validation_fraction=validation_fraction, validation_seed=validation_seed,
         )
         check_config(config, registry=plugins)  # before any work, each field named by its flag
         trainer = new_trainer(config, out_dir, progress=not quiet, check=check)

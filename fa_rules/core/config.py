@@ -78,6 +78,11 @@ class TrainConfig:
     divergence_factor: float = 1000.0
     # torch.compile the rule's step (eager when it does not compile; see fa_rules.core.compiled)
     compile: bool = False
+    # > 0: hold out this fraction of the training split (stratified by label, fixed by
+    # validation_seed), train on the rest and evaluate on the held-out part only; the test split is
+    # never read (see fa_rules.core.data.validation_split). Tuning selects settings this way.
+    validation_fraction: float = 0.0
+    validation_seed: int = 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -267,6 +272,8 @@ _FIELDS: dict[str, tuple[str, Callable[[Any], bool]]] = {
     "data_dir": ("a path or nothing", lambda v: v is None or isinstance(v, str)),
     "divergence_factor": _in(Range(0, MAX_FACTOR, note="0: off"), integer=False),
     "compile": ("true or false", lambda v: isinstance(v, bool)),
+    "validation_fraction": _in(Range(0, 1, high_open=True, note="0: no validation split"), integer=False),
+    "validation_seed": _in(Range(0, MAX_SEED), integer=True),
 }
 _GROUP_LR = _in(Range(0, MAX_RATE, low_open=True), integer=False)
 # how the command line spells a field, where that is not --field-name (eval_batch_size has no flag)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -79,3 +80,46 @@ class DatasetSpec:
     summary: str
     shape: tuple[int, ...]
     num_classes: int
+
+
+def validation_split(dataset: Dataset, fraction: float, seed: int) -> tuple[Dataset, dict]:
+    """The training split cut in two: a dataset whose training part is what remains and whose test
+    part is the held-out validation part, and the record of the cut. Only the training split is
+    read: a run evaluating on the result never sees a test example.
+
+    Labelled data is cut per class (stratified): one generator seeded with `seed` permutes each
+    class's examples in turn (classes in label order), and the first round(fraction * n_class) of
+    them, at least 1 and never the class's last example, are held out. Unlabelled data
+    (`num_classes` < 2: generative use) cannot be stratified and is cut by one seeded permutation
+    of all examples. The record holds the fraction, the seed, both sizes and `indices_sha256`, the
+    SHA-256 of the held-out indices (into the training split, ascending, comma-separated decimal)."""
+    if not 0 < fraction < 1:
+        raise UserError(f"validation fraction must be in (0, 1), got {fraction}")
+    n = dataset.train_x.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    labels = dataset.train_y.cpu()
+    if dataset.num_classes >= 2:
+        groups = [(labels == c).nonzero().flatten() for c in range(dataset.num_classes)]
+    else:
+        groups = [torch.arange(n)]
+    held = []
+    for members in groups:
+        count = members.numel()
+        if count < 2:  # nothing to hold out without emptying the class from training
+            continue
+        take = min(max(1, int(fraction * count + 0.5)), count - 1)
+        held.append(members[torch.randperm(count, generator=generator)[:take]])
+    if not held:
+        raise UserError(f"dataset '{dataset.name}' has too few training examples for a validation split")
+    validation = torch.cat(held).sort().values
+    keep = torch.ones(n, dtype=torch.bool)
+    keep[validation] = False
+    training = keep.nonzero().flatten()
+    index = training.to(dataset.train_x.device), validation.to(dataset.train_x.device)
+    split = Dataset(dataset.name, dataset.train_x[index[0]], dataset.train_y[index[0]],
+                    dataset.train_x[index[1]], dataset.train_y[index[1]], dataset.num_classes)
+    text = ",".join(map(str, validation.tolist()))
+    record = {"fraction": fraction, "seed": seed, "n_train": int(training.numel()),
+              "n_validation": int(validation.numel()),
+              "indices_sha256": hashlib.sha256(text.encode()).hexdigest()}
+    return split, record

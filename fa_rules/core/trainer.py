@@ -50,7 +50,7 @@ from fa_rules.core.checkpoint import (
     write_jsonl,
     write_or_explain,
 )
-from fa_rules.core.data import Dataset, as_float, epoch_order
+from fa_rules.core.data import Dataset, as_float, epoch_order, validation_split
 from fa_rules.core.errors import RuleError, UserError
 from fa_rules.core.metrics import alignment_angles, evaluate_classifier, evaluate_reconstruction
 from fa_rules.core.network import Network, count_params, recording_statistics, update_running_statistics
@@ -389,6 +389,11 @@ class Trainer:
             raise UserError(f"dataset '{dataset.name}' has no class labels; rule '{config.rule}' classifies")
         if rule.task != "classify" and rule.reconstruct is None:
             raise ValueError(f"rule '{config.rule}' trains for {rule.task} but has no reconstruct function")
+        # a validation split: trained on the rest, evaluated on it alone (the test split is never read)
+        self.validation_split: dict | None = None
+        if config.validation_fraction > 0:
+            dataset, self.validation_split = validation_split(dataset, config.validation_fraction,
+                                                              config.validation_seed)
         self.data = dataset.to(self.device)
 
         torch.manual_seed(config.seed)  # model initialisation depends on the seed only
@@ -665,6 +670,8 @@ class Trainer:
             batch = Batch(as_float(x[:n]), y[:n], self.config.seed)
             with evaluation_mode(self.network):
                 out.update({k: v for k, v in self.rule.evaluate(self.network, self.params, self.state, batch).items()})
+        if self.validation_split is not None:  # what was evaluated is the validation part: named so
+            out = {("validation_" + k[len("test_"):] if k.startswith("test_") else k): v for k, v in out.items()}
         return out
 
     def evaluate_classifier(self, x: torch.Tensor, y: torch.Tensor) -> dict:
@@ -836,6 +843,8 @@ class Trainer:
             "peak_saved_bytes": self.peak_saved_bytes,
             **final,
         }
+        if self.validation_split is not None:
+            summary["validation_split"] = dict(self.validation_split)
         if self.rule.credit is not None:  # which parameters trained by substituted feedback, which by their gradient
             summary["credit_assignment"] = self.rule.credit(self.network, self.params, self.state)
         if isinstance(self.step_fn, CompiledStep):  # this process's first step: compiling and its check
