@@ -17,6 +17,14 @@ encoder, so it keeps more than backprop. Prints the table and writes `memory_dep
 depth) and `memory_depth.json` into `--out`.
 
     python benchmarks/memory_depth.py --out runs/memory_depth   # about a minute on 2 CPU cores
+
+`--model vgg` measures VGG-shaped convolutional encoders instead (`fa_rules.models.vgg`, asinh, no
+batch norm, 2x2 max pooling closing each of its three stages, a Linear latent); `--depths` are then
+convolutions per stage (2 = the zoo's `vgg`, 4 = twice as deep) and `--width` the first stage's
+channels. The backprop autoencoder has no decoder for it, so only the two feature alignment rules run,
+and the script prints local_fa's deepest / shallowest ratio:
+
+    python benchmarks/memory_depth.py --model vgg --depths 2 4 --width 32 --out runs/memory_depth_vgg
 """
 
 from __future__ import annotations
@@ -28,18 +36,24 @@ from pathlib import Path
 import torch
 
 from fa_rules.core import Batch, SavedTensorsProbe
-from fa_rules.models import mlp
+from fa_rules.models import mlp, vgg
 from fa_rules.plugins.manager import get_registry
 
 RULES = ("local_fa", "feature_alignment", "ae")
+CONV_RULES = ("local_fa", "feature_alignment")  # (the autoencoder has no decoder for vgg)
 MB = 2**20
 
 
-def measure(rule_name: str, depth: int, width: int, batch_size: int, latent: int, device: torch.device) -> dict:
+def measure(rule_name: str, depth: int, width: int, batch_size: int, latent: int, device: torch.device,
+            model: str = "mlp") -> dict:
     spec = get_registry().rule(rule_name)
     rule = spec.make()
     torch.manual_seed(0)
-    network = mlp((1, 28, 28), (latent,), depth=depth, width=width, activation="asinh").to(device)
+    if model == "vgg":
+        network = vgg((1, 28, 28), (latent,), width=width, activation="asinh", batch_norm=False,
+                      convs_per_stage=depth).to(device)
+    else:
+        network = mlp((1, 28, 28), (latent,), depth=depth, width=width, activation="asinh").to(device)
     params, state = rule.init(network, {"model": network.init_params()}, torch.Generator().manual_seed(1))
     x = torch.rand(batch_size, 1, 28, 28, generator=torch.Generator().manual_seed(2)).to(device)
     y = torch.zeros(batch_size, dtype=torch.int64, device=device)
@@ -85,8 +99,11 @@ def plot(rows: list[dict], depths: list[int], path: Path) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--depths", type=int, nargs="+", default=[4, 8, 16])
-    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--model", choices=("mlp", "vgg"), default="mlp")
+    parser.add_argument("--depths", type=int, nargs="+", default=None,
+                        help="hidden blocks (mlp; default 4 8 16) or convolutions per stage (vgg; default 2 4)")
+    parser.add_argument("--width", type=int, default=None, help="hidden units (mlp; default 256) or the first "
+                        "stage's channels (vgg; default 32, the zoo's)")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--latent-dim", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -94,6 +111,11 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     device = torch.device(args.device)
+    if args.model == "vgg":
+        args.width = args.width or 32
+        conv_depths(args, device)
+        return
+    args.depths, args.width = args.depths or [4, 8, 16], args.width or 256
 
     rows = [measure(rule, d, args.width, args.batch_size, args.latent_dim, device)
             for d in args.depths for rule in RULES]
@@ -116,6 +138,24 @@ def main() -> None:
     plot(rows, args.depths, args.out / "memory_depth.png")
     (args.out / "memory_depth.json").write_text(json.dumps(rows, indent=2) + "\n")
     print(f"wrote {args.out / 'memory_depth.png'} and {args.out / 'memory_depth.json'}")
+
+
+def conv_depths(args, device: torch.device) -> None:
+    """The `--model vgg` table: local_fa and feature_alignment at each number of convs per stage."""
+    depths = args.depths or [2, 4]
+    rows = [measure(rule, d, args.width, args.batch_size, args.latent_dim, device, model="vgg")
+            for d in depths for rule in CONV_RULES]
+    print(f"{'convs/stage':>11} {'blocks':>6} {'rule':<18}{'params MiB':>11}{'peak saved MiB':>16}")
+    for r in rows:
+        r["blocks"] = 3 * r["depth"] + 1
+        print(f"{r['depth']:>11} {r['blocks']:>6} {r['rule']:<18}{r['param_bytes'] / MB:>11.2f}"
+              f"{r['peak_saved_bytes'] / MB:>16.2f}")
+    for rule in CONV_RULES:
+        peaks = [r["peak_saved_bytes"] for r in rows if r["rule"] == rule]
+        print(f"{rule} peak saved bytes, deepest / shallowest: {peaks[-1] / peaks[0]:.3f}"
+              + (" (flat = 1)" if rule == "local_fa" else ""))
+    (args.out / "memory_depth_vgg.json").write_text(json.dumps(rows, indent=2) + "\n")
+    print(f"wrote {args.out / 'memory_depth_vgg.json'}")
 
 
 if __name__ == "__main__":

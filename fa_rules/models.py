@@ -347,19 +347,54 @@ def resnet_of_depth(depth: int):
 
 
 def vgg(in_shape, out_shape, heads=None, width: int = 32, activation: str = "relu", batch_norm: bool = True,
-        running_stats: bool = False) -> Network:
-    """Small VGG-style net: stages of `width`, 2x, 4x channels, two 3x3 conv blocks each (batch
-    norm after the activation), 2x2 max pooling closing each stage, then a Linear output."""
+        running_stats: bool = False, convs_per_stage: int = 2) -> Network:
+    """Small VGG-style net: stages of `width`, 2x, 4x channels, `convs_per_stage` 3x3 conv blocks
+    each (two by default; batch norm after the activation), 2x2 max pooling closing each stage, then
+    a Linear output. More convs per stage deepen it as VGG-11 to -19 do."""
     if len(in_shape) != 3:
         raise UserError(f"vgg needs image inputs (C, H, W), got shape {tuple(in_shape)}")
     _at_most("vgg", "width", width, MAX_VGG_WIDTH)
+    if convs_per_stage < 1:
+        raise UserError(f"vgg needs convs_per_stage >= 1 (got {convs_per_stage})")
+    _at_most("vgg", "convs_per_stage", convs_per_stage, MAX_MLP_DEPTH)
     blocks, c = [], in_shape[0]
     for stage in range(3):
         ch = width * 2**stage
-        first_norm = _batch_norm(ch, running_stats) if batch_norm else None
-        blocks.append(Block(nn.Conv2d(c, ch, 3, 1, 1), make_activation(activation), first_norm))
+        for _ in range(convs_per_stage - 1):
+            norm = _batch_norm(ch, running_stats) if batch_norm else None
+            blocks.append(Block(nn.Conv2d(c, ch, 3, 1, 1), make_activation(activation), norm))
+            c = ch
         pool = nn.Sequential(_batch_norm(ch, running_stats), nn.MaxPool2d(2)) if batch_norm else nn.MaxPool2d(2)
-        blocks.append(Block(nn.Conv2d(ch, ch, 3, 1, 1), make_activation(activation), pool))
+        blocks.append(Block(nn.Conv2d(c, ch, 3, 1, 1), make_activation(activation), pool))
         c = ch
     blocks, head_blocks = _dense_tail(blocks, in_shape, [], out_shape, activation, heads)
     return Network(blocks, head_blocks, family="vgg", in_shape=in_shape, out_shape=out_shape)
+
+
+# -- SimpleVGG (Ernoult et al. 2022) ----------------------------------------------------------------
+SIMPLE_VGG_CHANNELS = (128, 128, 256, 256, 512)
+
+
+def simple_vgg(in_shape, out_shape, heads=None, activation: str = "elu", width_multiplier: float = 1.0) -> Network:
+    """SimpleVGG of Ernoult et al. 2022 ("Towards scaling difference target propagation by learning
+    backprop targets", ICML; the network of their CIFAR-10 and ImageNet 32x32 results): five blocks
+    of a 3x3 convolution (stride 1, padding 1, bias), the activation (ELU in the paper) and 2x2 max
+    pooling (stride 2), with 128, 128, 256, 256, 512 channels, then the flatten and one Linear layer
+    to the classes. `width_multiplier` scales every channel count (rounded, at least 1). A block
+    pools only while its map is at least 2x2: on 32x32 inputs all five do, as in the paper; on
+    28x28 the last map is 1x1 before the fifth pool, which is left out."""
+    if len(in_shape) != 3:
+        raise UserError(f"simple_vgg needs image inputs (C, H, W), got shape {tuple(in_shape)}")
+    if activation == "elu":
+        act = nn.ELU
+    else:
+        make_activation(activation)  # an unknown name: one line naming the choices
+        act = lambda: make_activation(activation)  # noqa: E731
+    blocks, c, side = [], in_shape[0], min(in_shape[1], in_shape[2])
+    for channels in SIMPLE_VGG_CHANNELS:
+        ch = scaled(channels, width_multiplier)
+        pool = nn.MaxPool2d(2, 2) if side >= 2 else None
+        blocks.append(Block(nn.Conv2d(c, ch, 3, 1, 1), act(), pool))
+        c, side = ch, side // 2 if side >= 2 else side
+    blocks, head_blocks = _dense_tail(blocks, in_shape, [], out_shape, activation, heads)
+    return Network(blocks, head_blocks, family="simple_vgg", in_shape=in_shape, out_shape=out_shape)

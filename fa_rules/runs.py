@@ -51,7 +51,7 @@ def resolve(config: TrainConfig, registry: Registry | None = None, dataset=None)
     if rule_spec.models is not None and config.model not in rule_spec.models:
         raise UserError(
             f"rule '{rule_spec.name}' does not support model '{config.model}' "
-            f"(supported: {', '.join(rule_spec.models)})"
+            f"(supported: {', '.join(rule_spec.models)})" + (f": {rule_spec.models_note}" if rule_spec.models_note else "")
         )
     rule = rule_spec.make(**config.rule_options)
     model_options = {

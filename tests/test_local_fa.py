@@ -172,8 +172,8 @@ def test_local_fa_prefers_asinh_and_refuses_a_non_invertible_activation():
     block_rule.init(relu, {"model": relu.init_params()}, torch.Generator())
     with pytest.raises(UserError, match="option 'flow' must be one of layer, block, got 'both'"):
         get_registry().rule("local_fa").make(flow="both")
-    with pytest.raises(UserError, match="does not support model 'lenet'"):
-        resolve(Config(rule="local_fa", model="lenet"))
+    with pytest.raises(UserError, match="does not support model 'resnet'"):  # (conv encoders: test_local_fa_conv)
+        resolve(Config(rule="local_fa", model="resnet"))
 
 
 def test_local_fa_trains_the_paper_encoder_block_by_block():

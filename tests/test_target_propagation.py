@@ -92,8 +92,9 @@ def test_decoders_mirror_the_block_types():
 
     pooled = Network([Block(nn.Conv2d(1, 4, 3, padding=1), nn.Tanh(), nn.MaxPool2d(2)),
                       Block(nn.Linear(64, 10), in_shape=(64,))], in_shape=(1, 8, 8))
-    with pytest.raises(ValueError, match="post module"):
-        decoder_for(pooled, 1, "post")
+    dense = decoder_for(pooled, 1, "post")  # a pooled conv output is a dense block's input: reshaped back
+    h = pooled.blocks[1](pooled.blocks[0](torch.zeros(2, 1, 8, 8)))
+    assert dense(dense.init(torch.Generator().manual_seed(0)), h).shape == (2, 4, 4, 4)
 
 
 # -- targets with exact inverses --------------------------------------------------------------------
@@ -286,13 +287,13 @@ def test_every_setting_is_an_option_and_bad_settings_are_clear_errors():
     for key in ("beta", "space", "feedback_lr", "feedback_iters", "feedback_noise", "feedback_objective",
                 "input_iters", "output_iters", "output_init", "dtp1", "influence_scaling"):
         assert key in opts, key
-    assert registry.rule("dtp").models == ("mlp",)
+    assert registry.rule("dtp").models == ("mlp", "lenet", "vgg", "simple_vgg")
     with pytest.raises(UserError, match="space=pre"):
         registry.rule("iterative_dtp").make(dtp1=True)
     with pytest.raises(UserError, match="influence_scaling"):
         registry.rule("iterative_dtp").make(influence_scaling="sometimes")
-    with pytest.raises(UserError, match="does not support model 'lenet'"):
-        resolve(TrainConfig(rule="dtp", model="lenet"))
+    with pytest.raises(UserError, match="does not support model 'resnet'"):
+        resolve(TrainConfig(rule="dtp", model="resnet"))
 
 
 def test_cli_trains_dtp_on_digits_and_logs_the_feedback_metrics(tmp_path):

@@ -26,6 +26,20 @@ Conventions, kept identical across rules so that their numbers compare:
 Helpers for the rest of the recipe live here too: the start distribution of r (`initial_input`),
 optional squashing of r_hat into the data range (`squash`) and orthogonal initialisation of the
 weights (section 4 of the paper).
+
+Convolutional encoders. Through a convolution the flow's step is its transpose: for `f(r) = W * r + b`,
+`d/dr 1/2 ||z - f(r)||^2 = -W^T * (z - f(r))`, the transposed convolution (`conv_transpose2d`) of the
+error; autodiff gives exactly that. The paper's encoders down-sample by stride 2 and have no pooling
+(section 4, Tables 7-9), so it is silent on max pooling; where a flow passes one, `pool_positions`
+says where the pool takes its maxima:
+
+- `data` (the default): at the positions where the data's own forward pass had them. The flow's step
+  then carries the error back by max-unpooling with the indices of that forward pass, as Ernoult et
+  al. 2022 (scalingDTP) invert max pooling; at the data itself the pool's value is unchanged.
+- `flow`: torch's max pool of the flow's current point, as written. From a zero start every window
+  ties and the first step writes only to each window's first position.
+
+`forward_with_indices` finds the data's positions in its forward pass, `encode` applies a network with them.
 """
 
 from __future__ import annotations
@@ -33,12 +47,16 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from fa_rules.core.autodiff import grad
 
 INITS = ("zeros", "uniform", "normal")
 SQUASHES = ("none", "sigmoid")
+POOL_POSITIONS = ("data", "flow")
+UNPOOLS = ("nearest", "indices")  # a pooled map carried back to the pool's input outside any flow
 
 
 def initial_input(init: str, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
@@ -133,3 +151,92 @@ def orthogonal_init(params: dict[str, torch.Tensor], generator: torch.Generator)
         else:
             out[key] = value.detach().clone()
     return out
+
+
+# -- max pooling inside the flow (convolutional encoders) ----------------------------------------------
+def max_pool_indices(pool: nn.MaxPool2d, a: torch.Tensor) -> torch.Tensor:
+    """Where `pool` takes its maxima on `a`: flat positions within each (example, channel) plane, as
+    `F.max_pool2d(..., return_indices=True)` gives them (integers: nothing to differentiate)."""
+    _, indices = F.max_pool2d(a.detach(), pool.kernel_size, pool.stride, pool.padding, pool.dilation,
+                              pool.ceil_mode, return_indices=True)
+    return indices
+
+
+def pool_at(a: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """The max pool evaluated at fixed positions: `a`'s values at `indices`. Linear in `a`; its
+    transpose (what a flow's step sends back through it) is max-unpooling with the same indices."""
+    return a.flatten(2).gather(2, indices.flatten(2)).reshape(indices.shape)
+
+
+def unpool(h: torch.Tensor, indices: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Max-unpooling: each value of `h` put back at its position in `indices` of a zero map shaped like
+    `like` (where overlapping windows share a position, their mean)."""
+    out = torch.zeros(like.shape[:2] + (like[0, 0].numel(),), dtype=h.dtype, device=h.device)
+    out = out.scatter_reduce(2, indices.flatten(2), h.flatten(2), reduce="mean", include_self=False)
+    return out.reshape(like.shape)
+
+
+def upsample_nearest(h: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Each pooled value copied over its window: nearest-neighbour upsampling of `h` to `like`'s size
+    (exactly the windows of a pool whose kernel equals its stride)."""
+    return F.interpolate(h, size=like.shape[-2:], mode="nearest")
+
+
+def max_pool_post(network, i: int) -> nn.MaxPool2d | None:
+    """Block i's max pool, where the block is `layer -> activation -> MaxPool2d` (else None)."""
+    from fa_rules.core.network import Block
+
+    block = network.blocks[i]
+    if isinstance(block, Block) and isinstance(block.post, nn.MaxPool2d):
+        return block.post
+    return None
+
+
+def block_with_indices(network, i: int, params, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Block i's output for the data `x` and the indices of its max pool on it (None without one);
+    differentiable as the block itself (the indices are integers)."""
+    pool = max_pool_post(network, i)
+    if pool is None:
+        return network.block_apply(i, params, x), None
+    a = network.blocks[i].activation(network.block_apply(i, params, x, pre_activation=True))
+    indices = max_pool_indices(pool, a)
+    return pool_at(a, indices), indices
+
+
+def forward_with_indices(network, params, x: torch.Tensor):
+    """`(output, indices)`: the network's output for the data `x` and, per block, the indices of its
+    max pool on this pass (None for a block without one), in one differentiable pass."""
+    indices = [max_pool_post(network, i) for i in range(network.num_blocks)]
+    if all(pool is None for pool in indices):
+        return network.apply(params, x), indices
+    h = x
+    for i in range(network.num_blocks):
+        h, indices[i] = block_with_indices(network, i, params, h)
+    return _output(network, params, h), indices
+
+
+def _output(network, params, h: torch.Tensor):
+    """What the network returns for its last block's output `h` (its heads, or `h` in `out_shape`)."""
+    if len(network.heads):
+        return {name: network.head_apply(name, params, h) for name in network.heads}
+    if network.out_shape is not None and len(network.out_shape) > 1:
+        return h.reshape(h.shape[0], *network.out_shape)
+    return h
+
+
+def block_at(network, i: int, params, r: torch.Tensor, indices: torch.Tensor | None) -> torch.Tensor:
+    """Block i applied to `r`, its max pool (if any) taken at `indices` (None: the block as it is)."""
+    if indices is None:
+        return network.block_apply(i, params, r)
+    return pool_at(network.blocks[i].activation(network.block_apply(i, params, r, pre_activation=True)), indices)
+
+
+def encode(network, params, r: torch.Tensor, indices: list | None):
+    """The network's output for `r`, every max pool taken at `indices` (from `forward_with_indices`); with
+    `indices` None or without a pooled block, `network.apply` itself."""
+    if indices is None or all(ix is None for ix in indices):
+        return network.apply(params, r)
+    h = r
+    for i in range(network.num_blocks):
+        h = block_at(network, i, params, h, indices[i])
+    return _output(network, params, h)

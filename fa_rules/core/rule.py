@@ -171,6 +171,8 @@ class RuleSpec:
     summary: str
     options: dict[str, Any] = field(default_factory=dict)
     models: tuple[str, ...] | None = None  # None: every model family
+    # why `models` is all it takes, said when any other model is refused (e.g. what the paper defines)
+    models_note: str = ""
     aliases: tuple[str, ...] = ()
     # model settings this rule prefers when the user sets none (e.g. {"activation": "asinh"})
     model_defaults: dict[str, Any] = field(default_factory=dict)

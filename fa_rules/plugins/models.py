@@ -34,4 +34,8 @@ def register_models(register):
                            f"He et al. 2016 CIFAR ResNet-{depth}; shortcut A (zero-padding) or B (1x1 projection)",
                            {"width": 16, "shortcut": "A", "running_stats": False}, example_shape=(3, 32, 32)))
     register(ModelSpec("vgg", zoo.vgg, "small VGG-style CNN: 3 stages of two 3x3 convs (batch norm), max pooling",
-                       {"width": 32, "activation": "relu", "batch_norm": True, "running_stats": False}))
+                       {"width": 32, "activation": "relu", "batch_norm": True, "running_stats": False,
+                        "convs_per_stage": 2}))
+    register(ModelSpec("simple_vgg", zoo.simple_vgg, "Ernoult et al. 2022's SimpleVGG: five 3x3 conv-ELU-maxpool "
+                       "blocks (128, 128, 256, 256, 512 channels), Linear out", {"activation": "elu",
+                       "width_multiplier": 1.0}, example_shape=(3, 32, 32)))

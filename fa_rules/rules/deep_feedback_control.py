@@ -57,7 +57,11 @@ diverges, which the residual metrics show at once.
 Cost: each step simulates `steps` Euler steps (default 40), each a full forward pass plus one
 `L x n_out` feedback product per block, and the learned variant as many again with noise:
 roughly `steps` (fixed) or `steps + feedback_steps` (learned) forward passes per training step.
-Supports MLPs (Linear blocks, no heads).
+Supports MLPs only (Linear blocks, no heads): the paper defines the network dynamics, the controller
+and the feedback weights `Q_i` on fully connected layers, and its code (`DFCLayer`, "any feedforward
+fully connected neural network architecture" in its README) builds no other; even its CIFAR-10 runs
+flatten the image into an MLP. A convolutional model is refused in one line that says so
+(`FULLY_CONNECTED_ONLY`), before any run directory exists.
 """
 
 from __future__ import annotations
@@ -164,10 +168,25 @@ def feedback_updates(network, model, feedback, x, s: Settings, generator) -> tup
     return updates, {"feedback_controller_u_norm": phase.u.norm() / n ** 0.5}
 
 
+# why dfc refuses other models (Python's own modules reach `init`, named models the registry's check)
+FULLY_CONNECTED_ONLY = ("Meulemans et al. 2021 define the controller and its feedback on fully connected "
+                        "layers, and their code builds no convolutional one")
+
+
+def _check_fully_connected(network) -> None:
+    """One line naming why, for a network with any layer other than Linear (a model from Python)."""
+    from torch import nn
+
+    for i, block in enumerate(network.blocks):
+        if not isinstance(getattr(block, "layer", None), nn.Linear):
+            raise UserError(f"dfc supports MLPs only: {FULLY_CONNECTED_ONLY}; block {i} is a {type(getattr(block, 'layer', block)).__name__}")
+
+
 def _build(s: Settings) -> Rule:
     s.check()
 
     def init(network, params, generator):
+        _check_fully_connected(network)
         check_network(network, "dfc")
         model = params["model"]
         if s.feedback_init == "product":
@@ -234,5 +253,5 @@ def dfc(
 def register_rules(register):
     options = {k: p.default for k, p in inspect.signature(dfc).parameters.items()}
     register(RuleSpec("dfc", dfc, "deep feedback control: a PI controller drives the network to its target "
-                      "(Meulemans et al. 2021)", options=options, ranges=RANGES, models=("mlp",),
+                      "(Meulemans et al. 2021)", options=options, ranges=RANGES, models=("mlp",), models_note=FULLY_CONNECTED_ONLY,
                       model_defaults={"activation": "tanh"}))

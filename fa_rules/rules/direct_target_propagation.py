@@ -26,7 +26,14 @@ E ||eps_2||^2`, its input's energy: a normalised LMS step whose size does not de
 
 Cost per step against a backprop step: one forward pass, `feedback_iters` noisy forwards from every
 hidden block to the output (L - 1 partial forwards) and one `grad` of the local losses.
-Supports MLPs (Linear blocks without post modules, no heads).
+
+Convolutional networks (`lenet`, `vgg`, `simple_vgg`) as the paper's code trains them (its
+`DDTPConvLayer`: a conv, the activation and a max pool, whose feedback is one dense matrix from the
+output to the flattened pooled feature map, DDTP-linear with a linear feedback activation): the
+hidden value `h_i` is block i's whole output (after its pool) flattened, `Q_i` maps the output to
+it and the target is reshaped back to the feature map. Nothing is unpooled or transposed: the
+feedback is direct, and `f_{L,i}` is the network's own forward from block i (pools included).
+Needs a plain chain of blocks (no heads).
 """
 
 from __future__ import annotations
@@ -182,4 +189,4 @@ def register_rules(register):
               "drl_reg": NON_NEGATIVE}
     register(RuleSpec("ddtp", ddtp, "direct difference target propagation, linear direct feedback trained by "
                       "the difference reconstruction loss (Meulemans et al. 2020)", options=options, ranges=ranges,
-                      models=("mlp",), model_defaults={"activation": "tanh"}))
+                      models=tp.MODELS, model_defaults=tp.MODEL_DEFAULTS))

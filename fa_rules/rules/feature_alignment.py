@@ -28,6 +28,12 @@ same flow (`reconstruct`). Settings and where they come from:
 - `clamp_weights=True`: weights clamped to +-sqrt(2) after every step (Eq. 9, from the stability
   condition w^2 < 2 of Appendix A), an engine constraint (`fa_rules.core.constrained` + `clamp`);
   biases are not clamped (as in the authors' code).
+- `pool_positions="data"`: on convolutional encoders with max pooling (`lenet`, `vgg`), where the
+  flow's pools take their maxima (`fa_rules.core.gradient_flow`): at the data's own maxima, so the
+  flow's step goes back through each pool by max-unpooling with the forward pass's indices (the
+  paper has no pooling; this is scalingDTP's inversion of it), or, with `flow`, at those of the
+  flow's current point (torch's max pool as written). Through each convolution the step is its
+  transposed convolution.
 
 Supervised training alongside (Eq. 3-4, the toy example of section 3.2) composes with the core
 combinator: `weighted_sum([(1.0, feature_alignment(output_weight=w)), (1.0, supervised_rule)])`,
@@ -44,7 +50,10 @@ import torch
 from fa_rules.core import Rule, RuleSpec, clamp, constrained, grad_and_value, hookimpl
 from fa_rules.core.gradient_flow import (
     INITS,
+    POOL_POSITIONS,
     SQUASHES,
+    encode,
+    forward_with_indices,
     gradient_flow,
     initial_input,
     orthogonal_init,
@@ -57,6 +66,9 @@ WEIGHT_BOUND = math.sqrt(2.0)  # Eq. 9
 # the declared ranges of the gradient flow's settings, shared by every rule that runs the flow; each
 # flow step is a forward and backward pass kept for the second-order gradient
 FLOW_RANGES = {"steps": Range(1, MAX_ITERATIONS), "tau": POSITIVE, "init": INITS, "squash": SQUASHES}
+# convolutional encoders: batch norm with batch statistics is no per-example map to invert, so the
+# rules that run the flow build `vgg` without it unless asked
+CONV_MODEL_DEFAULTS = {"batch_norm": False}
 
 
 def feature_alignment(
@@ -68,6 +80,7 @@ def feature_alignment(
     clamp_weights: bool = True,
     output_weight: torch.Tensor | None = None,
     flow_constant: float = 0.5,
+    pool_positions: str = "data",
 ) -> Rule:
     """Algorithm 1. `output_weight` (Python use only) weights the alignment distance per output.
     Settings are checked against `FLOW_RANGES` by the registered spec (`RuleSpec.check_options`)."""
@@ -76,27 +89,34 @@ def feature_alignment(
         model = orthogonal_init(params["model"], generator) if orthogonal else params["model"]
         return {**params, "model": model}, {}
 
-    def invert(network, model, z, r0):
+    def latent(network, model, x):
+        """(z_x, the data's max-pool indices where the flow's pools take them, else None)."""
+        z, indices = forward_with_indices(network, model, x)
+        return z, (indices if pool_positions == "data" else None)
+
+    def invert(network, model, z, r0, indices):
         """r_hat for the latent z: the flow of Eq. 2 through the whole encoder, then the squash."""
         weight = None if output_weight is None else output_weight.to(r0.device)
-        r = gradient_flow(lambda r: network.apply(model, r), z, r0, steps, tau, weight, flow_constant)
+        r = gradient_flow(lambda r: encode(network, model, r, indices), z, r0, steps, tau, weight, flow_constant)
         return squash_output(squash, r)
 
     def step(network, params, state, batch):
         r0 = initial_input(init, batch.x, batch.generator())
 
         def loss_fn(model):
-            z = network.apply(model, batch.x)
-            return reconstruction_loss(batch.x, invert(network, model, z, r0))
+            z, indices = latent(network, model, batch.x)
+            return reconstruction_loss(batch.x, invert(network, model, z, r0, indices))
 
         grads, loss = grad_and_value(loss_fn)(params["model"])
-        return {"model": grads}, state, {"loss": loss}
+        # a conv weight's second-order gradient comes with permuted strides; torch's fused optimiser
+        # kernels read an update as laid out like its parameter
+        return {"model": {k: g.contiguous() for k, g in grads.items()}}, state, {"loss": loss}
 
     def reconstruct(network, params, state, x, generator):
         model = params["model"]
         with torch.no_grad():
-            z = network.apply(model, x)
-        return invert(network, model, z, initial_input(init, x, generator)).detach().reshape(x.shape)
+            z, indices = latent(network, model, x)
+        return invert(network, model, z, initial_input(init, x, generator), indices).detach().reshape(x.shape)
 
     rule = Rule(init=init_fn, step=step, task="reconstruct", reconstruct=reconstruct)
     return constrained(rule, clamp(WEIGHT_BOUND)) if clamp_weights else rule
@@ -108,7 +128,8 @@ def register_rules(register):
         "feature_alignment", feature_alignment,
         "encoder that reconstructs its input by a gradient flow on its own latent (Algorithm 1)",
         options={"steps": 1, "tau": 1.0, "init": "zeros", "squash": "none", "orthogonal": True,
-                 "clamp_weights": True, "flow_constant": 0.5},
-        ranges={**FLOW_RANGES, "flow_constant": POSITIVE},
-        models=("mlp", "lenet", "paper_encoder"),
+                 "clamp_weights": True, "flow_constant": 0.5, "pool_positions": "data"},
+        ranges={**FLOW_RANGES, "flow_constant": POSITIVE, "pool_positions": POOL_POSITIONS},
+        models=("mlp", "lenet", "vgg", "paper_encoder"),
+        model_defaults=CONV_MODEL_DEFAULTS,
     ))

@@ -122,7 +122,24 @@ squared error of `g_l(f_l(h_{l-1}))` against `h_{l-1}`, no noise), `feedback_rev
 `f_l(g_l(h_l))` against `h_l`) and `target_inversion_error` (`||f_l(tau_{l-1}) - tau_l|| /
 ||tau_l - h_l||` over the batch: 0 for a perfect inverse, 1 as bad as no target change). The
 alignment angle to backprop per block comes from the engine (`alignment_angle_deg`).
-Supports MLPs (Linear blocks without post modules, no heads).
+
+Convolutional networks (`lenet`, `vgg` without batch norm, `simple_vgg`; Ernoult et al. 2022 train
+L-DRL on their SimpleVGG): a conv block's decoder is a transposed convolution that restores the
+block's input shape exactly; a max-pool post is inverted by max-unpooling with the indices of the
+forward pass that produced the decoded value (`fa_rules.core.inverse.forward_pass` and `encode(...,
+with_indices=True)` recompute the pool with its indices: the clean forward's for `g(h)`, `g(h +
+eta)` and `g(tau)`, the noisy forward's for `g(f(h + eps))`, as the authors' code does); the
+flatten is inverted by the reshape every decoder ends with. `conv_decoder` picks the conv decoder's
+form: "reversed_block" (the authors': `V * sigma_l(unpool(h)) + c`, the default of `l_drl`) or
+"activation_below" (`sigma_{l-1}(V * unpool(h) + c)`, the dense decoders' form; the default of the
+rules trained by the auto-encoder objective, measured on LeNet: digits, 5 epochs, seed 0, dtp 0.867
+against 0.492, target_prop 0.717 against 0.375, iterative_dtp 0.858 against 0.492; l_drl 0.878
+against 0.875). `feedback_per_decoder`
+("LR:NOISE:ITERS, ..." from the bottom decoder up) replaces `feedback_lr`, `feedback_noise` and
+`feedback_iters` per decoder, as Ernoult et al. tune them per layer; a decoder stops after its own
+number of iterations, and the noise of the decoders still training is drawn bottom-up in each.
+`dtp1` refuses conv blocks (its closed form needs a Linear block); `space=pre` refuses pools.
+Needs a plain chain of blocks (no heads).
 """
 
 from __future__ import annotations
@@ -137,7 +154,9 @@ from torch import nn
 
 from fa_rules.core import Rule, RuleSpec, UserError, classification_loss, grad, hookimpl
 from fa_rules.core.rule import ITERATIONS, NON_NEGATIVE, POSITIVE
-from fa_rules.core.inverse import SPACES, Decoder, activate, decoder_for, encode, forward_values, value_shapes
+from fa_rules.core.inverse import (
+    CONV_DECODERS, SPACES, Decoder, activate, decoder_for, encode, forward_pass, value_shapes,
+)
 
 try:  # data-parallel runs: in-step training must see the global batch (identity in one process)
     from fa_rules.core.distributed import average_across_processes
@@ -147,6 +166,10 @@ except ImportError:  # an engine without distributed training
         return tree
 
 OBJECTIVES = ("autoencoder", "reverse", "ldrl")
+# the zoo models every rule of the family trains: MLPs and the chains of conv blocks (max pools
+# unpooled, the flatten reshaped); batch norm has no decoder, so vgg is built without it
+MODELS = ("mlp", "lenet", "vgg", "simple_vgg")
+MODEL_DEFAULTS = {"activation": "tanh", "batch_norm": False}
 FIRST_TARGETS = ("output", "penultimate")
 DECODER_ORDERS = ("before", "after")
 OUTPUT_INITS = ("difference", "decoder")
@@ -173,10 +196,14 @@ class Settings:
     first_target: str = "output"
     decoder_order: str = "before"
     per_block_grads: bool = False
+    conv_decoder: str = "reversed_block"
+    feedback_per_decoder: str = ""
 
     def check(self) -> "Settings":
         """What depends on several settings (each one's range is declared in `RANGES`)."""
-        if self.feedback_objective == "ldrl" and not self.feedback_noise > 0:
+        per_decoder = parse_per_decoder(self.feedback_per_decoder)
+        noises = [b.noise for b in per_decoder] or [self.feedback_noise]
+        if self.feedback_objective == "ldrl" and not all(n > 0 for n in noises):
             raise UserError("feedback_objective=ldrl needs feedback_noise > 0 (it measures Jacobians with noise)")
         if (self.dtp1 or self.dtp1_output) and self.space != "pre":
             raise UserError("dtp1 is the update for f(h) = W sigma(h): it needs space=pre")
@@ -188,8 +215,51 @@ RANGES = {
     "beta": POSITIVE, "space": SPACES, "feedback_lr": NON_NEGATIVE, "feedback_iters": ITERATIONS,
     "feedback_noise": NON_NEGATIVE, "feedback_objective": OBJECTIVES, "input_iters": ITERATIONS,
     "output_iters": ITERATIONS, "output_init": OUTPUT_INITS, "influence_scaling": INFLUENCE,
-    "first_target": FIRST_TARGETS, "decoder_order": DECODER_ORDERS,
+    "first_target": FIRST_TARGETS, "decoder_order": DECODER_ORDERS, "conv_decoder": CONV_DECODERS,
 }
+
+
+@dataclass(frozen=True)
+class BlockFeedback:
+    """One decoder's training in a step: SGD step size, noise scale and number of iterations."""
+
+    lr: float
+    noise: float
+    iters: int
+
+
+def parse_per_decoder(text: str) -> list[BlockFeedback]:
+    """`feedback_per_decoder`: `"LR:NOISE:ITERS, ..."`, one triple per decoder from the bottom up
+    (`"1e-4:0.4:20, 0.18:0.08:20"`); empty: none. A bad entry is a one-line UserError."""
+    if not text.strip():
+        return []
+    out = []
+    for item in text.split(","):
+        parts = [p.strip() for p in item.split(":")]
+        try:
+            lr, noise, iters = float(parts[0]), float(parts[1]), int(parts[2])
+            ok = len(parts) == 3 and lr in NON_NEGATIVE and noise in NON_NEGATIVE and iters in ITERATIONS
+        except (ValueError, IndexError):
+            ok = False
+        if not ok:
+            raise UserError(f"feedback_per_decoder takes LR:NOISE:ITERS per decoder from the bottom, comma-separated "
+                            f"(e.g. \"1e-4:0.4:20, 0.18:0.08:20\"; lr and noise in {NON_NEGATIVE.describe(False)}, "
+                            f"iters in {ITERATIONS.describe(True)}); got {item.strip()!r}")
+        out.append(BlockFeedback(lr, noise, iters))
+    return out
+
+
+def feedback_schedule(s: "Settings", blocks: list[int]) -> dict[int, BlockFeedback]:
+    """Each decoder's (lr, noise, iterations): `feedback_lr`, `feedback_noise`, `feedback_iters`
+    for all, or per decoder from `feedback_per_decoder` (Ernoult et al. tune them per layer on
+    SimpleVGG)."""
+    per_decoder = parse_per_decoder(s.feedback_per_decoder)
+    if not per_decoder:
+        return {i: BlockFeedback(s.feedback_lr, s.feedback_noise, s.feedback_iters) for i in blocks}
+    if len(per_decoder) != len(blocks):
+        raise UserError(f"feedback_per_decoder lists {len(per_decoder)} decoders; this network trains {len(blocks)} "
+                        f"(blocks {', '.join(map(str, blocks))}): give one LR:NOISE:ITERS each, from the bottom")
+    return dict(zip(blocks, per_decoder))
 
 
 def independent_grads(loss_of, params: dict, per_block: bool) -> dict:
@@ -205,13 +275,20 @@ def independent_grads(loss_of, params: dict, per_block: bool) -> dict:
 _DECODERS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
 
 
-def decoders(network, space: str) -> list[Decoder | None]:
+def decoders(network, space: str, conv_decoder: str = "reversed_block") -> list[Decoder | None]:
     """`[None, g_1, ..., g_{L-1}]` for the network (cached per network: building needs a forward)."""
     per_network = _DECODERS.setdefault(network, {})
-    if space not in per_network:
+    key = (space, conv_decoder)
+    if key not in per_network:
         shapes = value_shapes(network)
-        per_network[space] = [None] + [decoder_for(network, i, space, shapes) for i in range(1, network.num_blocks)]
-    return per_network[space]
+        per_network[key] = [None] + [decoder_for(network, i, space, shapes, conv_decoder)
+                                     for i in range(1, network.num_blocks)]
+    return per_network[key]
+
+
+def no_indices(values) -> list[None]:
+    """The max-pool indices of a network without pools (every decoder call takes them)."""
+    return [None] * len(values)
 
 
 def decoder_blocks(network, s: "Settings") -> list[int]:
@@ -225,95 +302,121 @@ def block_params(network, model, i: int) -> dict:
     return {k: model[k] for k in network.block_keys[i]}
 
 
-def _mean_sq_norm(decoder: Decoder, h: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of the squared norm of one decoder unit's input (its fan-in), + 1 for the bias."""
-    z = decoder.in_activation(h).detach()
+def _mean_sq_norm(decoder: Decoder, h: torch.Tensor, indices=None) -> torch.Tensor:
+    """Mean over the batch of the squared norm of one decoder unit's input (its fan-in), + 1 for the
+    bias; for a transposed convolution, of a kernel-sized patch of its (unpooled) input."""
+    z = decoder.layer_input(h, indices).detach()
     sq = z.pow(2).flatten(1).sum(1).mean()
     if decoder.kind == "conv_transpose":  # one unit sees a kernel-sized patch of the input
         sq = sq / (z.shape[-2] * z.shape[-1]) * (decoder.kernel_size[0] * decoder.kernel_size[1])
     return sq + 1.0
 
 
-def reconstruction_loss(network, model, i, decoder, dec_params, x, objective, space, scale=1.0, code=None):
+def reconstruction_loss(network, model, i, decoder, dec_params, x, objective, space, scale=1.0, code=None,
+                        indices=None):
     """Half squared reconstruction error of decoder i on the (noisy) values `x` (mean over the
     batch) divided by `scale`: `g(f(x)) ~ x` for the auto-encoder objective, where `x` lies below
-    block i (`code`, if given, is `f(x)`), or `f(g(x)) ~ x` for the reverse one, where `x` lies above it."""
+    block i (`code`, if given, is `f(x)` and `indices` its pooling indices), or `f(g(x)) ~ x` for
+    the reverse one, where `x` lies above it (`indices`: those of the clean forward pass)."""
     bp = block_params(network, model, i)
     if objective == "autoencoder":
-        code = encode(network, i, bp, x, space) if code is None else code
-        err = decoder(dec_params, code.detach()) - x
+        if code is None:
+            code, indices = encode(network, i, bp, x, space, with_indices=True)
+        err = decoder(dec_params, code.detach(), indices) - x
     else:
-        err = encode(network, i, bp, decoder(dec_params, x), space) - x
+        err = encode(network, i, bp, decoder(dec_params, x, indices), space) - x
     return 0.5 * err.pow(2).flatten(1).sum(1).mean() / scale
 
 
-def difference_reconstruction_loss(decoder, dec_params, code, code_moved, input_noise, output_noise, sigma):
+def difference_reconstruction_loss(decoder, dec_params, code, code_moved, input_noise, output_noise, sigma,
+                                   indices=None, moved_indices=None):
     """Ernoult et al. 2022's local difference reconstruction loss (L-DRL) of one decoder, halved:
     `1/2 E[-2 eps^T (g(f(h + eps)) - g(f(h))) + ||g(f(h) + eta) - g(f(h))||^2] / sigma^2`, with
     `code = f(h)`, `code_moved = f(h + eps)` (constants), `eps`, `eta ~ N(0, sigma^2)`. To second
     order in the noise it is `1/2 ||J_g - J_f^T||_F^2` up to a constant, so it drives the decoder's
-    Jacobian to the transpose of the block's: DTP's targets then become backprop's."""
-    g_code = decoder(dec_params, code)
-    recon = (decoder(dec_params, code_moved) - g_code) * input_noise
-    spread = (decoder(dec_params, code + output_noise) - g_code).pow(2)
+    Jacobian to the transpose of the block's: DTP's targets then become backprop's. On a pooled
+    block each value is unpooled with the indices of the forward pass that made it (as Ernoult et
+    al.'s code does): `moved_indices` those of `f(h + eps)`, `indices` those of `f(h)`."""
+    g_code = decoder(dec_params, code, indices)
+    recon = (decoder(dec_params, code_moved, moved_indices) - g_code) * input_noise
+    spread = (decoder(dec_params, code + output_noise, indices) - g_code).pow(2)
     per_example = -2 * recon.flatten(1).sum(1) + spread.flatten(1).sum(1)
     return 0.5 * per_example.mean() / sigma**2
 
 
-def _train_ldrl(network, model, params, values, s, blocks, decs, generator):
-    for _ in range(s.feedback_iters):
+def _active(schedule: dict[int, BlockFeedback], t: int) -> list[int]:
+    """The decoders still training at iteration t (each stops after its own number of iterations)."""
+    return [i for i, b in schedule.items() if b.iters > t]
+
+
+def _sgd_step(params, g, schedule):
+    return {**params, **{b: {k: v - schedule[int(b)].lr * g[b][k] for k, v in params[b].items()} for b in g}}
+
+
+def _train_ldrl(network, model, params, values, s, schedule, decs, generator, indices):
+    for t in range(max(b.iters for b in schedule.values())):
         inputs = {}
-        for i in blocks:
-            h = values[i]
+        for i in _active(schedule, t):
+            h, sigma = values[i], schedule[i].noise
             bp = block_params(network, model, i)
-            eps = s.feedback_noise * torch.randn(h.shape, generator=generator, device=h.device, dtype=h.dtype)
+            eps = sigma * torch.randn(h.shape, generator=generator, device=h.device, dtype=h.dtype)
             code = values[i + 1]
-            moved = encode(network, i, bp, h + eps, s.space).detach()
-            eta = s.feedback_noise * torch.randn(code.shape, generator=generator, device=h.device, dtype=h.dtype)
-            inputs[i] = (code, moved, eps, eta)
+            moved, moved_indices = encode(network, i, bp, h + eps, s.space, with_indices=True)
+            eta = sigma * torch.randn(code.shape, generator=generator, device=h.device, dtype=h.dtype)
+            inputs[i] = (code, moved.detach(), eps, eta, indices[i + 1], moved_indices)
 
         def decoder_loss(key, p, _inputs=inputs):
-            return difference_reconstruction_loss(decs[int(key)], p, *_inputs[int(key)], s.feedback_noise)
+            code, moved, eps, eta, idx, moved_idx = _inputs[int(key)]
+            return difference_reconstruction_loss(decs[int(key)], p, code, moved, eps, eta,
+                                                  schedule[int(key)].noise, idx, moved_idx)
 
-        g = average_across_processes(independent_grads(decoder_loss, params, s.per_block_grads))
-        params = {b: {k: v - s.feedback_lr * g[b][k] for k, v in p.items()} for b, p in params.items()}
+        active = {str(i): params[str(i)] for i in inputs}
+        g = average_across_processes(independent_grads(decoder_loss, active, s.per_block_grads))
+        params = _sgd_step(params, g, schedule)
     return params
 
 
-def train_feedback(network, model, feedback, values, s: Settings, generator):
+def train_feedback(network, model, feedback, values, s: Settings, generator, indices=None):
     """`feedback_iters` SGD steps on every decoder's reconstruction loss; returns new parameters.
     Each decoder's loss involves only its own parameters, so one `grad` call over their sum gives
     every decoder its own gradient (fewer calls, same result; `per_block_grads`: one call each). In
     a data-parallel run each gradient and normaliser is averaged over the processes, so every
-    process takes the step one process would take on the whole batch."""
-    decs = decoders(network, s.space)
+    process takes the step one process would take on the whole batch. `indices`: the max-pool
+    indices of the forward pass (`forward_pass`), needed where a block pools."""
+    decs = decoders(network, s.space, s.conv_decoder)
+    indices = indices or no_indices(values)
     autoencoder = s.feedback_objective == "autoencoder"
     blocks = decoder_blocks(network, s)
     if not blocks:  # one hidden block with the first target on it: nothing to train
         return {}
     params = {str(i): feedback[str(i)] for i in blocks}
+    schedule = feedback_schedule(s, blocks)
     if s.feedback_objective == "ldrl":
-        return _train_ldrl(network, model, params, values, s, blocks, decs, generator)
-    for _ in range(s.feedback_iters):
+        return _train_ldrl(network, model, params, values, s, schedule, decs, generator, indices)
+    for t in range(max(b.iters for b in schedule.values())):
         inputs = {}
-        for i in blocks:  # noisy inputs, codes and normalisers: constants of the loss below
+        for i in _active(schedule, t):  # noisy inputs, codes and normalisers: constants of the loss below
             clean = values[i] if autoencoder else values[i + 1]
-            x = clean + s.feedback_noise * torch.randn(
+            x = clean + schedule[i].noise * torch.randn(
                 clean.shape, generator=generator, device=clean.device, dtype=clean.dtype
             )
-            code = encode(network, i, block_params(network, model, i), x, s.space).detach() if autoencoder else None
+            code, idx = None, indices[i + 1]  # reverse: g(x) unpools with the clean forward's indices
+            if autoencoder:  # g(f(x)) unpools with the indices of the noisy forward f(x)
+                code, idx = encode(network, i, block_params(network, model, i), x, s.space, with_indices=True)
+                code = code.detach()
             scale = 1.0
             if s.feedback_normalise:  # by the decoder's input: f(x) for the auto-encoder, else x
-                scale = average_across_processes(_mean_sq_norm(decs[i], code if autoencoder else x))
-            inputs[i] = (x, scale, code)
+                scale = average_across_processes(_mean_sq_norm(decs[i], code if autoencoder else x, idx))
+            inputs[i] = (x, scale, code, idx)
 
         def decoder_loss(key, p, _inputs=inputs):
-            x, scale, code = _inputs[int(key)]
+            x, scale, code, idx = _inputs[int(key)]
             return reconstruction_loss(network, model, int(key), decs[int(key)], p, x, s.feedback_objective,
-                                       s.space, scale, code)
+                                       s.space, scale, code, idx)
 
-        g = average_across_processes(independent_grads(decoder_loss, params, s.per_block_grads))
-        params = {b: {k: v - s.feedback_lr * g[b][k] for k, v in p.items()} for b, p in params.items()}
+        active = {str(i): params[str(i)] for i in inputs}
+        g = average_across_processes(independent_grads(decoder_loss, active, s.per_block_grads))
+        params = _sgd_step(params, g, schedule)
     return params
 
 
@@ -329,34 +432,38 @@ def output_delta(network, values, y, space) -> torch.Tensor:
     return grad(loss_fn)(values[-1])
 
 
-def carry_down(network, model, i, decoder, dec_params, tau, values, s: Settings) -> torch.Tensor:
-    """The target for the value below block i, given block i's target `tau` (see module docstring)."""
+def carry_down(network, model, i, decoder, dec_params, tau, values, s: Settings, indices=None) -> torch.Tensor:
+    """The target for the value below block i, given block i's target `tau` (see module docstring).
+    On a pooled block, values in block i's output space unpool with the clean forward's indices
+    (`indices[i + 1]`), and `g(f(x))` with those of the forward pass `f(x)`."""
     bp = block_params(network, model, i)
+    clean = (indices or no_indices(values))[i + 1]
 
-    def g(v):
-        return decoder(dec_params, v)
+    def g(v, idx):
+        return decoder(dec_params, v, idx)
 
     def f(v):
-        return encode(network, i, bp, v, s.space)
+        return encode(network, i, bp, v, s.space, with_indices=True)
 
-    def decode_corrected(y):  # sec. 5: g(u) with f(g(u)) ~ y, by correcting the decoder's input
-        u, g_u = y, g(y)
+    def decode_corrected(y, idx):  # sec. 5: g(u) with f(g(u)) ~ y, by correcting the decoder's input
+        u, g_u = y, g(y, idx)
         g_y = g_u
         for _ in range(s.input_iters):
-            u = u + y - f(g_u)
-            g_u = g(u)
+            u = u + y - f(g_u)[0]
+            g_u = g(u, idx)
         return g_u, g_y
 
     n = tau.shape[0]
     if s.output_init == "difference":  # the same decoder, corrected the same way, at h_l
         # tau and h_l go through the decoder as one batch: the same numbers, half the calls
-        decoded, g_y = decode_corrected(torch.cat([tau, values[i + 1]]))
+        both = None if clean is None else torch.cat([clean, clean])
+        decoded, g_y = decode_corrected(torch.cat([tau, values[i + 1]]), both)
         x = values[i] + decoded[:n] - decoded[n:]
         g_tau = g_y[:n]
     else:
-        x, g_tau = decode_corrected(tau)
+        x, g_tau = decode_corrected(tau, clean)
     for _ in range(s.output_iters):  # sec. 6.2: correct the decoder's output
-        x = x + g_tau - g(f(x))
+        x = x + g_tau - g(*f(x))
     return x
 
 
@@ -373,12 +480,13 @@ def penultimate_delta(network, model, values, y, space) -> torch.Tensor:
     return grad(loss_fn)(values[-2])
 
 
-def compute_targets(network, model, feedback, values, y, s: Settings) -> list[torch.Tensor | None]:
+def compute_targets(network, model, feedback, values, y, s: Settings, indices=None) -> list[torch.Tensor | None]:
     """`[None, tau_1, ..., tau_L]` aligned with `values` (the input gets no target). The output
     target always trains the output block (its local loss gradient is its true gradient); with
     `first_target=penultimate` the last hidden value's target is computed exactly, as in Lee et
-    al.'s Algorithm 1, and decoders carry targets down from there."""
-    decs = decoders(network, s.space)
+    al.'s Algorithm 1, and decoders carry targets down from there. `indices`: the forward pass's
+    max-pool indices (`forward_pass`), needed where a block pools."""
+    decs = decoders(network, s.space, s.conv_decoder)
     top = values[-1] - s.beta * output_delta(network, values, y, s.space)
     targets = [None] * len(values)
     targets[-1] = top.detach()
@@ -386,7 +494,8 @@ def compute_targets(network, model, feedback, values, y, s: Settings) -> list[to
     if s.first_target == "penultimate" and network.num_blocks > 1:
         targets[-2] = (values[-2] - s.beta * penultimate_delta(network, model, values, y, s.space)).detach()
     for i in reversed(blocks):
-        targets[i] = carry_down(network, model, i, decs[i], feedback[str(i)], targets[i + 1], values, s).detach()
+        targets[i] = carry_down(network, model, i, decs[i], feedback[str(i)], targets[i + 1], values, s,
+                                indices).detach()
     return targets
 
 
@@ -460,6 +569,15 @@ def _check_network(network) -> None:
         raise ValueError("the network has no blocks")
 
 
+def _check_settings_fit(network, s: Settings) -> None:
+    """Settings that need a block type the network lacks, refused in one line before any run."""
+    if s.dtp1 or s.dtp1_output:
+        for i, block in enumerate(network.blocks):
+            if not isinstance(block.layer, nn.Linear) and (i < network.num_blocks - 1 or s.dtp1_output):
+                raise UserError(f"dtp1 is the closed-form update of a Linear block (f(h) = W sigma(h)); block {i} "
+                                f"is {type(block.layer).__name__}: use dtp1=false on this model")
+
+
 def _output(network, values, space):
     return activate(network, network.num_blocks - 1, values[-1]) if space == "pre" else values[-1]
 
@@ -469,15 +587,16 @@ def _build(s: Settings) -> Rule:
 
     def init(network, params, generator):
         _check_network(network)
+        _check_settings_fit(network, s)
+        feedback_schedule(s, decoder_blocks(network, s))  # one value per decoder, or a one-line refusal
         reference = next(iter(params["model"].values()))
         feedback = {}
-        decs = decoders(network, s.space)
+        try:
+            decs = decoders(network, s.space, s.conv_decoder)
+        except ValueError as e:  # a block no decoder can mirror: the user's model or settings
+            raise UserError(f"no feedback decoders for this network: {e}") from None
         for i in decoder_blocks(network, s):
             feedback[str(i)] = decs[i].init(generator, device=reference.device, dtype=reference.dtype)
-        if s.dtp1 or s.dtp1_output:
-            for i, block in enumerate(network.blocks):
-                if not isinstance(block.layer, nn.Linear):
-                    raise ValueError(f"dtp1 needs Linear blocks; block {i} is {type(block.layer).__name__}")
         return params, {"feedback": feedback}
 
     def step(network, params, state, batch):
@@ -485,12 +604,12 @@ def _build(s: Settings) -> Rule:
         # Nothing outside the `grad` calls needs a graph (they make their own; torch.func ignores
         # an outer no_grad), and recording one for every decoder call would double the step's cost.
         with torch.no_grad():
-            values = forward_values(network, model, batch.x, s.space)
-            trained = train_feedback(network, model, state["feedback"], values, s, batch.generator())
+            values, indices = forward_pass(network, model, batch.x, s.space)
+            trained = train_feedback(network, model, state["feedback"], values, s, batch.generator(), indices)
             # before: targets from decoders fitted to the current weights (seed paper, sec. 9);
             # after: from the decoders of the previous step, then fitted (Lee et al., Algorithm 1)
             feedback = trained if s.decoder_order == "before" else state["feedback"]
-            targets = compute_targets(network, model, feedback, values, batch.y, s)
+            targets = compute_targets(network, model, feedback, values, batch.y, s, indices)
             feedback = trained
             updates = forward_updates(network, model, targets, values, s)
             loss = classification_loss(_output(network, values, s.space), batch.y)
@@ -499,13 +618,13 @@ def _build(s: Settings) -> Rule:
     @torch.no_grad()
     def evaluate(network, params, state, batch):
         model, feedback = params["model"], state["feedback"]
-        values = forward_values(network, model, batch.x, s.space)
-        targets = compute_targets(network, model, feedback, values, batch.y, s)
-        decs = decoders(network, s.space)
+        values, indices = forward_pass(network, model, batch.x, s.space)
+        targets = compute_targets(network, model, feedback, values, batch.y, s, indices)
+        decs = decoders(network, s.space, s.conv_decoder)
         recon, reverse, inversion = [], [], []
         for i in decoder_blocks(network, s):
             bp = block_params(network, model, i)
-            back = decs[i](feedback[str(i)], values[i + 1])
+            back = decs[i](feedback[str(i)], values[i + 1], indices[i + 1])
             recon.append(float((back - values[i]).pow(2).mean()))
             reverse.append(float((encode(network, i, bp, back, s.space) - values[i + 1]).pow(2).mean()))
             reached = encode(network, i, bp, targets[i], s.space)
@@ -520,36 +639,40 @@ def _build(s: Settings) -> Rule:
 def target_prop(
     beta: float = 5.0, space: str = "post", feedback_lr: float = 1.0, feedback_iters: int = 1,
     feedback_noise: float = 0.3, feedback_objective: str = "autoencoder", feedback_normalise: bool = True,
-    per_block_grads: bool = False,
+    per_block_grads: bool = False, conv_decoder: str = "activation_below", feedback_per_decoder: str = "",
 ) -> Rule:
     """Plain target propagation (Bengio 2014): tau_{l-1} = g_l(tau_l)."""
     return _build(Settings(beta, space, feedback_lr, feedback_iters, feedback_noise, feedback_objective,
-                           feedback_normalise, output_init="decoder", per_block_grads=per_block_grads))
+                           feedback_normalise, output_init="decoder", per_block_grads=per_block_grads,
+                           conv_decoder=conv_decoder, feedback_per_decoder=feedback_per_decoder))
 
 
 def dtp(
     beta: float = 0.5, space: str = "post", feedback_lr: float = 1.0, feedback_iters: int = 1,
     feedback_noise: float = 0.3, feedback_objective: str = "autoencoder", feedback_normalise: bool = True,
     first_target: str = "penultimate", decoder_order: str = "before", per_block_grads: bool = False,
+    conv_decoder: str = "activation_below", feedback_per_decoder: str = "",
 ) -> Rule:
     """Difference target propagation (Lee et al. 2015): tau_{l-1} = h_{l-1} + g_l(tau_l) - g_l(h_l).
     The first target is Lee et al.'s Algorithm 1 (`penultimate`); `output` sets it on the logits
     and carries it down through an output decoder (3 seeds on Fashion-MNIST: 0.5 points worse)."""
     return _build(Settings(beta, space, feedback_lr, feedback_iters, feedback_noise, feedback_objective,
                            feedback_normalise, output_init="difference", first_target=first_target,
-                           decoder_order=decoder_order, per_block_grads=per_block_grads))
+                           decoder_order=decoder_order, per_block_grads=per_block_grads, conv_decoder=conv_decoder,
+                           feedback_per_decoder=feedback_per_decoder))
 
 
 def l_drl(
     beta: float = 0.5, space: str = "post", feedback_lr: float = 0.05, feedback_iters: int = 1,
     feedback_noise: float = 0.1, first_target: str = "output", decoder_order: str = "before",
-    per_block_grads: bool = False,
+    per_block_grads: bool = False, conv_decoder: str = "reversed_block", feedback_per_decoder: str = "",
 ) -> Rule:
     """DTP whose decoders learn backprop's targets with the local difference reconstruction loss
     (Ernoult et al. 2022)."""
     return _build(Settings(beta, space, feedback_lr, feedback_iters, feedback_noise, "ldrl", False,
                            output_init="difference", first_target=first_target, decoder_order=decoder_order,
-                           per_block_grads=per_block_grads))
+                           per_block_grads=per_block_grads, conv_decoder=conv_decoder,
+                           feedback_per_decoder=feedback_per_decoder))
 
 
 def iterative_dtp(
@@ -557,11 +680,13 @@ def iterative_dtp(
     feedback_noise: float = 0.3, feedback_objective: str = "autoencoder", feedback_normalise: bool = True,
     input_iters: int = 1, output_iters: int = 2, output_init: str = "difference", dtp1: bool = False,
     dtp1_output: bool = False, influence_scaling: str = "batch", per_block_grads: bool = False,
+    conv_decoder: str = "activation_below", feedback_per_decoder: str = "",
 ) -> Rule:
     """Differential target propagation with iterated approximate inverses (Bengio 2020)."""
     return _build(Settings(beta, space, feedback_lr, feedback_iters, feedback_noise, feedback_objective,
                            feedback_normalise, input_iters, output_iters, output_init, dtp1, dtp1_output,
-                           influence_scaling, per_block_grads=per_block_grads))
+                           influence_scaling, per_block_grads=per_block_grads, conv_decoder=conv_decoder,
+                           feedback_per_decoder=feedback_per_decoder))
 
 
 @hookimpl
@@ -573,6 +698,6 @@ def register_rules(register):
         ("l_drl", l_drl, "DTP with decoders trained by the local difference reconstruction loss (Ernoult et al. 2022)"),
     ):
         options = {k: p.default for k, p in inspect.signature(build).parameters.items()}
-        register(RuleSpec(name, build, summary, options=options, models=("mlp",),
+        register(RuleSpec(name, build, summary, options=options, models=MODELS,
                           ranges={k: v for k, v in RANGES.items() if k in options},
-                          model_defaults={"activation": "tanh"}))
+                          model_defaults=MODEL_DEFAULTS))
