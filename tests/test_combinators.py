@@ -134,3 +134,33 @@ def test_a_bad_weight_decay_declaration_is_a_one_line_rule_error():
         declared_weight_decay("r", decaying_rule(1.0, {"model": {"blocks.0.layer.bias": float("nan")}}), net, params)
     # zero entries are dropped: nothing to add
     assert declared_weight_decay("r", decaying_rule(1.0, {"model": {"blocks.0.layer.bias": 0.0}}), net, params) == {}
+
+
+def test_an_update_laid_out_unlike_its_parameter_moves_each_weight_as_a_contiguous_one_would():
+    """A second-order pass can hand back a conv weight's update transposed in memory; the optimisers
+    (Adam's direct call, fused SGD) must still read entry (i, j, ...) as that weight's update."""
+    net = zoo.lenet((1, 8, 8), (10,))
+    for optimizer in ("adam", "sgd"):
+        results = []
+        for transposed in (False, True):
+            params = {"model": {k: v.clone() for k, v in net.init_params().items()}}
+            torch.manual_seed(0)
+            values = {k: torch.randn(v.shape) for k, v in params["model"].items()}
+
+            def step(network, p, state, batch, _values=values, _transposed=transposed):
+                if not _transposed:
+                    return {"model": {k: v.clone() for k, v in _values.items()}}, state, {"loss": 1.0}
+                # the same numbers, stored with the dimensions reversed (non-contiguous views)
+                flipped = {k: v.permute(*reversed(range(v.dim()))).contiguous().permute(*reversed(range(v.dim())))
+                           for k, v in _values.items()}
+                assert any(not u.is_contiguous() for u in flipped.values())
+                return {"model": flipped}, state, {"loss": 1.0}
+
+            rule = Rule(init=no_state_init, step=step)
+            optimizers = make_optimizers(TrainConfig(optimizer=optimizer, lr=0.1), params)
+            for _ in range(2):
+                updates, _, _ = rule.step(net, params, {}, None)
+                apply_updates(rule, params, updates, optimizers)
+            results.append(params["model"])
+        for key in results[0]:
+            assert torch.equal(results[0][key], results[1][key]), (optimizer, key)

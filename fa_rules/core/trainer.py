@@ -288,6 +288,7 @@ def apply_updates(
         decay = {}
     direct: AdamCalls = {}
     for group, tensors in updates.items():
+        tensors = {key: _laid_out_like(params[group][key], u) for key, u in tensors.items()}
         group_decay = decay.get(group, {})
         calls = _direct_adam_calls(optimizers[group], params[group], tensors, group_decay)
         if calls is not None:
@@ -311,6 +312,15 @@ def apply_updates(
         for group, tensors in constraint(params).items():
             for key, value in tensors.items():
                 params[group][key].copy_(value)
+
+
+def _laid_out_like(p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """`u` with `p`'s strides. A second-order pass can return a conv weight's update transposed in
+    memory, and torch's fused optimiser kernels (and the direct Adam call) read a gradient as if laid
+    out like its parameter: such an update would scramble the weights."""
+    if u.stride() == p.stride() or u.shape != p.shape:
+        return u
+    return torch.empty_like(p, dtype=u.dtype).copy_(u)
 
 
 def _is_scalar(v) -> bool:
