@@ -365,3 +365,16 @@ def test_the_fashion_mnist_suite_and_its_quick_form_are_valid():
     assert len(full.seeds) == 3 and all("lr" in full.tune["space"][label] for label in labels)
     assert quick.settings["dataset"] == "digits" and (quick.tune["trials"], full.tune["trials"]) == (2, 5)
     tuning.check_tune(quick)  # every bound and choice of every rule's space, on the quick form's data
+
+
+def test_a_validation_run_shows_its_validation_metric_in_the_progress_lines_and_the_live_table():
+    from fa_rules.benchmark.live import _metric_text
+    from fa_rules.core.progress import TrainingProgress
+
+    assert _metric_text({"validation_accuracy": 0.5, "train_loss": 1.0}) == "val acc 0.5000"
+    progress = TrainingProgress(epochs=1, steps_per_epoch=1, enabled=True)
+    with progress.console.capture() as captured:
+        with progress:
+            progress.resume_at(0)
+            progress.end_epoch({"epoch": 1, "train_loss": 1.0, "validation_accuracy": 0.5})
+    assert "validation_accuracy 0.5000" in captured.get()

@@ -87,7 +87,8 @@ class LiveTable:
 
 
 def _metric_text(record: dict) -> str:
-    for key, fmt in (("test_accuracy", "acc {:.4f}"), ("test_recon_mse", "mse {:.4g}"), ("fid", "fid {:.2f}")):
+    for key, fmt in (("test_accuracy", "acc {:.4f}"), ("test_recon_mse", "mse {:.4g}"), ("fid", "fid {:.2f}"),
+                     ("validation_accuracy", "val acc {:.4f}"), ("validation_recon_mse", "val mse {:.4g}")):
         if isinstance(record.get(key), (int, float)):
             return fmt.format(record[key])
     return ""

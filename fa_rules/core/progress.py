@@ -5,7 +5,9 @@ from __future__ import annotations
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-_SHOWN = ("test_accuracy", "test_loss", "test_recon_mse", "fid")
+# a run on a validation split (`validation_fraction`) names its metrics validation_* instead of test_*
+_SHOWN = ("test_accuracy", "test_loss", "test_recon_mse", "validation_accuracy", "validation_loss",
+          "validation_recon_mse", "fid")
 
 
 class TrainingProgress:
