@@ -22,7 +22,14 @@ counted the same way. A ratio `measured / floor` above 1 is work the implementat
 local-loss `grad` recomputes each block's forward `f_l(h_{l-1})`, which the forward pass already
 had (`F` in all), and DDTP's feedback products.
 
+With `--time`, each rule's step is also timed, interleaved with backprop's in one process on the
+same batch (`fa_rules.benchmark.timing.interleave`; CPU time on CPU, run with one thread), and two
+more columns follow: the step time against backprop's, and against the rule's **time floor**, its
+floor FLOPs run at the matmul rate backprop's own step reaches on this machine (`floor / (backprop
+FLOPs / backprop step time)`). Goal: every rule within 1.5x of its time floor.
+
     python benchmarks/tp_conv_costs.py [--model lenet|simple_vgg] [--batch 64] [--size 28]
+    OMP_NUM_THREADS=1 python benchmarks/tp_conv_costs.py --model simple_vgg --size 32 --time
 """
 
 from __future__ import annotations
@@ -108,7 +115,25 @@ def step_flops(rule_name: str, network, x, y, options: dict | None = None) -> in
     return count_flops(lambda: rule.step(network, params, state, Batch(x, y, seed=1)))
 
 
-def table(model_name: str, batch: int, size: int, model_options: dict) -> str:
+def step_times(network, x, y, steps: int, warmup: int) -> dict[str, float]:
+    """Median seconds of one step of every rule (its ratio clock), the steps interleaved."""
+    from fa_rules.benchmark.timing import interleave, ratio_seconds, since, start_clocks
+
+    def stepper(rule_name):
+        rule = get_registry().rule(rule_name).make()
+        params, state = rule.init(network, {"model": network.init_params()}, torch.Generator().manual_seed(0))
+
+        def step(n):
+            start = start_clocks()
+            rule.step(network, params, state, Batch(x, y, seed=n))
+            return since(start)
+        return step
+
+    medians = interleave({name: stepper(name) for name in RULES}, steps=steps, warmup=warmup)
+    return {name: ratio_seconds(m, "cpu") if not isinstance(m, str) else float("nan") for name, m in medians.items()}
+
+
+def table(model_name: str, batch: int, size: int, model_options: dict, time_steps: int = 0) -> str:
     registry = get_registry()
     torch.manual_seed(0)
     channels = 3 if model_name == "simple_vgg" else 1
@@ -116,12 +141,18 @@ def table(model_name: str, batch: int, size: int, model_options: dict) -> str:
     x, y = torch.rand(batch, channels, size, size), torch.arange(batch) % 10
     forward, decoder = block_and_decoder_flops(network, network.init_params(), x)
     backprop = step_flops("backprop", network, x, y)
-    rows = ["| rule | measured MFLOP | floor MFLOP | measured / floor | measured / backprop |", "|---|---|---|---|---|"]
+    times = step_times(network, x, y, time_steps, warmup=2) if time_steps else None
+    head = "| rule | measured MFLOP | floor MFLOP | measured / floor | measured / backprop |"
+    rows = [head + (" step time / backprop | step time / time floor |" if times else ""),
+            "|---|---|---|---|---|" + ("---|---|" if times else "")]
     for name in RULES:
         measured = step_flops(name, network, x, y) if name != "backprop" else backprop
         floor = 3 * sum(forward) - forward[0] if name == "backprop" else floor_flops(name, {}, network, forward, decoder)
-        rows.append(f"| {name} | {measured / 1e6:.1f} | {floor / 1e6:.1f} | {measured / floor:.2f} | "
-                    f"{measured / backprop:.2f} |")
+        row = f"| {name} | {measured / 1e6:.1f} | {floor / 1e6:.1f} | {measured / floor:.2f} | {measured / backprop:.2f} |"
+        if times:  # the floor's FLOPs at the matmul rate backprop's step reaches here
+            floor_seconds = floor * times["backprop"] / backprop
+            row += f" {times[name] / times['backprop']:.2f} | {times[name] / floor_seconds:.2f} |"
+        rows.append(row)
     head = (f"{model_name} {model_options or ''} on {channels}x{size}x{size}, batch {batch}: block forwards "
             f"{[round(f / 1e6, 2) for f in forward]} MFLOP, decoders {[round(d / 1e6, 2) for d in decoder]} MFLOP")
     return head + "\n\n" + "\n".join(rows)
@@ -133,11 +164,17 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--size", type=int, default=28)
     parser.add_argument("--width-multiplier", type=float, default=0.125, help="simple_vgg only")
+    parser.add_argument("--time", action="store_true", help="also time each step against backprop's and its time floor")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per rule with --time")
     args = parser.parse_args(argv)
     options = {"activation": "tanh"}
     if args.model == "simple_vgg":
         options = {"activation": "elu", "width_multiplier": args.width_multiplier}
-    print(table(args.model, args.batch, args.size, options))
+    print(table(args.model, args.batch, args.size, options, time_steps=args.steps if args.time else 0))
+    if args.time:
+        from fa_rules.benchmark.timing import ratio_clock
+        print(f"\nstep times: median of {args.steps} interleaved steps by {ratio_clock('cpu')}, "
+              f"{torch.get_num_threads()} torch thread(s)")
 
 
 if __name__ == "__main__":
