@@ -119,7 +119,13 @@ def check_output_shape(network, dataset, out_shape, model: str, rule: str) -> No
                         "(build it with that many outputs, e.g. num_classes)")
 
 
+# "0" skips every run's curves.png and alignment.png (thousands of benchmark cells or trials, tests)
+RUN_PICTURES_ENV = "FA_RULES_RUN_PICTURES"
+
+
 def _draw_pictures(trainer: Trainer) -> None:
+    if os.environ.get(RUN_PICTURES_ENV, "1").strip() == "0":
+        return
     try:
         from fa_rules.plots import draw_run_pictures
     except ImportError:  # matplotlib is a dependency, but a plot is never worth a failed run

@@ -14,6 +14,10 @@ import torch
 os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
 
+# No run pictures (curves.png, alignment.png): ~0.5 s of CPU per run, over a fifth of the suite's
+# in-process time; the tests of those pictures turn them back on (`run_pictures` fixture).
+os.environ["FA_RULES_RUN_PICTURES"] = "0"
+
 # Tests never download: loaders must use files the tests write, or fail with one clear line.
 os.environ["FA_RULES_OFFLINE"] = "1"
 os.environ.setdefault("FA_RULES_DATA_DIR", os.path.join(os.path.dirname(__file__), ".data-unused"))
@@ -81,3 +85,9 @@ def pytest_runtest_setup(item):
                 pytest.fail(f"{reason} ({REQUIRE_OPTIONAL_ENV}=1: CI installs it)", pytrace=False)
             pytest.skip(reason)
 
+
+
+@pytest.fixture
+def run_pictures(monkeypatch):
+    """Runs draw curves.png and alignment.png, as they do for users (CLI subprocesses too)."""
+    monkeypatch.setenv("FA_RULES_RUN_PICTURES", "1")

@@ -305,7 +305,7 @@ def test_networks_with_heads_are_refused_clearly():
 
 
 # -- end to end --------------------------------------------------------------------------------------
-def test_cli_trains_with_feedback_alignment_and_the_angle_to_backprop_falls_below_90(tmp_path):
+def test_cli_trains_with_feedback_alignment_and_the_angle_to_backprop_falls_below_90(tmp_path, run_pictures):
     out = tmp_path / "run"
     args = ["train", "--rule", "feedback_alignment", "--dataset", "digits", "--epochs", "4", "--width", "64",
             "--lr", "0.003", "--opt", "feedback_seed=5", "--out", str(out), "-q"]

@@ -64,7 +64,16 @@ def vae_run(tmp_path_factory):
 
 # 1. symlinks at output names: replaced, their targets untouched --------------------------------------
 
-def test_train_pictures_replace_a_symlink_and_leave_its_target_alone(tmp_path):
+def test_run_pictures_are_skipped_when_the_environment_says_so(tmp_path, monkeypatch):
+    monkeypatch.setenv("FA_RULES_RUN_PICTURES", "0")
+    runs.train(tiny_config(), tmp_path / "off", progress=False)
+    monkeypatch.setenv("FA_RULES_RUN_PICTURES", "1")
+    runs.train(tiny_config(), tmp_path / "on", progress=False)
+    assert not list((tmp_path / "off").glob("*.png"))
+    assert sorted(p.name for p in (tmp_path / "on").glob("*.png")) == ["alignment.png", "curves.png"]
+
+
+def test_train_pictures_replace_a_symlink_and_leave_its_target_alone(tmp_path, run_pictures):
     run = tmp_path / "run"
     run.mkdir()
     links = {run / name: plant_link(run / name, tmp_path / "outside") for name in ("curves.png", "alignment.png")}

@@ -105,7 +105,9 @@ def test_every_option_of_every_built_in_rule_has_a_declared_range_and_its_defaul
     for name, spec in get_registry().rules.items():
         if spec.build.__module__.startswith("fa_rules."):
             for key, default in spec.options.items():
-                free_text = key == "exact_gradient"  # parameter-name patterns: checked against the model
+                # parameter-name patterns (checked against the model); LR:NOISE:ITERS triples (each checked
+                # against its range by the rule's parser)
+                free_text = key in ("exact_gradient", "feedback_per_decoder")
                 assert isinstance(default, bool) or free_text or key in spec.ranges, f"{name}: {key} has no declared range"
                 assert value_problem(default, default, spec.ranges.get(key)) is None, (name, key)
 

@@ -32,7 +32,7 @@ def invoke(*args):
     return result
 
 
-def test_default_training_on_digits_reaches_95_percent_and_writes_the_run(tmp_path):
+def test_default_training_on_digits_reaches_95_percent_and_writes_the_run(tmp_path, run_pictures):
     out = tmp_path / "run"
     invoke("train", "--rule", "backprop", "--dataset", "digits", "--out", str(out), "-q")
     summary = json.loads((out / "summary.json").read_text())
@@ -195,7 +195,7 @@ def test_cosine_schedule_ends_near_zero_and_resumes_after_an_interruption_bit_id
     _assert_identical(a, b)
 
 
-def test_eval_every_skips_test_evaluations_without_changing_what_is_trained(tmp_path):
+def test_eval_every_skips_test_evaluations_without_changing_what_is_trained(tmp_path, run_pictures):
     # vae: its evaluation runs the rule's reconstruction (random, from its own generator), so a
     # skipped evaluation that touched the training's randomness would show in the parameters
     a, b = tmp_path / "a", tmp_path / "b"
