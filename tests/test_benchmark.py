@@ -303,3 +303,22 @@ def test_final_metrics_and_the_angle_are_plotted_against_a_varied_setting():
     angles = {c.get_label(): c.lines[0] for c in angle_ax.containers}
     assert angles["fa"].get_ydata() == pytest.approx([60.5, 70.5]) and list(angles["backprop"].get_ydata()) == [0.5, 0.5]
     plt.close(fig)
+
+
+def test_a_rule_with_its_own_model_is_compared_with_the_reference_rule_on_that_model():
+    from fa_rules.benchmark.aggregate import add_ratios
+    from fa_rules.benchmark.timing import group_key
+
+    def row(label, name, model, step):
+        return {"rule": label, "rule_name": name, "seed": 0, "model": model, "status": "ok", "step_time_s": step}
+
+    rows = [row("backprop", "backprop", "lenet", 1.0), row("dtp", "dtp", "lenet", 3.0),
+            row("backprop_svgg", "backprop", "simple_vgg", 2.0), row("dtp_svgg", "dtp", "simple_vgg", 8.0),
+            row("dtp_mlp", "dtp", "mlp", 5.0)]
+    ratios = {r["rule"]: r.get("step_time_ratio") for r in add_ratios(rows, "backprop")}
+    assert ratios == {"backprop": 1.0, "dtp": 3.0, "backprop_svgg": 1.0, "dtp_svgg": 4.0, "dtp_mlp": None}
+
+    suite = bench.suite_from_dict({"name": "m", "rules": ["backprop", {"name": "dtp", "label": "dtp_mlp",
+                                   "model": "mlp"}], "settings": {"model": "lenet", "dataset": "digits"}})
+    a, b = bench.plan_cells(suite)
+    assert group_key(a) != group_key(b)  # timed apart: different networks

@@ -251,6 +251,9 @@ def test_the_final_cells_train_with_each_rules_best_setting_beside_the_untuned_o
     assert fa["rule_options"]["scale"] == _study(sequential, "feedback_alignment").best_params["options.scale"]
     report = (sequential / "report.md").read_text()
     assert "## Tuning" in report and "| backprop | lr=" in report and "(tuning_history.png)" in report
+    assert "rank untuned → tuned" in report
+    from fa_rules.benchmark.report import _ranks
+    assert _ranks({"a": 0.2, "b": None, "c": 0.1}) == {"c": 1, "a": 2, "b": 3}  # no result: last
     assert (sequential / "tuning_history.png").stat().st_size > 1000
 
 

@@ -8,15 +8,21 @@ import statistics
 from fa_rules.benchmark.suite import METRICS, RATIOS
 
 def add_ratios(rows: list[dict], reference: str | None, vkeys=()) -> list[dict]:
-    """Copies of `rows` with step time and memory divided by the reference row of the same seed and
-    varied settings `vkeys` (left out where that row is missing or failed)."""
+    """Copies of `rows` with step time and memory divided by the reference row of the same seed,
+    varied settings `vkeys` and model (left out where that row is missing or failed). A rule given its
+    own model in the suite is compared with the reference rule's cell on that model (another label
+    of the same rule), and gets no ratio where there is none: a ratio across networks says nothing
+    about the rule."""
     if reference is None:
         return [dict(r) for r in rows]
 
     def context(r):
-        return (r["seed"], *(repr(r.get(k)) for k in vkeys))
+        return (r["seed"], *(repr(r.get(k)) for k in vkeys), r.get("model"))
 
-    refs = {context(r): r for r in rows if r["rule"] == reference and r.get("status") == "ok"}
+    ok = [r for r in rows if r.get("status") == "ok"]
+    names = {r.get("rule_name") for r in rows if r["rule"] == reference}
+    refs = {context(r): r for r in ok if r.get("rule_name") in names and r["rule"] != reference}
+    refs.update({context(r): r for r in ok if r["rule"] == reference})  # the reference label first
     out = []
     for r in rows:
         r = dict(r)

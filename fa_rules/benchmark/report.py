@@ -272,8 +272,9 @@ def render_report(suite: Suite, rows: list[dict], plot_files: list[str], command
     if command:
         out.append(f"- command: `{command}`")
     if suite.reference:
-        out.append(f"- ratios (×): per seed against `{suite.reference}` with the same seed and settings, "
-                   "then mean ± std over seeds")
+        out.append(f"- ratios (×): per seed against `{suite.reference}` with the same seed, settings and model "
+                   f"(a rule with a model of its own against `{suite.reference}`'s rule on that model; none where "
+                   "there is no such cell), then mean ± std over seeds")
     else:
         out.append("- ratios: none (the suite has no reference rule)")
     out += ["", "Mean ± std over seeds. Test error = 1 − test accuracy; the angle is the mean over blocks of "
@@ -335,10 +336,13 @@ def tuning_section(suite: Suite, rows: list[dict], tuning: dict) -> list[str]:
            + (f" (`<rule>{UNTUNED_SUFFIX}`: the suite's own settings)." if tune["untuned"] else "."), ""]
     head = ["rule", "chosen setting", f"best {metric}", "trials complete / pruned / budget"]
     if tune["untuned"]:
-        head += ["test error % untuned", "test error % tuned", "change (points)"]
+        head += ["test error % untuned", "test error % tuned", "change (points)", "rank untuned → tuned"]
     else:
         head += ["test error % tuned"]
     out += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    labels = list(tuning["rules"])
+    rank_untuned = _ranks({label: _mean_metric(rows, label + UNTUNED_SUFFIX, "test_error")[0] for label in labels})
+    rank_tuned = _ranks({label: _mean_metric(rows, label, "test_error")[0] for label in labels})
     for label, record in tuning["rules"].items():
         params = record.get("params")
         chosen = "none (no trial finished)" if params is None else ", ".join(
@@ -351,7 +355,7 @@ def tuning_section(suite: Suite, rows: list[dict], tuning: dict) -> list[str]:
         if tune["untuned"]:
             untuned, _ = _mean_metric(rows, label + UNTUNED_SUFFIX, "test_error")
             change = f"{100 * (tuned - untuned):+.2f}" if tuned is not None and untuned is not None else ""
-            cells += [fmt(untuned), fmt(tuned), change]
+            cells += [fmt(untuned), fmt(tuned), change, f"{rank_untuned[label]} → {rank_tuned[label]}"]
         else:
             cells += [fmt(tuned)]
         out.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
@@ -360,6 +364,12 @@ def tuning_section(suite: Suite, rows: list[dict], tuning: dict) -> list[str]:
     out += ["Studies: `tune/<rule>.journal` (Optuna journal storage), trials' runs: `tune/<rule>/trial-<n>/`; "
             "`tuning_history.png` plots each rule's best validation score against the trial number.", ""]
     return out
+
+
+def _ranks(errors: dict[str, float | None]) -> dict[str, int]:
+    """1 for the lowest mean test error; a rule with none (every seed diverged or failed) ranks last."""
+    order = sorted(errors, key=lambda label: (errors[label] is None, errors[label] or 0.0))
+    return {label: order.index(label) + 1 for label in errors}
 
 
 def _point_text(r: dict, suite: Suite) -> str:

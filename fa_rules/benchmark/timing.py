@@ -106,7 +106,10 @@ def ratio_clock(device: torch.device | str) -> str:
 
 
 def group_key(cell: Cell) -> tuple:
-    return (cell.seed, *(repr(v) for v in cell.point.values()))
+    """Cells timed together: one seed, varied point and network (a rule with its own model is
+    timed beside the other cells on that model)."""
+    config = cell.config
+    return (cell.seed, *(repr(v) for v in cell.point.values()), config.model, repr(sorted(config.model_options.items())))
 
 
 def interleave(steppers: Mapping[K, Callable[[int], StepTime]], steps: int, warmup: int,
