@@ -91,3 +91,15 @@ def pytest_runtest_setup(item):
 def run_pictures(monkeypatch):
     """Runs draw curves.png and alignment.png, as they do for users (CLI subprocesses too)."""
     monkeypatch.setenv("FA_RULES_RUN_PICTURES", "1")
+
+
+# The longest modules start first: `--dist loadscope` hands whole modules to the workers in collection
+# order, and one of these started last would leave the other worker idle at the end (tens of seconds).
+LONGEST_FIRST = ("test_distributed.py", "test_benchmark_workers.py", "test_generative_measures.py",
+                 "test_benchmark_hardening.py", "test_rule_costs.py", "test_benchmark_ray.py", "test_cli_errors.py",
+                 "test_conformance.py", "test_train_cli.py", "test_resume_randomness.py")
+
+
+def pytest_collection_modifyitems(session, config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order

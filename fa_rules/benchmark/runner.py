@@ -371,7 +371,7 @@ def _run_cells(suite: Suite, cells: list[Cell], out_dir: Path, on_event: Event |
     return [rows[i] for i in sorted(rows)]
 
 
-# -- workers: `--workers N` trains up to N cells at once, each in a spawned process -----------------
+# -- workers: `--workers N` trains up to N cells at once, each in a worker process ----------------
 
 MAX_WORKERS = 64
 # tests only: a cell's dirname; the worker training that cell SIGKILLs itself after the cell's
@@ -393,33 +393,54 @@ def check_workers(value) -> int:
 _to_parent = None  # in a worker process: the queue its cells' events go to
 
 
+def worker_context():
+    """How worker processes start: forked from a fork server that has imported torch and the
+    runner once (a fresh single-threaded process, so no fork of one holding torch's threads or a
+    CUDA context), which saves every worker the seconds of importing them; spawned where there is
+    no fork server (Windows)."""
+    import multiprocessing
+
+    try:
+        context = multiprocessing.get_context("forkserver")
+    except ValueError:
+        return multiprocessing.get_context("spawn")
+    context.set_forkserver_preload(["fa_rules.benchmark.runner"])
+    return context
+
+
 def _end_with_parent(parent_pid: int) -> None:
     """A worker must not outlive its benchmark: after the parent is killed, a rerun would otherwise
-    train the same cell in two processes. Linux ends the worker with its parent (PR_SET_PDEATHSIG);
-    elsewhere a thread checks for the parent every second."""
+    train the same cell in two processes. The worker's own parent is the benchmark process (spawned)
+    or the fork server, which ends when the benchmark process does. Linux ends the worker with that
+    parent (PR_SET_PDEATHSIG); and a thread checks every second that the benchmark process lives."""
+    immediate = os.getppid()
     try:
         import ctypes
 
         if ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0) == 0:  # PR_SET_PDEATHSIG
-            if os.getppid() != parent_pid:  # the parent ended before the request
+            if os.getppid() != immediate:  # that parent ended before the request
                 os._exit(1)
-            return
     except (OSError, AttributeError, TypeError):  # no prctl (not Linux)
         pass
 
     def watch() -> None:
-        while os.getppid() == parent_pid:
+        while process_alive(parent_pid):
             time.sleep(1.0)
         os._exit(1)
 
+    if not process_alive(parent_pid):
+        os._exit(1)
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _start_worker(to_parent, counter, threads: int, cuda: bool, parent_pid: int) -> None:
-    """Once in each worker process: its share of the CPU threads, on CUDA its GPU (worker k takes
-    cuda:(k % device_count) as its current device, which `cuda` and `auto` resolve to), and Ctrl-C
-    left to the parent, which stops every worker."""
+def _start_worker(to_parent, counter, threads: int, cuda: bool, parent_pid: int, environment: dict) -> None:
+    """Once in each worker process: the benchmark process's environment as it is now (the fork
+    server kept the one it started with), its share of the CPU threads, on CUDA its GPU (worker k
+    takes cuda:(k % device_count) as its current device, which `cuda` and `auto` resolve to), and
+    Ctrl-C left to the parent, which stops every worker."""
     global _to_parent
+    os.environ.clear()
+    os.environ.update(environment)
     _end_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _to_parent = to_parent
@@ -458,15 +479,13 @@ def _stop_workers(executor: ProcessPoolExecutor) -> None:
 
 def _run_in_workers(cells: list[Cell], todo: list[int], root: Path, measure: dict, workers: int,
                     emit: Event, finish: Callable[[int, dict], None]) -> None:
-    """Train the cells `todo` in up to `workers` spawned processes and hand each row to `finish` (in
+    """Train the cells `todo` in up to `workers` worker processes and hand each row to `finish` (in
     this process, as cells end). A cell that raises is a failed row. A worker that dies breaks its
     pool: the cells that had started get a failed row (a rerun continues them from their last epoch)
     and the others run in a new pool."""
-    import multiprocessing
-
     import torch
 
-    context = multiprocessing.get_context("spawn")  # no fork of a process holding torch's threads
+    context = worker_context()
     cuda = torch.cuda.is_available() and any(cells[i].config.device in ("auto", "cuda") for i in todo)
     while todo:
         size = min(workers, len(todo))
@@ -477,7 +496,8 @@ def _run_in_workers(cells: list[Cell], todo: list[int], root: Path, measure: dic
         broken = None
         executor = ProcessPoolExecutor(
             size, mp_context=context, initializer=_start_worker,
-            initargs=(events, context.Value("i", 0), max(1, torch.get_num_threads() // size), cuda, os.getpid()))
+            initargs=(events, context.Value("i", 0), max(1, torch.get_num_threads() // size), cuda, os.getpid(),
+                      dict(os.environ)))
 
         def relay() -> None:
             while True:

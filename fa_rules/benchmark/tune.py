@@ -379,20 +379,19 @@ def run_tuning(suite: Suite, out_dir: Path, workers: int = 1, cluster: str | Non
 def _tune_in_workers(out_dir: Path, jobs: list, tune: dict, workers: int, say: Say, errors: dict) -> None:
     """`workers` spawned processes take the rules' jobs in turn (`workers` jobs per rule, each
     claiming trials until the rule's budget is spent); their trial lines come back through a queue."""
-    import multiprocessing
     import queue as queue_module
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     import torch
 
-    from fa_rules.benchmark.runner import _start_worker, _stop_workers
+    from fa_rules.benchmark.runner import _start_worker, _stop_workers, worker_context
 
-    context = multiprocessing.get_context("spawn")
+    context = worker_context()
     events = context.Queue()
     cuda = torch.cuda.is_available() and any(c.device in ("auto", "cuda") for _, c in jobs)
     executor = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
                                    initargs=(events, context.Value("i", 0), max(1, torch.get_num_threads() // workers),
-                                             cuda, os.getpid()))
+                                             cuda, os.getpid(), dict(os.environ)))
 
     def relay() -> None:
         while True:
