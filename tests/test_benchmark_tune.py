@@ -18,6 +18,7 @@ from fa_rules import benchmark as bench
 from fa_rules.benchmark import tune as tuning
 from fa_rules.cli.app import app
 from fa_rules.core import UserError
+from fa_rules.core.checkpoint import load_checkpoint
 from fa_rules.core.config import TrainConfig
 from fa_rules.core.data import Dataset, DatasetSpec, validation_split
 from fa_rules.plugins.datasets import load_digits
@@ -320,7 +321,7 @@ def test_a_trial_below_the_median_is_pruned_and_a_diverged_one_scores_the_worst_
     # pruned after its first epoch: its error there is above the median of the two that learn
     assert list(trials[3].intermediate_values) == [1] and trials[3].intermediate_values[1] > 0.5
     assert not (tuning.trial_dir(out, "backprop", 3) / "checkpoint.pt").exists() or \
-        torch.load(tuning.trial_dir(out, "backprop", 3) / "checkpoint.pt", weights_only=False)["epoch"] == 1
+        load_checkpoint(tuning.trial_dir(out, "backprop", 3) / "checkpoint.pt")["epoch"] == 1
     summary = tuning.read_summary(out)["rules"]["backprop"]
     assert (summary["trials_complete"], summary["trials_pruned"], summary["best_trial"]) == \
         (3, 1, min((0, 1), key=lambda n: (trials[n].value, n)))
