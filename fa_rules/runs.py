@@ -48,11 +48,7 @@ def resolve(config: TrainConfig, registry: Registry | None = None, dataset=None)
     config.rule = rule_spec.name  # aliases resolve to the canonical name in the saved config
     dataset_spec = registry.dataset(config.dataset)
     model_spec = registry.model(config.model)
-    if rule_spec.models is not None and config.model not in rule_spec.models:
-        raise UserError(
-            f"rule '{rule_spec.name}' does not support model '{config.model}' "
-            f"(supported: {', '.join(rule_spec.models)})" + (f": {rule_spec.models_note}" if rule_spec.models_note else "")
-        )
+    rule_spec.check_model(config.model)
     rule = rule_spec.make(**config.rule_options)
     model_options = {
         k: v for k, v in rule_spec.model_defaults.items() if k in model_spec.options and k not in config.model_options

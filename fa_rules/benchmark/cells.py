@@ -91,10 +91,7 @@ def check_cell_settings(cells: list[Cell], where: str = "suite") -> None:
             spec = registry.rule(c.rule)
             registry.dataset(c.dataset)
             registry.model(c.model)
-            if spec.models is not None and c.model not in spec.models:
-                raise UserError(f"rule '{spec.name}' does not support model '{c.model}' "
-                                f"(supported: {', '.join(spec.models)})"
-                                + (f": {spec.models_note}" if spec.models_note else ""))
+            spec.check_model(c.model)
             try:
                 spec.make(**c.rule_options)  # unknown options and values the rule refuses
             except UserError:

@@ -46,6 +46,7 @@ from typing import Any, Callable
 import torch
 
 from fa_rules.core.config import Range, check_option, unknown_option
+from fa_rules.core.errors import UserError
 from fa_rules.core.network import Network
 
 Groups = dict[str, dict[str, torch.Tensor]]
@@ -195,6 +196,13 @@ class RuleSpec:
             if key not in self.options:
                 raise unknown_option(owner, key, self.options, where)
             check_option(owner, "rule_options", key, self.options[key], value, self.ranges.get(key), syntax, where)
+
+    def check_model(self, model: str) -> None:
+        """A one-line UserError when this rule names the model families it supports and `model` is
+        not one of them (with `models_note`, the reason)."""
+        if self.models is not None and model not in self.models:
+            raise UserError(f"rule '{self.name}' does not support model '{model}' "
+                            f"(supported: {', '.join(self.models)})" + (f": {self.models_note}" if self.models_note else ""))
 
     def make(self, **overrides) -> Rule:
         self.check_options(overrides)
