@@ -454,6 +454,19 @@ def _start_worker(to_parent, counter, threads: int, cuda: bool, parent_pid: int,
         torch.cuda.set_device(index % torch.cuda.device_count())
 
 
+def worker_pool(size: int, cuda: bool):
+    """`size` worker processes (`_start_worker` in each) and the queue their events come back on."""
+    import torch
+
+    context = worker_context()
+    events = context.Queue()
+    executor = ProcessPoolExecutor(
+        size, mp_context=context, initializer=_start_worker,
+        initargs=(events, context.Value("i", 0), max(1, torch.get_num_threads() // size), cuda, os.getpid(),
+                  dict(os.environ)))
+    return executor, events
+
+
 def _cell_in_worker(i: int, cell: Cell, run_dir: Path, root: Path, measure: dict) -> dict:
     """`run_cell` in a worker process; its start and epochs go to the parent's live table."""
     kill_after_epoch1 = os.environ.get(KILL_WORKER_FOR_TEST) == cell.dirname
@@ -485,19 +498,13 @@ def _run_in_workers(cells: list[Cell], todo: list[int], root: Path, measure: dic
     and the others run in a new pool."""
     import torch
 
-    context = worker_context()
     cuda = torch.cuda.is_available() and any(cells[i].config.device in ("auto", "cuda") for i in todo)
     while todo:
-        size = min(workers, len(todo))
-        events = context.Queue()
+        executor, events = worker_pool(min(workers, len(todo)), cuda)
         started: set[int] = set()
         finished: set[int] = set()
         retry: list[int] = []
         broken = None
-        executor = ProcessPoolExecutor(
-            size, mp_context=context, initializer=_start_worker,
-            initargs=(events, context.Value("i", 0), max(1, torch.get_num_threads() // size), cuda, os.getpid(),
-                      dict(os.environ)))
 
         def relay() -> None:
             while True:

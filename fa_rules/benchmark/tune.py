@@ -32,14 +32,13 @@ import contextlib
 import copy
 import json
 import math
-import os
 import shutil
 from pathlib import Path
 from typing import Callable
 
 from fa_rules.benchmark.suite import TUNE_METRICS, RuleEntry, Suite
 from fa_rules.core.config import TrainConfig
-from fa_rules.core.errors import UserError
+from fa_rules.core.errors import UserError, error_line
 
 TUNE_DIR = "tune"
 SUMMARY_FILE = "summary.json"  # DIR/tune/summary.json: each rule's best setting and history, for the report
@@ -316,8 +315,7 @@ def run_trial(out_dir: Path, label: str, tune: dict, cell_config: TrainConfig, s
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
         if isinstance(e, UserError):
             raise
-        raise UserError(f"tuning rule '{label}': trial {trial.number} failed: "
-                        f"{type(e).__name__}: {(str(e).splitlines() or [''])[0]}") from None
+        raise UserError(f"tuning rule '{label}': trial {trial.number} failed: {error_line(e)}") from None
     value = metric_value(summary, metric)
     trial.set_user_attr("validation_split", summary.get("validation_split"))
     trial.set_user_attr("epochs", summary.get("epochs"))
@@ -377,21 +375,17 @@ def run_tuning(suite: Suite, out_dir: Path, workers: int = 1, cluster: str | Non
 
 
 def _tune_in_workers(out_dir: Path, jobs: list, tune: dict, workers: int, say: Say, errors: dict) -> None:
-    """`workers` spawned processes take the rules' jobs in turn (`workers` jobs per rule, each
+    """`workers` worker processes take the rules' jobs in turn (`workers` jobs per rule, each
     claiming trials until the rule's budget is spent); their trial lines come back through a queue."""
     import queue as queue_module
-    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures import FIRST_COMPLETED, wait
 
     import torch
 
-    from fa_rules.benchmark.runner import _start_worker, _stop_workers, worker_context
+    from fa_rules.benchmark.runner import _stop_workers, worker_pool
 
-    context = worker_context()
-    events = context.Queue()
     cuda = torch.cuda.is_available() and any(c.device in ("auto", "cuda") for _, c in jobs)
-    executor = ProcessPoolExecutor(workers, mp_context=context, initializer=_start_worker,
-                                   initargs=(events, context.Value("i", 0), max(1, torch.get_num_threads() // workers),
-                                             cuda, os.getpid(), dict(os.environ)))
+    executor, events = worker_pool(workers, cuda)
 
     def relay() -> None:
         while True:
@@ -411,8 +405,7 @@ def _tune_in_workers(out_dir: Path, jobs: list, tune: dict, workers: int, say: S
             for future in done:
                 error = future.exception()
                 if error is not None and futures[future] not in errors:
-                    errors[futures[future]] = str(error).splitlines()[0] if isinstance(error, UserError) \
-                        else f"a tuning job failed: {type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+                    errors[futures[future]] = _job_error("a tuning job", error)
                     say(errors[futures[future]])
         relay()
     except BaseException:
@@ -435,13 +428,19 @@ def _tune_on_ray(out_dir: Path, jobs: list, tune: dict, cluster: str, say: Say, 
     def on_result(index: int, result, error) -> None:
         label = labels[index]
         if error is not None and label not in errors:
-            errors[label] = str(error).splitlines()[0] if isinstance(error, UserError) \
-                else f"a tuning task failed: {type(error).__name__}: {(str(error).splitlines() or [''])[0]}"
+            errors[label] = _job_error("a tuning task", error)
             say(errors[label])
         elif result is not None:
             say(f"tune {label}: a task ended ({result['complete']} complete, {result['pruned']} pruned)")
 
     ray_cluster.run_remote(tune_job, arguments, {"num_cpus": 1}, cluster, on_result)
+
+
+def _job_error(what: str, error: BaseException) -> str:
+    """A tuning job's error as the one line the rule's summary and the report show."""
+    if isinstance(error, UserError):  # written for the user: its first line alone
+        return (str(error).strip().splitlines() or [""])[0]
+    return f"{what} failed: {error_line(error)}"
 
 
 def _quiet(text: str) -> None:
