@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_benchmark_workers import SUITE as WORKERS_SUITE
+from test_benchmark_workers import _rows, _untimed, one_thread  # noqa: F401  (one_thread: autouse)
 from test_cli_errors import run_main
 from typer.testing import CliRunner
 
@@ -21,33 +23,9 @@ from fa_rules.core.checkpoint import load_checkpoint
 
 needs_ray = pytest.mark.needs_package("Ray", 'pip install -e ".[ray]"', module="ray")
 
-SUITE = """\
-name = "ray"
-rules = ["backprop", "feedback_alignment"]
-seeds = 1
-
-[settings]
-dataset = "digits"
-model = "mlp"
-depth = 1
-width = 16
-epochs = 2
-batch_size = 128
-device = "cpu"
-
-[measure]
-timing = false
-fid = false
-"""
+# the workers' suite with one seed: two cells
+SUITE = WORKERS_SUITE.replace('name = "workers"', 'name = "ray"').replace("seeds = 2", "seeds = 1")
 KILLED = "feedback_alignment-seed0"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -71,14 +49,6 @@ def suite_file(tmp_path_factory) -> Path:
 
 def _benchmark(suite_file: Path, out: Path, *flags: str):
     return CliRunner().invoke(app, ["benchmark", str(suite_file), "--out", str(out), "-q", *flags])
-
-
-def _rows(out: Path) -> list[dict]:
-    return json.loads((out / "results.json").read_text())
-
-
-def _untimed(row: dict) -> dict:
-    return {k: v for k, v in row.items() if "time" not in k}  # step_time_s, train_time_s, ...
 
 
 @needs_ray
