@@ -84,7 +84,7 @@ from fa_rules.core.autodiff import (closed_form_allowed, first_order, grad_and_v
                                    plain_autograd, vjp)
 from fa_rules.core.errors import UserError
 from fa_rules.core.metrics import classification_loss
-from fa_rules.core.network import Block, Network, Params, call_with, parameter_slots
+from fa_rules.core.network import Block, Network, Params, call_with, max_pool_with_indices, parameter_slots
 
 AFFINE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                  nn.ConvTranspose3d)
@@ -1089,8 +1089,7 @@ def _post_forward(block, local: Params, z: torch.Tensor):
     if isinstance(post, nn.Identity):
         return z, None
     if type(post) is nn.MaxPool2d and not post.return_indices:
-        return torch.nn.functional.max_pool2d(z, post.kernel_size, post.stride, post.padding, post.dilation,
-                                              ceil_mode=post.ceil_mode, return_indices=True)
+        return max_pool_with_indices(post, z)
     return call_with(post, _sub(local, "post"), (z,)), None
 
 

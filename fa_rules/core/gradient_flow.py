@@ -157,9 +157,9 @@ def orthogonal_init(params: dict[str, torch.Tensor], generator: torch.Generator)
 def max_pool_indices(pool: nn.MaxPool2d, a: torch.Tensor) -> torch.Tensor:
     """Where `pool` takes its maxima on `a`: flat positions within each (example, channel) plane, as
     `F.max_pool2d(..., return_indices=True)` gives them (integers: nothing to differentiate)."""
-    _, indices = F.max_pool2d(a.detach(), pool.kernel_size, pool.stride, pool.padding, pool.dilation,
-                              pool.ceil_mode, return_indices=True)
-    return indices
+    from fa_rules.core.network import max_pool_with_indices
+
+    return max_pool_with_indices(pool, a.detach())[1]
 
 
 def pool_at(a: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:

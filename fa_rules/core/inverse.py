@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fa_rules.core.network import Network, Params
+from fa_rules.core.network import Network, Params, max_pool_with_indices
 
 SPACES = ("post", "pre")
 CONV_DECODERS = ("reversed_block", "activation_below")
@@ -65,18 +65,13 @@ def activate(network: Network, i: int, a: torch.Tensor) -> torch.Tensor:
     return block.post(block.activation(a))
 
 
-def _pool_args(pool: nn.MaxPool2d) -> dict:
-    return {"kernel_size": pool.kernel_size, "stride": pool.stride, "padding": pool.padding,
-            "dilation": pool.dilation, "ceil_mode": pool.ceil_mode}
-
-
 def activate_with_indices(network: Network, i: int, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
     """`activate`, and the argmax indices of block i's max pool (None for a block without one).
     The pool is recomputed with `return_indices=True`: the same values as the block's forward."""
     block = network.blocks[i]
     z = block.activation(a)
     if isinstance(block.post, nn.MaxPool2d):
-        return F.max_pool2d(z, **_pool_args(block.post), return_indices=True)
+        return max_pool_with_indices(block.post, z)
     return block.post(z), None
 
 

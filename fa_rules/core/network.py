@@ -125,6 +125,13 @@ def inverse_activation(activation: nn.Module, y: torch.Tensor) -> torch.Tensor:
     raise ValueError(f"activation {type(activation).__name__} has no inverse")
 
 
+def max_pool_with_indices(pool: nn.MaxPool2d, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`pool(z)` and the flat positions (per example and channel plane) where it took its maxima:
+    what max-unpooling, or a pool evaluated at fixed positions, needs."""
+    return torch.nn.functional.max_pool2d(z, pool.kernel_size, pool.stride, pool.padding, pool.dilation,
+                                          ceil_mode=pool.ceil_mode, return_indices=True)
+
+
 class Block(nn.Module):
     """`reshape(in_shape) -> layer -> activation -> post`; `in_shape` excludes the batch dimension."""
 
