@@ -212,16 +212,7 @@ def forward_with_indices(network, params, x: torch.Tensor):
     h = x
     for i in range(network.num_blocks):
         h, indices[i] = block_with_indices(network, i, params, h)
-    return _output(network, params, h), indices
-
-
-def _output(network, params, h: torch.Tensor):
-    """What the network returns for its last block's output `h` (its heads, or `h` in `out_shape`)."""
-    if len(network.heads):
-        return {name: network.head_apply(name, params, h) for name in network.heads}
-    if network.out_shape is not None and len(network.out_shape) > 1:
-        return h.reshape(h.shape[0], *network.out_shape)
-    return h
+    return network.output_apply(params, h), indices
 
 
 def block_at(network, i: int, params, r: torch.Tensor, indices: torch.Tensor | None) -> torch.Tensor:
@@ -239,4 +230,4 @@ def encode(network, params, r: torch.Tensor, indices: list | None):
     h = r
     for i in range(network.num_blocks):
         h = block_at(network, i, params, h, indices[i])
-    return _output(network, params, h)
+    return network.output_apply(params, h)

@@ -194,13 +194,14 @@ class Network(nn.Module):
         for block in self.blocks:
             x = block(x)
             hs.append(x)
-        if len(self.heads):
-            out = {n: h(x) for n, h in self.heads.items()}
-        elif self.out_shape is not None and len(self.out_shape) > 1:
-            out = x.reshape(x.shape[0], *self.out_shape)  # e.g. an MLP decoder's image
-        else:
-            out = x
+        out = {n: h(x) for n, h in self.heads.items()} if len(self.heads) else self._shaped_output(x)
         return (hs, out) if all_activations else out
+
+    def _shaped_output(self, h: torch.Tensor) -> torch.Tensor:
+        """The last block's output as the network returns it (without heads): in `out_shape`."""
+        if self.out_shape is not None and len(self.out_shape) > 1:
+            return h.reshape(h.shape[0], *self.out_shape)  # e.g. an MLP decoder's image
+        return h
 
     # -- functional API ----------------------------------------------------------------------------
     def init_params(self) -> Params:
@@ -265,6 +266,13 @@ class Network(nn.Module):
     def buffer_dict(self) -> dict[str, torch.Tensor]:
         """Every buffer of the network by name (running statistics among them): the engine's state."""
         return dict(self.named_buffers())
+
+    def output_apply(self, params: Params, h: torch.Tensor):
+        """What the network returns for its last block's output `h`: its heads' outputs (their
+        parameters from `params`), or `h` in `out_shape`."""
+        if len(self.heads):
+            return {name: self.head_apply(name, params, h) for name in self.heads}
+        return self._shaped_output(h)
 
     def head_apply(self, name: str, params: Params, h: torch.Tensor) -> torch.Tensor:
         """Head `name` applied to the last block's output `h`, with the head's parameters taken from `params`."""
