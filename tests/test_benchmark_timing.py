@@ -133,7 +133,9 @@ def test_cpu_time_ratios_hold_while_the_wall_clock_is_inflated():
         competitor.kill()
         competitor.wait()
     plain, held = medians["plain"], medians["held up"]
-    assert held.wall - plain.wall > 0.015  # the wall clock counts the 20 ms lost (a ratio would depend on the load)
+    # the wall clock counts the 20 ms lost, less what the competitor also takes from the plain steps
+    # (a ratio would depend on the load)
+    assert held.wall - plain.wall > 0.01
     assert 0.75 < held.cpu / plain.cpu < 1.33  # CPU time does not
     assert ratio_seconds(held, "cpu") == held.cpu and ratio_seconds(held, "cuda:0") == held.wall
 
