@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 
 from fa_rules import benchmark as bench
+from fa_rules.benchmark import output_lock
 from fa_rules.core import RuleSpec, UserError
 from fa_rules.plugins.manager import get_registry
 from test_benchmark import backprop_raising_once
+from test_cli_errors import run_main
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {"epochs": 1, "depth": 1, "width": 16, "batch_size": 128}
@@ -85,19 +87,11 @@ def test_a_live_lock_holder_refuses_a_second_runner_and_a_dead_ones_lock_is_take
 def test_a_second_benchmark_process_on_one_out_is_refused_in_one_line(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from fa_rules.benchmark import output_lock\n"
-                               f"with output_lock({str(out)!r}):\n    print('locked', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with output_lock(out):  # this process holds the lock; the benchmark command is a second process
         result = _cli("--rules", "backprop", "--epochs", "1", "--width", "16", "-q", "--out", str(out))
-    finally:
-        holder.kill()
-        holder.wait()
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
-        f"error: {out} is in use by another benchmark (process {holder.pid}); wait for it to finish, or use another --out"]
+        f"error: {out} is in use by another benchmark (process {os.getpid()}); wait for it to finish, or use another --out"]
     assert not (out / "runs").exists()
 
 
@@ -126,24 +120,26 @@ def test_unknown_names_and_options_are_refused_before_any_cell_trains(tmp_path, 
     assert not out.exists()
 
 
-def test_cli_unknown_rule_is_one_line_exit_2_and_no_directory(tmp_path):
+def test_cli_unknown_rule_is_one_line_exit_2_and_no_directory(tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
-    result = _cli("--rules", "backprop,nosuch", "--epochs", "1", "-q", "--out", str(out))
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
+    code, stderr = run_main(["benchmark", "--rules", "backprop,nosuch", "--epochs", "1", "-q", "--out", str(out)],
+                            tmp_path, monkeypatch, capsys)
+    assert code == 2 and "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
     assert len(lines) == 1 and "unknown rule 'nosuch'" in lines[0]
     assert not out.exists()
 
 
 @pytest.mark.parametrize("report, message", [("/proc/x.md", "cannot write the report to /proc/x.md"),
                                              ("{tmp}", "is a directory; name a file")])
-def test_an_unwritable_report_path_is_one_line_exit_2_before_any_cell(tmp_path, report, message):
+def test_an_unwritable_report_path_is_one_line_exit_2_before_any_cell(tmp_path, report, message, monkeypatch,
+                                                                      capsys):
     out = tmp_path / "out"
-    result = _cli("--rules", "backprop", "--epochs", "1", "-q", "--out", str(out),
-                  "--report", report.replace("{tmp}", str(tmp_path)))
-    assert result.returncode == 2 and "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and message in lines[0], result.stderr
+    code, stderr = run_main(["benchmark", "--rules", "backprop", "--epochs", "1", "-q", "--out", str(out),
+                             "--report", report.replace("{tmp}", str(tmp_path))], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "Traceback" not in stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0], stderr
     assert not out.exists() and [p.name for p in tmp_path.iterdir()] == []  # no probe file left either
 
 

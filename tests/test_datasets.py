@@ -41,6 +41,35 @@ def test_digits_fixed_split():
     assert torch.equal(ds.load_digits().test_y, d.test_y)
 
 
+def test_digits_read_without_scikit_learn_equal_its_own_loader(tmp_path, monkeypatch):
+    """The CLI reads scikit-learn's digits file without importing scikit-learn (seconds of start-up):
+    the same images and labels, in the same order, as `sklearn.datasets.load_digits`; where the file
+    is elsewhere, scikit-learn's loader is used; a damaged file is one line that names it."""
+    import importlib.util
+
+    from sklearn.datasets import load_digits as sk_digits
+
+    images, labels = ds._bundled_digits()
+    theirs = sk_digits()
+    assert torch.equal(images, torch.from_numpy(theirs.images)) and torch.equal(labels.long(), torch.from_numpy(theirs.target))
+    direct = ds.load_digits()
+
+    monkeypatch.setattr(ds, "_bundled_digits", lambda: None)  # scikit-learn's own loader: the same split
+    fallback = ds.load_digits()
+    assert torch.equal(fallback.train_x, direct.train_x) and torch.equal(fallback.test_y, direct.test_y)
+    monkeypatch.undo()
+
+    fake = tmp_path / "sklearn"
+    (fake / "datasets" / "data").mkdir(parents=True)
+    with gzip.open(fake / "datasets" / "data" / "digits.csv.gz", "wt") as f:
+        f.write("\n".join(",".join(["17"] * 65) for _ in range(ds.DIGITS_COUNT)))  # pixels above 16
+    spec = importlib.util.spec_from_loader("sklearn", loader=None, is_package=True)
+    spec.submodule_search_locations = [str(fake)]
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: spec)
+    with pytest.raises(UserError, match="digits.csv.gz is not scikit-learn's digits file"):
+        ds.load_digits()
+
+
 @pytest.mark.parametrize("gz", [True, False])
 def test_mnist_reads_idx_files_in_the_data_dir(tmp_path, gz):
     arrays = write_mnist_like(tmp_path / "MNIST" / "raw", gz=gz)

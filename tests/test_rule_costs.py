@@ -1,24 +1,20 @@
 """benchmarks/rule_costs.py prints one Markdown table: rule rows with ratios to their reference and
 engine/plain rows (a smoke run of two steps, not a timing)."""
 
-import os
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from script_runner import run_script
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
 
 
 def test_rule_costs_prints_ratios_to_each_tasks_reference():
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "rule_costs.py"), "--steps", "1", "--warmup", "1",
-         "--models", "tiny_mlp", "--rules", "backprop,feedback_alignment,ae,dtp,feature_alignment"],
-        capture_output=True, text=True, timeout=600, env=env,
-    )
+    result = run_script(BENCHMARKS / "rule_costs.py", "--steps", "1", "--warmup", "1", "--models", "tiny_mlp",
+                        "--rules", "backprop,feedback_alignment,ae,dtp,feature_alignment")
     assert result.returncode == 0, result.stderr
     rows = {m[1]: m for m in re.findall(r"^\| (tiny_mlp) \| (\w+) \| (\w+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \|$",
                                         result.stdout, re.M)}
@@ -38,43 +34,29 @@ def test_a_cuda_device_without_cuda_is_a_usage_error():
 
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA: --device cuda is taken, not refused")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "rule_costs.py"), "--device", "cuda"],
-                            capture_output=True, text=True, timeout=300, env=env)
+    result = run_script(BENCHMARKS / "rule_costs.py", "--device", "cuda")
     assert result.returncode == 2 and "--device cuda: no CUDA device on this machine" in result.stderr
 
 
 def test_feedback_function_floor_prints_one_ratio_per_round():
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "feedback_function_floor.py"), "--width", "16", "--depth", "2",
-         "--batch", "4", "--steps", "3", "--rounds", "2"],
-        capture_output=True, text=True, timeout=300, env=env,
-    )
+    result = run_script(BENCHMARKS / "feedback_function_floor.py", "--width", "16", "--depth", "2", "--batch", "4",
+                        "--steps", "3", "--rounds", "2")
     assert result.returncode == 0, result.stderr
     ratios = [float(r) for r in re.findall(r"^round \d: .* ratio ([\d.]+)$", result.stdout, re.M)]
     assert len(ratios) == 2 and all(r > 0 for r in ratios), result.stdout  # a smoke run, not a timing
 
 
 # -- benchmarks/biotorch_costs.py: the same rules in BioTorch -------------------------------------
-def _biotorch_costs(*args, block_biotorch=False):
-    # `sys.modules["biotorch"] = None` makes the import fail as if BioTorch were not installed
-    prelude = "import sys, runpy; " + ("sys.modules['biotorch'] = None; " if block_biotorch else "")
-    script = ROOT / "benchmarks" / "biotorch_costs.py"
-    code = prelude + f"sys.argv = [{str(script)!r}, *{list(args)!r}]; runpy.run_path({str(script)!r}, run_name='__main__')"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
-
-
-def test_biotorch_costs_without_biotorch_is_a_usage_error():
-    result = _biotorch_costs("--steps", "1", block_biotorch=True)
+def test_biotorch_costs_without_biotorch_is_a_usage_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "biotorch", None)  # the import fails as if BioTorch were not installed
+    result = run_script(BENCHMARKS / "biotorch_costs.py", "--steps", "1")
     assert result.returncode == 2 and "BioTorch is not installed" in result.stderr
 
 
 # BioTorch's own requirements (Jupyter, TensorBoard, ...) keep it out of the [test] extra; CI installs it
 @pytest.mark.needs_package("BioTorch", "pip install --no-deps biotorch==0.0.16", module="biotorch")
 def test_biotorch_costs_prints_both_libraries_ratios():
-    result = _biotorch_costs("--steps", "1", "--warmup", "1", "--models", "lenet")
+    result = run_script(BENCHMARKS / "biotorch_costs.py", "--steps", "1", "--warmup", "1", "--models", "lenet")
     assert result.returncode == 0, result.stderr
     number = r"([\d.]+)"
     rows = re.findall(rf"^\| lenet \| ([\w =]+) \| {number} \| {number} \| ([\w()]+(?: loop\))?) \| {number} \| "
@@ -241,12 +223,7 @@ def test_direct_fused_adam_step_declines_what_it_does_not_do():
 
 # -- benchmarks/own_arithmetic.py: the rules' own work, without their routing ---------------------------
 def test_own_arithmetic_prints_each_stand_in_beside_its_rule():
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "own_arithmetic.py"), "--models", "tiny_mlp", "--steps", "2",
-         "--warmup", "1"],
-        capture_output=True, text=True, timeout=600, env=env,
-    )
+    result = run_script(BENCHMARKS / "own_arithmetic.py", "--models", "tiny_mlp", "--steps", "2", "--warmup", "1")
     assert result.returncode == 0, result.stderr
     rows = {m[0]: m[1:] for m in re.findall(r"^\| tiny_mlp \| ([\w +()=,']+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]*) \|$",
                                             result.stdout, re.M)}  # CPU ms, wall ms, ratio (CPU), prediction

@@ -100,13 +100,43 @@ def _download(name: str, fetch: Callable[[], object], where: Path, files: str) -
 
 
 # -- digits ---------------------------------------------------------------------------------------
+DIGITS_COUNT = 1797
+
+
+def _bundled_digits() -> tuple[torch.Tensor, torch.Tensor] | None:
+    """scikit-learn's digits file (`sklearn/datasets/data/digits.csv.gz`: 1797 rows of 64 pixels in
+    0..16 and a label), read without importing scikit-learn, whose import takes seconds and would
+    be most of a short command's start-up. None where the file is not there (another layout)."""
+    import importlib.util
+
+    import numpy as np
+
+    spec = importlib.util.find_spec("sklearn")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for folder in locations:
+        path = Path(folder) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            rows = torch.from_numpy(np.loadtxt(path, delimiter=",", dtype=np.float64))
+            valid = (rows.shape == (DIGITS_COUNT, 65) and bool(((rows >= 0) & (rows <= 16)).all())
+                     and bool((rows == rows.round()).all()) and bool((rows[:, -1] <= 9).all()))
+            if not valid:
+                raise UserError(f"{path} is not scikit-learn's digits file (1797 rows of 64 pixels in 0..16 "
+                                "and a label); reinstall scikit-learn")
+            return rows[:, :64].reshape(-1, 8, 8), rows[:, 64]
+    return None
+
+
 def load_digits(data_dir: str | None = None) -> Dataset:
     """scikit-learn's bundled 1797 8x8 digits; a fixed 1437 / 360 train/test split."""
-    from sklearn.datasets import load_digits as sk_digits
+    bundled = _bundled_digits()
+    if bundled is None:  # scikit-learn keeps its data elsewhere: its own loader finds it
+        from sklearn.datasets import load_digits as sk_digits
 
-    d = sk_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    y = torch.tensor(d.target, dtype=torch.int64)
+        d = sk_digits()
+        bundled = torch.from_numpy(d.images), torch.from_numpy(d.target)
+    images, labels = bundled
+    x = images.to(torch.float32).unsqueeze(1) / 16.0
+    y = labels.to(torch.int64)
     order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
     x, y = x[order], y[order]
     n_train = 1437
