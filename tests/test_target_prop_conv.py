@@ -379,6 +379,27 @@ def test_the_suites_are_valid_in_both_forms():
     assert [int(p[2]) for p in per_decoder] == [20, 30, 35, 55, 20]
 
 
+def test_the_fashion_mnist_suite_runs_its_quick_form_on_digits(tmp_path):
+    """`fa-rules benchmark benchmarks/fashion_mnist_tp_conv.toml --quick`: backprop, DTP and L-DRL on
+    LeNet and L-DRL on SimpleVGG at 1/8 width, one epoch of digits, every cell finishing with an
+    angle to backprop's update and the interleaved step-time ratio, and the report written."""
+    out = tmp_path / "bench"
+    result = CliRunner().invoke(app, ["benchmark", str(ROOT / "benchmarks" / "fashion_mnist_tp_conv.toml"),
+                                      "--quick", "--out", str(out), "-q"])
+    assert result.exit_code == 0, result.output + repr(result.exception)
+    rows = {r["rule"]: r for r in json.loads((out / "results.json").read_text())}  # "rule": the label
+    assert set(rows) == {"backprop", "dtp", "l_drl", "l_drl_svgg"}
+    assert all(r["status"] == "ok" for r in rows.values()), {k: r["error"] for k, r in rows.items()}
+    assert rows["l_drl_svgg"]["model"] == "simple_vgg" and rows["dtp"]["model"] == "lenet"
+    for label in ("dtp", "l_drl", "l_drl_svgg"):
+        angles = rows[label]["alignment_angle_per_block_deg"]
+        # the output block gets its true gradient (angle about 0), the blocks below targets (angles above 1)
+        assert angles and all(0 <= a < 180 for a in angles) and max(angles) > 1, (label, angles)
+    assert rows["backprop"]["alignment_angle_deg"] == pytest.approx(0.0, abs=1e-3)
+    assert rows["backprop"]["interleaved_step_ratio"] == 1.0 and rows["dtp"]["interleaved_step_ratio"] > 1.0
+    assert "l_drl_svgg" in (out / "report.md").read_text()
+
+
 def _write_cifar(folder: Path, per_batch: int):
     """A CIFAR-10-format file set (pickled dicts of uint8 rows and labels), tiny."""
     import pickle

@@ -25,7 +25,13 @@ E ||eps_2||^2`, its input's energy: a normalised LMS step whose size does not de
 `Q_i` lives in the rule's state (`feedback`), like the decoders of `dtp`.
 
 Cost per step against a backprop step: one forward pass, `feedback_iters` noisy forwards from every
-hidden block to the output (L - 1 partial forwards) and one `grad` of the local losses.
+hidden block to the output (L - 1 partial forwards) and the local losses' weight gradients. The
+forward pass runs each block on its input cut from the graph (`local_forward`), so its graph holds
+exactly the local losses' dependence on each block's own weights: one backward through it gives
+every block its update without recomputing its forward. The DRL's gradient with respect to `Q_i`
+is taken in closed form, `(recon^T (f_{L,i}(h_i + eps_1) - h_L) + drl_reg damp^T eps_2) / (N scale)`
+with `recon` and `damp` the two residuals (by `grad` under the memory probe, which measures what
+autograd saves).
 
 Convolutional networks (`lenet`, `vgg`, `simple_vgg`) as the paper's code trains them (its
 `DDTPConvLayer`: a conv, the activation and a max pool, whose feedback is one dense matrix from the
@@ -43,7 +49,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fa_rules.core import Rule, RuleSpec, classification_loss, grad, hookimpl
+from fa_rules.core import Rule, RuleSpec, classification_loss, grad, hookimpl, vjp
+from fa_rules.core.autodiff import closed_form_allowed
 from fa_rules.core.rule import ITERATIONS, NON_NEGATIVE, POSITIVE
 from fa_rules.core.inverse import forward_values
 from fa_rules.rules import target_propagation as tp
@@ -84,6 +91,33 @@ def drl_loss(q, h_moved_out, h_out, eps_1, eps_2, reg, scale):
     return 0.5 * per_example.mean() / scale
 
 
+def drl_grads(qs: dict, inputs: dict, h_out, reg: float) -> dict:
+    """The gradient of `drl_loss` with respect to each `Q` in closed form (two products each)."""
+    grads = {}
+    for k, (moved, eps_1, eps_2, scale) in inputs.items():
+        change = moved - h_out
+        recon = change @ qs[k].T - eps_1.flatten(1)
+        damp = eps_2 @ qs[k].T
+        grads[k] = (recon.T @ change + reg * (damp.T @ eps_2)) / (change.shape[0] * scale)
+    return grads
+
+
+def local_forward(network, model, x):
+    """`([h_0 = x, h_1, ..., h_L], local_grads)`: one forward pass in which every block sees its
+    input cut from the graph, and `local_grads(cotangents)`, the gradient of `sum_i <h_i,
+    cotangent_i>` with respect to `model`, which reaches each block's parameters from its own
+    output only (the local losses' gradients, from the forward pass's own graph)."""
+    def blocks(params):
+        h, outputs = x, []
+        for i in range(network.num_blocks):
+            h = network.block_apply(i, params, h.detach())
+            outputs.append(h)
+        return outputs
+
+    outputs, local_grads = vjp(blocks, model)
+    return [x, *outputs], lambda cotangents: local_grads(cotangents)[0]
+
+
 def train_feedback(network, model, feedback, values, s: Settings, generator) -> dict:
     """`feedback_iters` SGD steps on every map's DRL; one `grad` over their sum (each loss involves
     only its own map)."""
@@ -106,7 +140,8 @@ def train_feedback(network, model, feedback, values, s: Settings, generator) -> 
             return sum(drl_loss(qs[k], moved, h_out, e1, e2, s.drl_reg, scale)
                        for k, (moved, e1, e2, scale) in _inputs.items())
 
-        g = tp.average_across_processes(grad(loss_fn)(params))
+        g = drl_grads(params, inputs, h_out, s.drl_reg) if closed_form_allowed() else grad(loss_fn)(params)
+        g = tp.average_across_processes(g)
         params = {k: q - s.feedback_lr * g[k] for k, q in params.items()}
     return params
 
@@ -139,11 +174,15 @@ def _build(s: Settings) -> Rule:
 
     def step(network, params, state, batch):
         model = params["model"]
+        values, local_grads = local_forward(network, model, batch.x)
         with torch.no_grad():
-            values = forward_values(network, model, batch.x, "post")
             feedback = train_feedback(network, model, state["feedback"], values, s, batch.generator())
             targets = compute_targets(network, model, feedback, values, batch.y, s)
-            updates = tp.forward_updates(network, model, targets, values, s.local())
+            # d/dh_i of the local loss ||h_i - tau_i||^2 / (2 beta N) (the output's: its true gradient)
+            n = batch.x.shape[0]
+            cotangents = [(h - t) / (s.beta * n) for h, t in zip(values[1:], targets[1:])]
+        updates = local_grads(cotangents)
+        with torch.no_grad():
             loss = classification_loss(values[-1], batch.y)
         return {"model": updates}, {**state, "feedback": feedback}, {"loss": loss}
 
