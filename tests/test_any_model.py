@@ -29,7 +29,7 @@ from fa_rules.runs import model_name, new_trainer
 from test_cli_errors import run_main
 
 EXAMPLES = 32
-BATCH = 16
+BATCH = 32  # one step per run: the first update already tells a rule from backprop
 # rules whose feedback reaches any linear map or convolution, wherever a module calls it
 EVERYWHERE = ("backprop", "feedback_alignment", "sign_symmetry", "kolen_pollack", "frsf", "brsf")
 # rules that project the error to each block's output: they need a chain of blocks
@@ -160,8 +160,8 @@ def test_every_rule_trains_or_refuses_in_one_line(kind, tiny_digits, tmp_path, m
         trainer = outcomes["backprop"].trainer
         norm = trainer.network.blocks[1]
         assert [name for name, _ in trainer.network.tracked_norms] == ["blocks.1"]
-        # two training steps, each moving the running statistics once
-        assert int(norm.num_batches_tracked) == 2
+        # one training step moves the running statistics once (the alignment measurement does not)
+        assert int(norm.num_batches_tracked) == 1
         assert norm.running_mean.abs().max() > 1e-4 and (norm.running_var - 1).abs().max() > 1e-4
         # the user's own instance is untouched: each run trained a copy of it
         assert SEQUENTIAL[1].track_running_stats and int(SEQUENTIAL[1].num_batches_tracked) == 0
