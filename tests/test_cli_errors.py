@@ -42,9 +42,9 @@ def finished_run(tmp_path_factory):
     """One tiny generative run (it reconstructs, samples and has an encoder to probe), made once."""
     # a long path: the summary must print it on one line however long it is
     run = tmp_path_factory.mktemp("runs") / ("a-run-directory-with-a-long-name-" * 3).rstrip("-")
-    result = cli("train", "--rule", "vae", "--epochs", "1", "--width", "32", "--batch-size", "256", "-q",
-                 "--out", str(run))
-    assert result.returncode == 0, result.stderr
+    result = CliRunner().invoke(app, ["train", "--rule", "vae", "--epochs", "1", "--width", "32", "--batch-size",
+                                      "256", "-q", "--out", str(run)], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output + repr(result.exception)
     assert f"run {run}" in result.stdout.splitlines(), result.stdout  # not wrapped at 80 columns
     return run
 

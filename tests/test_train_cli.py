@@ -18,12 +18,9 @@ from fa_rules import runs as experiment
 from fa_rules.plugins import manager
 from fa_rules.plugins.datasets import load_digits
 from fa_rules import models as zoo
+from test_cli_errors import run_main
 
 SMALL = ["--width", "32", "--batch-size", "128", "-q"]
-
-
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "fa_rules", *args], capture_output=True, text=True, timeout=300)
 
 
 def invoke(*args):
@@ -129,12 +126,12 @@ def test_user_mistakes_are_one_line_with_exit_code_2(tmp_path, monkeypatch, caps
         assert not any(tmp_path.iterdir()), (args, "left a run directory")
 
 
-def test_existing_run_is_never_overwritten(tmp_path):
+def test_existing_run_is_never_overwritten(tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     invoke("train", "--epochs", "1", "--out", str(out), *SMALL)
     before = (out / "checkpoint.pt").read_bytes()
-    result = cli("train", "--epochs", "1", "--out", str(out), *SMALL)
-    assert result.returncode == 2 and "--resume" in result.stderr
+    code, stderr = run_main(["train", "--epochs", "1", "--out", str(out), *SMALL], tmp_path, monkeypatch, capsys)
+    assert code == 2 and "--resume" in stderr and "\n" not in stderr.strip()
     assert (out / "checkpoint.pt").read_bytes() == before
 
 
