@@ -3,8 +3,6 @@ baseline; the linear probe itself; the ae decoder; the MNIST path with small IDX
 
 import gzip
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,6 +16,7 @@ from fa_rules.models import mlp, paper_encoder
 from fa_rules.measures.probe import fit_linear_probe
 from fa_rules.runs import load_run
 from fa_rules.rules.autoencoder import build_decoder
+from test_cli_errors import run_main
 
 TINY = ["--depth", "1", "--width", "32", "--latent-dim", "16", "--batch-size", "32", "--lr", "3e-3", "-q"]
 MEAN_IMAGE_MSE = 0.0735  # digits test split against the mean training image
@@ -88,11 +87,11 @@ def test_load_run_untrained_rebuilds_the_run_initialisation(runs):
     torch.testing.assert_close(w @ w.T, torch.eye(w.shape[0]), atol=1e-5, rtol=0)
 
 
-def test_a_missing_or_broken_run_directory_is_one_line_and_exit_code_2(tmp_path):
-    missing = subprocess.run([sys.executable, "-m", "fa_rules", "reconstruct", str(tmp_path / "nope"), "--out",
-                              str(tmp_path / "x.png")], capture_output=True, text=True, timeout=300)
-    assert missing.returncode == 2
-    assert missing.stderr.count("\n") == 1 and missing.stderr.startswith("error:") and "nope" in missing.stderr
+def test_a_missing_or_broken_run_directory_is_one_line_and_exit_code_2(tmp_path, monkeypatch, capsys):
+    code, stderr = run_main(["reconstruct", str(tmp_path / "nope"), "--out", str(tmp_path / "x.png")], tmp_path,
+                            monkeypatch, capsys)
+    assert code == 2
+    assert stderr.count("\n") == 1 and stderr.startswith("error:") and "nope" in stderr
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "config.json").write_text("{not json")
     for command in (["probe", tmp_path / "broken"], ["reconstruct", tmp_path / "empty"]):

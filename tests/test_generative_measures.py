@@ -5,7 +5,7 @@ failing measurement's note; and FID's trace terms against the closed form.
 
 The tests with real weights find them through FA_RULES_FID_WEIGHTS (CI sets it), else in the
 `shared/fid/` folder beside the repository; without either they are skipped. Tiny on purpose: a
-one-epoch VAE on 8x8 digits and FID over 8-12 images (the Inception wrapper upsamples to 299x299).
+one-epoch VAE on 8x8 digits and FID over 5-6 images (the Inception wrapper upsamples to 299x299).
 """
 
 import functools
@@ -28,7 +28,7 @@ from test_fid import WEIGHTS, needs_weights  # the real Inception weights, found
 
 TINY_VAE = ["--rule", "vae", "--dataset", "digits", "--epochs", "1", "--depth", "1", "--width", "8",
             "--latent-dim", "2", "--batch-size", "512", "--device", "cpu"]
-N_TRAIN, N_COMMAND = 12, 8  # FID sample counts of `train --fid` (and the benchmark) and of `fid --num`
+N_TRAIN, N_COMMAND = 6, 5  # FID sample counts of `train --fid` (and the benchmark) and of `fid --num`
 
 
 def invoke(*args):
