@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from test_benchmark_workers import SUITE as WORKERS_SUITE
-from test_benchmark_workers import _rows, _untimed, one_thread  # noqa: F401  (one_thread: autouse)
+from test_benchmark_workers import _rows, _untimed, benchmark_cli, one_thread  # noqa: F401  (one_thread: autouse)
 from test_cli_errors import run_main
 from typer.testing import CliRunner
 
@@ -47,15 +47,11 @@ def suite_file(tmp_path_factory) -> Path:
     return path
 
 
-def _benchmark(suite_file: Path, out: Path, *flags: str):
-    return CliRunner().invoke(app, ["benchmark", str(suite_file), "--out", str(out), "-q", *flags])
-
-
 @needs_ray
 def test_cells_on_a_ray_cluster_with_a_killed_worker_give_the_sequential_results(
         ray_cluster, suite_file, tmp_path, monkeypatch):
     reference = tmp_path / "sequential"
-    result = _benchmark(suite_file, reference)
+    result = benchmark_cli(suite_file, reference)
     assert result.exit_code == 0, result.output + repr(result.exception)
 
     events = []
@@ -69,7 +65,7 @@ def test_cells_on_a_ray_cluster_with_a_killed_worker_give_the_sequential_results
     # the Ray worker training this cell SIGKILLs itself right after the cell's epoch 1 checkpoint
     monkeypatch.setenv(runner.KILL_WORKER_FOR_TEST, KILLED)
     out = tmp_path / "bench"
-    result = _benchmark(suite_file, out, "--cluster", "ray")
+    result = benchmark_cli(suite_file, out, "--cluster", "ray")
     assert result.exit_code == 0, result.output + repr(result.exception)
 
     rows, expected = _rows(out), _rows(reference)

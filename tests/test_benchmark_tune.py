@@ -11,12 +11,11 @@ from pathlib import Path
 import optuna
 import pytest
 import torch
+from test_benchmark_workers import benchmark_cli, one_thread  # noqa: F401  (one_thread: autouse)
 from test_cli_errors import run_main
-from typer.testing import CliRunner
 
 from fa_rules import benchmark as bench
 from fa_rules.benchmark import tune as tuning
-from fa_rules.cli.app import app
 from fa_rules.core import UserError
 from fa_rules.core.checkpoint import load_checkpoint
 from fa_rules.core.config import TrainConfig
@@ -58,23 +57,11 @@ lr = { low = 3e-3, high = 5e-2, log = true }
 """
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def suite_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("suite") / "tuned.toml"
     path.write_text(SUITE)
     return path
-
-
-def _benchmark(suite_file: Path, out: Path, *flags: str):
-    return CliRunner().invoke(app, ["benchmark", str(suite_file), "--out", str(out), "-q", *flags])
 
 
 def _study(out: Path, label: str):
@@ -213,7 +200,7 @@ def sequential(suite_file, tmp_path_factory) -> Path:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("sequential") / "bench"
-    result = _benchmark(suite_file, out)
+    result = benchmark_cli(suite_file, out)
     torch.set_num_threads(before)
     assert result.exit_code == 0, result.output + repr(result.exception)
     return out
@@ -260,14 +247,14 @@ def test_the_final_cells_train_with_each_rules_best_setting_beside_the_untuned_o
 
 def test_two_workers_keep_the_budget_and_the_final_cells_match_the_sequential_run(suite_file, sequential, tmp_path):
     out = tmp_path / "bench"
-    result = _benchmark(suite_file, out, "--workers", "2", "--tune-only", "--rules", "backprop")
+    result = benchmark_cli(suite_file, out, "--workers", "2", "--tune-only", "--rules", "backprop")
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert not (out / "results.json").exists()  # --tune-only: no final cell
     study = _study(out, "backprop")
     assert len(_finished(study)) == 3 and len(study.trials) == 3  # the budget, not one trial more
     # the final cells from the study's best (no new trial): where the chosen setting is the sequential
     # run's, the rows are the sequential run's
-    again = _benchmark(suite_file, out, "--skip-tune", "--rules", "backprop")
+    again = benchmark_cli(suite_file, out, "--skip-tune", "--rules", "backprop")
     assert again.exit_code == 0, again.output + repr(again.exception)
     assert len(_study(out, "backprop").trials) == 3
     ours = {r["rule"]: r for r in _rows(out)}
@@ -285,21 +272,21 @@ def test_an_interrupted_tuning_resumes_up_to_the_budget(suite_file, tmp_path):
     small = tmp_path / "small.toml"
     small.write_text(SUITE.replace("trials = 3", "trials = 1"))
     out = tmp_path / "bench"
-    result = _benchmark(small, out, "--tune-only", "--rules", "backprop")
+    result = benchmark_cli(small, out, "--tune-only", "--rules", "backprop")
     assert result.exit_code == 0, result.output + repr(result.exception)
     assert len(_finished(_study(out, "backprop"))) == 1
     # a process killed mid-trial leaves its trial RUNNING in the journal
     study = _study(out, "backprop")
     killed = study.ask()
     killed.suggest_float("lr", 3e-3, 5e-2, log=True)
-    result = _benchmark(suite_file, out, "--tune-only", "--rules", "backprop")  # the budget is now 3
+    result = benchmark_cli(suite_file, out, "--tune-only", "--rules", "backprop")  # the budget is now 3
     assert result.exit_code == 0, result.output + repr(result.exception)
     trials = _study(out, "backprop").trials
     assert [t.state.name for t in trials] == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
     assert (trials[0].params, trials[0].value) == (study.trials[0].params, study.trials[0].value)  # kept
     assert trials[2].params == trials[1].params and trials[2].user_attrs["retry_of"] == 1  # its setting, retried
     # a budget already spent: a rerun trains no trial
-    result = _benchmark(suite_file, out, "--tune-only", "--rules", "backprop")
+    result = benchmark_cli(suite_file, out, "--tune-only", "--rules", "backprop")
     assert result.exit_code == 0 and len(_study(out, "backprop").trials) == 4
 
 
@@ -353,7 +340,7 @@ def test_a_study_made_for_other_settings_is_one_line(suite_file, tmp_path):
     out = tmp_path / "bench"
     small = tmp_path / "small.toml"
     small.write_text(SUITE.replace("trials = 3", "trials = 1"))
-    assert _benchmark(small, out, "--tune-only", "--rules", "backprop").exit_code == 0
+    assert benchmark_cli(small, out, "--tune-only", "--rules", "backprop").exit_code == 0
     other = tmp_path / "other.toml"
     other.write_text(SUITE.replace("validation_fraction = 0.2", "validation_fraction = 0.3"))
     with pytest.raises(UserError, match=r"was tuned with other settings \(validation_fraction differ\)"):

@@ -53,8 +53,9 @@ def suite_file(tmp_path_factory) -> Path:
     return path
 
 
-def _benchmark(suite_file: Path, out: Path, workers: str):
-    return CliRunner().invoke(app, ["benchmark", str(suite_file), "--out", str(out), "--workers", workers, "-q"])
+def benchmark_cli(suite_file: Path, out: Path, *flags: str):
+    """`fa-rules benchmark SUITE --out OUT -q FLAGS` in this process (the Ray and tuning tests use it too)."""
+    return CliRunner().invoke(app, ["benchmark", str(suite_file), "--out", str(out), "-q", *flags])
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def sequential(suite_file, tmp_path_factory) -> Path:
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("sequential") / "bench"
-    result = _benchmark(suite_file, out, "1")
+    result = benchmark_cli(suite_file, out, "--workers", "1")
     torch.set_num_threads(before)
     assert result.exit_code == 0, result.output + repr(result.exception)
     return out
@@ -101,7 +102,7 @@ def test_two_workers_give_the_sequential_results_cell_by_cell(suite_file, sequen
 
     monkeypatch.setattr(runner, "run_cell", not_here)  # the spawned workers import their own, unpatched
     out = tmp_path / "bench"
-    result = _benchmark(suite_file, out, "2")
+    result = benchmark_cli(suite_file, out, "--workers", "2")
     assert result.exit_code == 0, result.output + repr(result.exception)
     _assert_same_results(out, sequential)
     assert all((out / r["run_dir"] / "row.json").is_file() for r in _rows(out))
@@ -112,7 +113,7 @@ def test_a_worker_killed_mid_cell_is_a_failed_row_and_a_rerun_finishes_it(suite_
     out = tmp_path / "bench"
     # the worker training backprop seed 0 SIGKILLs itself right after that cell's epoch 1 checkpoint
     monkeypatch.setenv(runner.KILL_WORKER_FOR_TEST, "backprop-seed0")
-    result = _benchmark(suite_file, out, "2")
+    result = benchmark_cli(suite_file, out, "--workers", "2")
     assert result.exit_code == 1, result.output + repr(result.exception)  # a failed cell, not a dead benchmark
     rows = {(r["rule"], r["seed"]): r for r in _rows(out)}
     assert len(rows) == 4  # every cell has its row
@@ -125,7 +126,7 @@ def test_a_worker_killed_mid_cell_is_a_failed_row_and_a_rerun_finishes_it(suite_
     assert json.loads((out / killed["run_dir"] / "row.json").read_text())["status"] == "failed"
 
     monkeypatch.delenv(runner.KILL_WORKER_FOR_TEST)
-    again = _benchmark(suite_file, out, "1")  # (the cells resume from their files, whichever process runs them)
+    again = benchmark_cli(suite_file, out, "--workers", "1")  # (the cells resume from their files, whichever process runs them)
     assert again.exit_code == 0, again.output + repr(again.exception)
     _assert_same_results(out, sequential)
 

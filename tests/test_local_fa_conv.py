@@ -40,6 +40,11 @@ def _network(model: str):
     return vgg((1, 8, 8), (LATENT,), width=2, activation="asinh", batch_norm=False).double(), VGG
 
 
+def _init(rule, network):
+    """`(params, state)` of `rule` on `network` from its initial weights (the feedback drawn with seed 1)."""
+    return rule.init(network, {"model": network.init_params()}, torch.Generator().manual_seed(1))
+
+
 def _data(n=5):
     return torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
 
@@ -208,7 +213,7 @@ def reference_global_step(ref, x, seed, steps, tau):
 def test_local_fa_step_equals_algorithm_2_through_conv_and_pool(model, flow):
     network, spec = _network(model)
     rule = local_feature_alignment(steps=2, tau=0.3, init="uniform", flow=flow)
-    params, state = rule.init(network, {"model": network.init_params()}, torch.Generator().manual_seed(1))
+    params, state = _init(rule, network)
     batch = Batch(_data(), None, seed=5)
     updates, _, metrics = rule.step(network, params, state, batch)
     grads, losses = reference_local_step(Ref(params["model"], spec), batch.x, batch.seed, 2, 0.3, flow)
@@ -227,7 +232,7 @@ def test_local_fa_step_equals_algorithm_2_through_conv_and_pool(model, flow):
 def test_local_fa_reconstruction_equals_algorithm_3_through_the_pools(model, unpool):
     network, spec = _network(model)
     rule = local_feature_alignment(steps=2, tau=0.3, init="uniform", unpool=unpool)
-    params, state = rule.init(network, {"model": network.init_params()}, torch.Generator().manual_seed(1))
+    params, state = _init(rule, network)
     x = _data()
     x_hat = rule.reconstruct(network, params, state, x, torch.Generator().manual_seed(9))
     expected = reference_reconstruction(Ref(params["model"], spec), x, 9, 2, 0.3, unpool)
@@ -239,7 +244,7 @@ def test_local_fa_reconstruction_equals_algorithm_3_through_the_pools(model, unp
 def test_feature_alignment_step_equals_algorithm_1_through_conv_and_pool(model):
     network, spec = _network(model)
     rule = feature_alignment(steps=2, tau=0.3, init="uniform")
-    params, state = rule.init(network, {"model": network.init_params()}, torch.Generator().manual_seed(1))
+    params, state = _init(rule, network)
     batch = Batch(_data(), None, seed=5)
     updates, _, metrics = rule.step(network, params, state, batch)
     grads, loss = reference_global_step(Ref(params["model"], spec), batch.x, batch.seed, 2, 0.3)
@@ -257,7 +262,7 @@ def test_pool_positions_flow_takes_the_pools_maxima_at_the_flows_own_point():
     steps = {}
     for positions in ("data", "flow"):
         rule = local_feature_alignment(flow="block", pool_positions=positions)
-        params, state = rule.init(network, {"model": network.init_params()}, torch.Generator().manual_seed(1))
+        params, state = _init(rule, network)
         steps[positions] = rule.step(network, params, state, batch)[0]["model"]
     assert (steps["data"]["blocks.0.layer.weight"] - steps["flow"]["blocks.0.layer.weight"]).abs().max() > 1e-4
     torch.testing.assert_close(steps["data"]["blocks.4.layer.weight"], steps["flow"]["blocks.4.layer.weight"])
@@ -319,7 +324,7 @@ def test_memory_of_local_fa_stays_flat_in_the_depth_of_a_vgg_encoder():
         torch.manual_seed(0)
         network = vgg((1, 16, 16), (8,), width=4, activation="asinh", batch_norm=False, convs_per_stage=convs)
         rule = local_feature_alignment()
-        params, state = rule.init(network, {"model": network.init_params()}, torch.Generator().manual_seed(1))
+        params, state = _init(rule, network)
         batch = Batch(torch.rand(16, 1, 16, 16, generator=torch.Generator().manual_seed(2)), None, seed=3)
         with SavedTensorsProbe() as probe:
             rule.step(network, params, state, batch)

@@ -20,6 +20,7 @@ from fa_rules.core.network import Block
 from fa_rules.plugins.manager import get_registry
 from fa_rules.runs import resolve
 from fa_rules.testing import CHECKS, run_check
+from test_resnets import _write_cifar  # a tiny CIFAR-10-format file set
 
 RULES = ("target_prop", "dtp", "iterative_dtp", "l_drl", "ddtp")
 ROOT = Path(__file__).resolve().parents[1]
@@ -398,19 +399,6 @@ def test_the_fashion_mnist_suite_runs_its_quick_form_on_digits(tmp_path):
     assert rows["backprop"]["alignment_angle_deg"] == pytest.approx(0.0, abs=1e-3)
     assert rows["backprop"]["interleaved_step_ratio"] == 1.0 and rows["dtp"]["interleaved_step_ratio"] > 1.0
     assert "l_drl_svgg" in (out / "report.md").read_text()
-
-
-def _write_cifar(folder: Path, per_batch: int):
-    """A CIFAR-10-format file set (pickled dicts of uint8 rows and labels), tiny."""
-    import pickle
-
-    folder.mkdir(parents=True)
-    g = torch.Generator().manual_seed(0)
-    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        data = torch.randint(0, 256, (per_batch, 3 * 32 * 32), generator=g, dtype=torch.uint8).numpy()
-        labels = torch.randint(0, 10, (per_batch,), generator=g).tolist()
-        with open(folder / name, "wb") as f:
-            pickle.dump({b"data": data, b"labels": labels}, f)
 
 
 def test_the_paper_setting_suite_runs_its_quick_form_on_a_cifar_format_file_set(tmp_path):

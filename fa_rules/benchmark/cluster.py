@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 from fa_rules.benchmark.cells import Cell
-from fa_rules.benchmark.runner import KILL_WORKER_FOR_TEST, Event, _base_row, _first_line, run_cell
+from fa_rules.benchmark.runner import KILL_WORKER_FOR_TEST, Event, _base_row, _first_line, run_cell, waiting_events
 from fa_rules.benchmark.suite import RUNS_DIR
 from fa_rules.core.errors import UserError, error_line
 
@@ -169,11 +169,7 @@ def run_cells_on_ray(cells: list[Cell], todo: list[int], root: Path, measure: di
         finished: set[int] = set()
 
         def relay() -> None:
-            while True:
-                try:
-                    kind, i, payload = events.get_nowait()
-                except Empty:
-                    return
+            for kind, i, payload in waiting_events(events, Empty):
                 if i not in finished:  # an epoch's message can trail its cell's result
                     emit(kind, i, payload)
 

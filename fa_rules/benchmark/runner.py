@@ -454,6 +454,16 @@ def _start_worker(to_parent, counter, threads: int, cuda: bool, parent_pid: int,
         torch.cuda.set_device(index % torch.cuda.device_count())
 
 
+def waiting_events(events, empty: type[Exception] = queue_module.Empty):
+    """The events already on `events` (a queue of workers' or tasks' progress, whose `get_nowait`
+    raises `empty` when nothing waits), oldest first, without blocking."""
+    while True:
+        try:
+            yield events.get_nowait()
+        except empty:
+            return
+
+
 def worker_pool(size: int, cuda: bool):
     """`size` worker processes (`_start_worker` in each) and the queue their events come back on."""
     import torch
@@ -507,11 +517,7 @@ def _run_in_workers(cells: list[Cell], todo: list[int], root: Path, measure: dic
         broken = None
 
         def relay() -> None:
-            while True:
-                try:
-                    kind, i, payload = events.get_nowait()
-                except queue_module.Empty:
-                    return
+            for kind, i, payload in waiting_events(events):
                 if i not in finished:  # an epoch's message can trail its cell's result
                     started.add(i)
                     emit(kind, i, payload)

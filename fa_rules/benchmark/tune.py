@@ -377,22 +377,17 @@ def run_tuning(suite: Suite, out_dir: Path, workers: int = 1, cluster: str | Non
 def _tune_in_workers(out_dir: Path, jobs: list, tune: dict, workers: int, say: Say, errors: dict) -> None:
     """`workers` worker processes take the rules' jobs in turn (`workers` jobs per rule, each
     claiming trials until the rule's budget is spent); their trial lines come back through a queue."""
-    import queue as queue_module
     from concurrent.futures import FIRST_COMPLETED, wait
 
     import torch
 
-    from fa_rules.benchmark.runner import _stop_workers, worker_pool
+    from fa_rules.benchmark.runner import _stop_workers, waiting_events, worker_pool
 
     cuda = torch.cuda.is_available() and any(c.device in ("auto", "cuda") for _, c in jobs)
     executor, events = worker_pool(workers, cuda)
 
     def relay() -> None:
-        while True:
-            try:
-                _, _, payload = events.get_nowait()
-            except queue_module.Empty:
-                return
+        for _, _, payload in waiting_events(events):
             say(payload.get("text", ""))
 
     try:

@@ -83,10 +83,16 @@ def forward_from(network, model, i: int, h: torch.Tensor) -> torch.Tensor:
     return h
 
 
+def drl_residuals(q, h_moved_out, h_out, eps_1, eps_2):
+    """`(change, recon, damp)`: the output's change `f_{L,i}(h_i + eps_1) - h_L` and the DRL's two
+    residuals, `Q change - eps_1` and `Q eps_2` (one row per example)."""
+    change = h_moved_out - h_out
+    return change, change @ q.T - eps_1.flatten(1), eps_2 @ q.T
+
+
 def drl_loss(q, h_moved_out, h_out, eps_1, eps_2, reg, scale):
     """The direct DRL of one linear map `Q` (mean over the batch, halved, divided by `scale`)."""
-    recon = (h_moved_out - h_out) @ q.T - eps_1.flatten(1)
-    damp = eps_2 @ q.T
+    _, recon, damp = drl_residuals(q, h_moved_out, h_out, eps_1, eps_2)
     per_example = recon.pow(2).sum(1) + reg * damp.pow(2).sum(1)
     return 0.5 * per_example.mean() / scale
 
@@ -95,9 +101,7 @@ def drl_grads(qs: dict, inputs: dict, h_out, reg: float) -> dict:
     """The gradient of `drl_loss` with respect to each `Q` in closed form (two products each)."""
     grads = {}
     for k, (moved, eps_1, eps_2, scale) in inputs.items():
-        change = moved - h_out
-        recon = change @ qs[k].T - eps_1.flatten(1)
-        damp = eps_2 @ qs[k].T
+        change, recon, damp = drl_residuals(qs[k], moved, h_out, eps_1, eps_2)
         grads[k] = (recon.T @ change + reg * (damp.T @ eps_2)) / (change.shape[0] * scale)
     return grads
 
